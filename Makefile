@@ -1,0 +1,33 @@
+# Set-up and checks. `make test` works on a fresh machine: it creates the virtual environment,
+# installs the project and runs the whole suite.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU machines take the CPU build of torch (a GPU cluster image installs the CUDA build instead,
+# see infra/). Set TORCH_SPEC="torch" to let pip choose.
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: install test lint bench-embed bench-calibrate clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	echo "$(TORCH_SPEC)" > $(VENV)/torch-constraint.txt
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -c $(VENV)/torch-constraint.txt -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	PATH="$(abspath $(BIN)):$$PATH" RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check qmag_ray tests jobs
+	$(BIN)/ruff format --check qmag_ray tests jobs
+
+clean:
+	rm -rf $(VENV) .pytest_cache

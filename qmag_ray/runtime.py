@@ -1,0 +1,32 @@
+"""Connecting to Ray from entry points (the CLI and jobs), never from library code."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+logger = logging.getLogger(__name__)
+
+
+def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> str:
+    """Connect to the Ray cluster at ``address``, or start a local one when there is none.
+
+    Inside a submitted Ray job ``RAY_ADDRESS`` is set and ``ray.init()`` attaches to that
+    cluster: a job never starts a second cluster of its own. Returns the address connected to.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return str(ray.get_runtime_context().gcs_address)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    kwargs: dict[str, object] = {"logging_level": logging.WARNING, "log_to_driver": True}
+    if address:
+        kwargs["address"] = address
+    elif not os.environ.get("RAY_ADDRESS"):
+        kwargs["include_dashboard"] = False
+        if num_cpus is not None:
+            kwargs["num_cpus"] = num_cpus
+    ray.init(**kwargs)
+    gcs = str(ray.get_runtime_context().gcs_address)
+    logger.info("connected to Ray at %s", gcs)
+    return gcs
