@@ -1,0 +1,1 @@
+"""Pairs of faces to compare: benchmark protocols, generic lists, generated and exhaustive sets."""
