@@ -1,5 +1,6 @@
 """Command-line entry point: ``qmag-ray <command>``. Each command is a module of this package."""
 
 from qmag_ray.cli.app import app
+from qmag_ray.cli import synth as _synth  # noqa: F401  (registers `qmag-ray synth`)
 
 __all__ = ["app"]
