@@ -1,0 +1,124 @@
+"""Every pair of a set of images, scored block-wise as float32 matrix products.
+
+The images are cut into row blocks of ``block_size``; the tiles of the upper triangle (block
+``bi <= bj``, strict ``i < j`` inside diagonal tiles) cover each unordered pair exactly once.
+A tile's cosines are one matrix product of L2-normalised rows, its pair qualities the outer
+minimum of the rows' qualities, its labels the outer equality of identity codes. Shards are
+contiguous groups of tiles balanced by pair count; only one tile is in memory at a time.
+Counts and the largest pair quality come from identity group sizes and qualities, unscored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator
+from functools import lru_cache
+
+import numpy as np
+
+from qmag_ray.embeddings import SHOW, EmbeddingTable
+from qmag_ray.pairs.generate import identity_codes
+from qmag_ray.pairs.source import PairBlock
+
+log = logging.getLogger(__name__)
+
+
+@lru_cache(maxsize=4)
+def _upper_mask(n: int) -> np.ndarray:
+    """Boolean (n, n) mask of the strict upper triangle."""
+    return np.triu(np.ones((n, n), dtype=bool), k=1)
+
+
+class ExhaustiveSource:
+    """All ``N (N - 1) / 2`` pairs of a labelled embeddings table, as a ``PairSource``.
+
+    Blocks hold float32 cosines and qualities and int8 labels; their scores do not depend on
+    the number of shards (each pair always falls in the same tile).
+    """
+
+    def __init__(self, table: EmbeddingTable, block_size: int = 4096, shards: int = 1) -> None:
+        if block_size < 2:
+            raise ValueError(f"block_size must be at least 2, got {block_size}")
+        if shards < 1:
+            raise ValueError(f"shards must be at least 1, got {shards}")
+        if len(table) < 2:
+            raise ValueError(f"exhaustive pairs need at least 2 embeddings, got {len(table)}")
+        bad = table.bad_rows()
+        if bad.size:
+            shown = ", ".join(repr(str(p)) for p in table.path[bad[:SHOW]])
+            raise ValueError(
+                f"{bad.size} embeddings are NaN/inf, all zero or have a bad quality ({shown}); "
+                "drop them first with EmbeddingTable.validate(policy='skip')"
+            )
+        names, codes = identity_codes(table)
+        norms = np.sqrt(np.einsum("ij,ij->i", table.vectors, table.vectors, dtype=np.float64))
+        self.unit = np.ascontiguousarray((table.vectors / norms[:, None]).astype(np.float32))
+        self.quality = np.ascontiguousarray(table.quality, dtype=np.float32)
+        self.codes = codes.astype(np.int32)
+        self.block_size = int(block_size)
+        n = len(table)
+        sizes = np.bincount(codes, minlength=len(names)).astype(np.int64)
+        genuine = int((sizes * (sizes - 1) // 2).sum())
+        self._counts = (genuine, n * (n - 1) // 2 - genuine)
+        self._tiles, self._shard_bounds = self._plan(n, shards)
+        digest = hashlib.sha256(b"exhaustive-pairs\0")
+        digest.update(table.fingerprint().encode())
+        digest.update("\0".join(names).encode("utf-8"))
+        digest.update(self.codes.tobytes())
+        self._fingerprint = digest.hexdigest()[:16]
+
+    def _plan(self, n: int, shards: int) -> tuple[np.ndarray, np.ndarray]:
+        """Upper-triangle tiles (bi, bj) in row-major order, and the shard boundaries."""
+        nb = -(-n // self.block_size)
+        bi, bj = np.triu_indices(nb)
+        rows = np.minimum(self.block_size, n - np.arange(nb) * self.block_size)
+        weight = np.where(bi == bj, rows[bi] * (rows[bi] - 1) // 2, rows[bi] * rows[bj])
+        before = np.cumsum(weight) - weight
+        group = np.minimum(shards - 1, (shards * (before + weight / 2)) // weight.sum())
+        starts = np.flatnonzero(np.diff(group, prepend=-1))  # drop empty groups
+        bounds = np.append(starts, len(bi)).astype(np.int64)
+        return np.stack([bi, bj], axis=1), bounds
+
+    @property
+    def n_pairs(self) -> int:
+        return sum(self._counts)
+
+    def num_shards(self) -> int:
+        return len(self._shard_bounds) - 1
+
+    def shard_tiles(self, index: int) -> np.ndarray:
+        """The (bi, bj) block tiles of shard ``index``."""
+        if not 0 <= index < self.num_shards():
+            raise IndexError(f"shard {index} out of range 0..{self.num_shards() - 1}")
+        return self._tiles[self._shard_bounds[index] : self._shard_bounds[index + 1]]
+
+    def shard_blocks(self, index: int) -> Iterator[PairBlock]:
+        tiles = self.shard_tiles(index)
+        for k, (bi, bj) in enumerate(tiles):
+            yield self.score_tile(int(bi), int(bj))
+            log.debug("shard %d: tile %d of %d scored", index, k + 1, len(tiles))
+
+    def score_tile(self, bi: int, bj: int) -> PairBlock:
+        """Cosine, pair quality and label of the pairs of tile (bi, bj), flattened row-major."""
+        bs = self.block_size
+        a, b = slice(bi * bs, (bi + 1) * bs), slice(bj * bs, (bj + 1) * bs)
+        cos = self.unit[a] @ self.unit[b].T
+        qual = np.minimum.outer(self.quality[a], self.quality[b])
+        same = np.equal.outer(self.codes[a], self.codes[b]).view(np.int8)
+        if bi == bj:
+            mask = _upper_mask(cos.shape[0])
+            return PairBlock(cos[mask], qual[mask], same[mask])
+        return PairBlock(cos.reshape(-1), qual.reshape(-1), same.reshape(-1))
+
+    def counts(self) -> tuple[int, int]:
+        return self._counts
+
+    def max_quality(self) -> float:
+        """max over pairs of min(q_i, q_j): the second-largest quality."""
+        q = self.quality
+        return float(np.partition(q, len(q) - 2)[len(q) - 2])
+
+    def fingerprint(self) -> str:
+        """Short sha256 of the table fingerprint and the identity labels."""
+        return self._fingerprint
