@@ -1,0 +1,92 @@
+"""The model actor of the embedding pipeline: one network per actor, batches in, embeddings out."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import numpy as np
+
+from qmag_ray.images import to_input
+
+logger = logging.getLogger(__name__)
+
+
+class EmbedActor:
+    """Callable class for Ray Data ``map_batches``: loads the backbone once, embeds batches.
+
+    Rows whose ``error`` is not empty (files that could not be read or decoded) pass through
+    with a zero embedding and their error; only good rows go through the network.
+
+    Args:
+        model: checkpoint URI.
+        arch: backbone name.
+        use_gpu: run on CUDA when the actor has a GPU.
+        threads: torch CPU threads (used without a GPU).
+        mixed_precision: autocast the forward pass on GPU.
+        amp_dtype: ``float16`` or ``bfloat16``.
+        channels_last: channels-last memory format for network and input.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        arch: str,
+        *,
+        use_gpu: bool = False,
+        threads: int = 1,
+        mixed_precision: bool = False,
+        amp_dtype: str = "float16",
+        channels_last: bool = False,
+    ) -> None:
+        import torch
+
+        from qmag_ray.model.checkpoint import load_backbone
+
+        self._torch = torch
+        cuda = use_gpu and torch.cuda.is_available()
+        if use_gpu and not cuda:
+            logger.warning("actor was given a GPU but torch sees no CUDA device; using the CPU")
+        self.device = torch.device("cuda") if cuda else torch.device("cpu")
+        if not cuda:
+            torch.set_num_threads(threads)
+        self.net = load_backbone(model, arch, device=str(self.device))
+        self.net.eval()
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.autocast = mixed_precision and cuda
+        self.amp_dtype = getattr(torch, amp_dtype)
+        with torch.inference_mode():
+            probe = torch.zeros(1, 3, 112, 112, device=self.device)
+            self.embedding_size = int(self._forward(probe).shape[1])
+
+    def _forward(self, x):  # noqa: ANN001, ANN202 - torch tensors
+        torch = self._torch
+        ctx = (
+            torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+            if self.autocast
+            else contextlib.nullcontext()
+        )
+        with ctx:
+            return self.net(x)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        torch = self._torch
+        errors = np.asarray(batch["error"], dtype=object)
+        good = np.flatnonzero(errors == "")
+        out = np.zeros((len(errors), self.embedding_size), dtype=np.float32)
+        if len(good):
+            images = np.asarray(batch["image"])
+            images = images if len(good) == len(errors) else images[good]
+            x = torch.from_numpy(to_input(images)).to(self.device, non_blocking=True)
+            x = x.contiguous(memory_format=self.memory_format)
+            with torch.inference_mode():
+                emb = self._forward(x).float().cpu().numpy()
+            out[good] = emb
+        return {
+            "index": np.asarray(batch["index"], dtype=np.int64),
+            "embedding": out,
+            "error": errors,
+            "resized_from": np.asarray(batch["resized_from"], dtype=object),
+        }
