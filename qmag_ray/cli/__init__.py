@@ -2,5 +2,6 @@
 
 from qmag_ray.cli.app import app
 from qmag_ray.cli import synth as _synth  # noqa: F401  (registers `qmag-ray synth`)
+from qmag_ray.cli import embed as _embed  # noqa: F401  (registers `qmag-ray embed`)
 
 __all__ = ["app"]
