@@ -201,7 +201,9 @@ def resolve_pairs(
         "duplicates": int(dup.sum()),
     }
     examples = {
-        "missing": [f"{name!r} (line {int(line)})" for name, line in _first_missing(pairs, ia, ib)],
+        "missing": [
+            f"{name!r} (line {int(line)})" for name, line in _first_missing(pairs, ia, ib, prefix)
+        ],
         "bad_embedding": _examples(pairs, np.flatnonzero(problem == 2)),
         "self_pairs": _examples(pairs, np.flatnonzero(problem == 3)),
         "duplicates": _examples(pairs, np.flatnonzero(problem == 4)),
@@ -225,13 +227,16 @@ def resolve_pairs(
     return ResolvedPairs(ia[keep], ib[keep], pairs.label[keep], keep, report)
 
 
-def _first_missing(pairs: PairList, ia: np.ndarray, ib: np.ndarray) -> list[tuple[str, int]]:
-    """The first few missing names in file order, each with the first line naming it."""
+def _first_missing(
+    pairs: PairList, ia: np.ndarray, ib: np.ndarray, prefix: str
+) -> list[tuple[str, int]]:
+    """The first few missing paths (as looked up) in file order, with the first line naming each."""
     seen: dict[str, int] = {}
     for r in np.flatnonzero((ia < 0) | (ib < 0)):
         for name, idx in ((pairs.a[r], ia[r]), (pairs.b[r], ib[r])):
-            if idx < 0 and str(name) not in seen:
-                seen[str(name)] = int(pairs.line[r])
+            key = posixpath.join(prefix, str(name)) if prefix else str(name)
+            if idx < 0 and key not in seen:
+                seen[key] = int(pairs.line[r])
         if len(seen) >= SHOW:
             break
     return list(seen.items())[:SHOW]
