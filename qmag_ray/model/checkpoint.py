@@ -30,7 +30,8 @@ LAYOUTS = ("features.module.", "module.features.", "features.")
 """Key prefixes of the backbone in MagFace checkpoints (distributed, data-parallel, plain)."""
 _PREFIXES = (*LAYOUTS, "module.", "")  # also accepted when reading: bare backbone state_dicts
 _ANCHOR = "conv1.weight"
-_UNSAFE_GLOBAL = re.compile(r"GLOBAL (\S+) was not an allowed global")
+# What torch's weights-only unpickler says when a file needs a callable or class to load.
+_UNSAFE = re.compile(r"GLOBAL (\S+)|unrecognized function (\S+)|add_safe_globals")
 _OPTIONAL_SUFFIX = ".num_batches_tracked"  # a training counter, absent from very old files
 
 
@@ -41,6 +42,11 @@ class CheckpointError(ValueError):
 def _preview(items: Sequence[str], limit: int = 10) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f", ... ({len(items)} in total)" if len(items) > limit else "")
+
+
+def _plain(value: object) -> object:
+    """``value`` if JSON can hold it, else its short text (odd files store tensors as epoch)."""
+    return value if isinstance(value, (str, int, float, type(None))) else repr(value)[:80]
 
 
 def _read_raw(uri: str) -> bytes:
@@ -61,9 +67,9 @@ def _decode(data: bytes, where: str) -> dict[str, Any]:
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        unsafe = _UNSAFE_GLOBAL.search(str(exc))
-        if unsafe is not None or "global" in str(exc).lower():
-            what = unsafe.group(1) if unsafe else "a non-tensor object"
+        unsafe = _UNSAFE.search(str(exc))
+        if unsafe is not None:
+            what = unsafe.group(1) or unsafe.group(2) or "a class that is not a tensor"
             raise CheckpointError(
                 f"checkpoint {where} is refused: loading it would execute code from the file "
                 f"(it references {what}). Only tensors and plain containers are loaded "
@@ -74,10 +80,10 @@ def _decode(data: bytes, where: str) -> dict[str, Any]:
             f"checkpoint {where} ({len(data)} bytes) is truncated or not a torch checkpoint"
         ) from exc
     except Exception as exc:  # torch raises RuntimeError, EOFError, KeyError... for bad bytes
-        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        detail = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
         raise CheckpointError(
             f"checkpoint {where} ({len(data)} bytes) is truncated or not a torch checkpoint "
-            f"({first_line})"
+            f"({detail})"
         ) from exc
     if not isinstance(obj, dict):
         raise CheckpointError(
@@ -130,14 +136,13 @@ def backbone_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor
     The layout is detected from the keys; everything outside the backbone prefix (the margin
     head ``fc.weight``, for instance) is left out and logged.
     """
-    backbone, prefix, dropped = _split(checkpoint)
-    if dropped:
-        logger.info("left out %d non-backbone keys: %s", len(dropped), _preview(dropped))
+    backbone, _, dropped = _split(checkpoint)
+    logger.info("left out %d non-backbone keys: %s", len(dropped), _preview(dropped))
     return backbone
 
 
 @functools.cache
-def _reference_shapes(arch: str) -> dict[str, tuple[int, ...]]:
+def _shapes(arch: str) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         model = create_backbone(arch)
     return {key: tuple(value.shape) for key, value in model.state_dict().items()}
@@ -164,26 +169,23 @@ def _diff(
 
 
 def _fit_error(
-    where: str, arch: str, layout: str, stored_arch: object, diff: tuple[list[str], ...]
-) -> CheckpointError:
+    where: str, arch: str, layout: str, stored_arch: object, state: Any, diff: Any
+) -> str:
+    """The message for a checkpoint whose keys differ from ``arch``'s (``diff`` from _diff)."""
     missing, unexpected, mismatched = diff
-    lines = [f"checkpoint {where} (layout {layout!r}) does not fit the architecture {arch!r}:"]
-    lines.append(f"  {len(missing)} missing keys: {_preview(missing) or '-'}")
-    lines.append(f"  {len(unexpected)} unexpected keys: {_preview(unexpected) or '-'}")
-    lines.append(
-        f"  {len(mismatched)} shape mismatches (checkpoint vs model): {_preview(mismatched) or '-'}"
-    )
+    lines = [
+        f"checkpoint {where} (layout {layout!r}) does not fit the architecture {arch!r}:",
+        f"  {len(missing)} missing keys: {_preview(missing) or '-'}",
+        f"  {len(unexpected)} unexpected keys: {_preview(unexpected) or '-'}",
+        f"  {len(mismatched)} shape mismatches (checkpoint vs model): "
+        + (_preview(mismatched) or "-"),
+    ]
     if stored_arch is not None:
         lines.append(f"  the checkpoint's own 'arch' entry says {stored_arch!r}")
-    return CheckpointError("\n".join(lines))
-
-
-def _suggest(state: Mapping[str, torch.Tensor], arch: str) -> list[str]:
-    return [
-        name
-        for name in backbone_names()
-        if name != arch and not any(_diff(state, _reference_shapes(name)))
-    ]
+    matches = [n for n in backbone_names() if n != arch and not any(_diff(state, _shapes(n)))]
+    if matches:
+        lines.append(f"  its keys and shapes match {' / '.join(matches)}: pass arch={matches[0]!r}")
+    return "\n".join(lines)
 
 
 def _build(
@@ -196,14 +198,7 @@ def _build(
     expected = model.state_dict()
     diff = _diff(state, {key: tuple(value.shape) for key, value in expected.items()})
     if any(diff):
-        error = _fit_error(where, arch, layout, checkpoint.get("arch"), diff)
-        matches = _suggest(state, arch)
-        if matches:
-            error = CheckpointError(
-                f"{error}\n  its keys and shapes match {' / '.join(matches)}: "
-                f"pass arch={matches[0]!r}"
-            )
-        raise error
+        raise CheckpointError(_fit_error(where, arch, layout, checkpoint.get("arch"), state, diff))
     full = {
         key: state[key].to(dtype=ref.dtype).contiguous()
         if key in state
@@ -211,13 +206,12 @@ def _build(
         for key, ref in expected.items()
     }
     model.load_state_dict(full, strict=True, assign=True)
-    if dropped:
-        logger.info("%s: left out %d non-backbone keys: %s", where, len(dropped), _preview(dropped))
+    logger.info("%s: left out %d non-backbone keys: %s", where, len(dropped), _preview(dropped))
     info = {
         "uri": where,
         "arch": arch,
-        "checkpoint_arch": checkpoint.get("arch"),
-        "epoch": checkpoint.get("epoch"),
+        "checkpoint_arch": _plain(checkpoint.get("arch")),
+        "epoch": _plain(checkpoint.get("epoch")),
         "layout": layout,
         "tensors": len(state),
         "dropped_keys": dropped[:20],
@@ -283,9 +277,8 @@ def save_checkpoint(
             raise ValueError(f"extra_state key {key!r} collides with a backbone key")
         state[key] = value.detach().cpu()
     payload = {"epoch": int(epoch), "arch": canonical_name(arch), "state_dict": state}
-    payload["optimizer"] = {}
     buffer = io.BytesIO()
-    torch.save(payload, buffer)
+    torch.save({**payload, "optimizer": {}}, buffer)
     storage.write_bytes(uri, buffer.getvalue())
 
 
