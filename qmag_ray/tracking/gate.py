@@ -1,0 +1,156 @@
+"""The champion/challenger promotion gate: a pure decision on two flat metric mappings.
+
+A challenger is promoted when it passes the absolute checks (its FNMR at the target FMR is
+measured, finite and under ``max_fnmr`` if set) and, when there is a champion, it is not worse
+than the champion beyond the configured tolerances: FNMR at the target FMR may rise by at most
+``max(max_fnmr_increase, max_fnmr_increase_relative * champion_fnmr)``, and every metric in
+``max_regression`` may worsen by at most its bound. Whether lower or higher is better is read
+from the metric name (``lower_is_better``). Every check adds a line to ``reasons``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from qmag_ray.calibration.result import fmr_key
+
+LOWER_IS_BETTER = ("fnmr", "fmr", "eer", "error", "loss")
+
+
+def lower_is_better(metric: str) -> bool:
+    """FNMR, FMR, EER and error-like metrics improve downwards; AUC, accuracy upwards."""
+    name = metric.lower()
+    return any(marker in name for marker in LOWER_IS_BETTER)
+
+
+def fnmr_metric_name(fmr: float, method: str = "qmagface") -> str:
+    """The flat metric key of FNMR at ``fmr`` for ``method`` (``qmagface.fnmr_at_fmr_1e-03``)."""
+    return f"{method}.fnmr_at_fmr_{fmr_key(fmr)}"
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """When a challenger may replace the champion.
+
+    Attributes:
+        target_fmr: The operating point the gate judges (FNMR at this FMR).
+        metric: The FNMR metric key; empty means ``fnmr_metric_name(target_fmr)``.
+        max_fnmr: Absolute ceiling for the challenger's FNMR (a fraction); None for none.
+        max_fnmr_increase: Allowed FNMR rise over the champion, absolute (0.001 = 0.1 point).
+        max_fnmr_increase_relative: Allowed FNMR rise relative to the champion (0.05 = 5%).
+        max_regression: Other metrics and the largest worsening each may show (absolute).
+        require_improvement: The challenger's FNMR must be strictly lower than the champion's.
+    """
+
+    target_fmr: float = 1e-3
+    metric: str = ""
+    max_fnmr: float | None = None
+    max_fnmr_increase: float = 0.0
+    max_fnmr_increase_relative: float = 0.0
+    max_regression: dict[str, float] = field(default_factory=dict)
+    require_improvement: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 < self.target_fmr < 1:
+            raise ValueError(f"gate.target_fmr must lie in (0, 1), got {self.target_fmr}")
+        for name in ("max_fnmr_increase", "max_fnmr_increase_relative"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"gate.{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_fnmr is not None and not 0 <= self.max_fnmr <= 1:
+            raise ValueError(f"gate.max_fnmr must lie in [0, 1], got {self.max_fnmr}")
+        for key, bound in self.max_regression.items():
+            if not (isinstance(bound, (int, float)) and bound >= 0):
+                raise ValueError(f"gate.max_regression.{key} must be a number >= 0, got {bound!r}")
+
+    @property
+    def fnmr_metric(self) -> str:
+        return self.metric or fnmr_metric_name(self.target_fmr)
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """The verdict and one human-readable line per check (``PASS``/``FAIL``/``NOTE``)."""
+
+    promote: bool
+    reasons: list[str]
+
+    def summary(self) -> str:
+        verdict = "promote" if self.promote else "keep champion"
+        return f"{verdict}: " + "; ".join(self.reasons)
+
+
+def _value(metrics: Mapping[str, float], key: str) -> float | None:
+    value = metrics.get(key)
+    if value is None:
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def decide(
+    challenger: Mapping[str, float],
+    champion: Mapping[str, float] | None,
+    gate: GateConfig,
+) -> GateDecision:
+    """Decide whether ``challenger`` replaces ``champion`` (None: there is no champion yet)."""
+    reasons: list[str] = []
+    ok = True
+    key = gate.fnmr_metric
+    fnmr = _value(challenger, key)
+    if fnmr is None:
+        reasons.append(f"FAIL: challenger has no finite {key} (raw: {challenger.get(key)!r})")
+        return GateDecision(False, reasons)
+    if gate.max_fnmr is not None:
+        passed = fnmr <= gate.max_fnmr
+        ok &= passed
+        reasons.append(
+            f"{'PASS' if passed else 'FAIL'}: {key} {fnmr:.6g} "
+            f"{'<=' if passed else '>'} max_fnmr {gate.max_fnmr:.6g}"
+        )
+    for name in gate.max_regression:
+        if _value(challenger, name) is None:
+            ok = False
+            reasons.append(f"FAIL: challenger has no finite {name}")
+
+    if champion is None:
+        reasons.append("NOTE: no champion yet; the challenger is judged on absolute checks only")
+        return GateDecision(ok, reasons)
+
+    base = _value(champion, key)
+    if base is None:
+        reasons.append(f"NOTE: champion has no finite {key}; FNMR comparison skipped")
+    else:
+        allowed = max(gate.max_fnmr_increase, gate.max_fnmr_increase_relative * base)
+        passed = fnmr <= base + allowed
+        ok &= passed
+        reasons.append(
+            f"{'PASS' if passed else 'FAIL'}: {key} challenger {fnmr:.6g} vs champion "
+            f"{base:.6g} (allowed increase {allowed:.6g})"
+        )
+        if gate.require_improvement:
+            better = fnmr < base
+            ok &= better
+            reasons.append(
+                f"{'PASS' if better else 'FAIL'}: improvement required, "
+                f"{key} {'improved' if better else 'did not improve'}"
+            )
+    for name, bound in gate.max_regression.items():
+        new, old = _value(challenger, name), _value(champion, name)
+        if new is None:
+            continue  # already failed above
+        if old is None:
+            reasons.append(f"NOTE: champion has no finite {name}; comparison skipped")
+            continue
+        worsening = new - old if lower_is_better(name) else old - new
+        passed = worsening <= bound
+        ok &= passed
+        reasons.append(
+            f"{'PASS' if passed else 'FAIL'}: {name} challenger {new:.6g} vs champion {old:.6g} "
+            f"(worsening {max(worsening, 0.0):.6g}, allowed {bound:.6g})"
+        )
+    return GateDecision(bool(ok), reasons)
