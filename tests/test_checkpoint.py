@@ -78,6 +78,7 @@ def test_every_layout_loads_to_the_same_embeddings(tmp_path: Path, arch: str, la
     assert int(loaded.features.num_batches_tracked) == 1234
     # The comparison can fail: a differently initialised network gives other embeddings.
     assert not torch.allclose(embed(randomised(arch, seed=7)), embed(model))
+    Path(uri).unlink()  # iResNet-18 files are ~96 MB; pytest keeps tmp dirs of recent runs
 
 
 @pytest.mark.parametrize(
@@ -135,6 +136,7 @@ def test_a_wrong_arch_names_the_arch_the_missing_keys_and_the_fitting_arch(
     assert "'arch' entry says 'iresnet18'" in message
     with pytest.raises(CheckpointError, match="iresnet50"):
         describe_checkpoint(uri, "iresnet50")
+    Path(uri).unlink()
 
 
 def test_unexpected_keys_and_shape_mismatches_are_named(tmp_path: Path) -> None:
