@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,6 +28,22 @@ Overrides use dotted keys for nested settings (`--set gate.tolerance=0.002`); va
 as YAML (`1e-3`, `true`, `[1, 2]`). Inside a Ray job RAY_ADDRESS is set and the job attaches to
 that cluster; run outside a cluster without --ray-address, the command starts a local Ray.
 """
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML loader that also reads ``1e-3`` as a number (YAML 1.1 wants ``1.0e-3``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str | bytes) -> Any:
+    """Parse YAML safely, with ``1e-3`` read as a float."""
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: plain data only
 
 
 class JobConfigError(ValueError):
@@ -78,7 +95,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not all(parts):
         raise JobConfigError(f"override {text!r} is not of the form key=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise JobConfigError(f"override {text!r}: value is not valid YAML: {exc}") from None
     return parts, value
@@ -105,7 +122,7 @@ def load_config_mapping(uri: str) -> dict[str, Any]:
     from qmag_ray import storage
 
     try:
-        loaded = yaml.safe_load(storage.read_bytes(uri))
+        loaded = load_yaml(storage.read_bytes(uri))
     except FileNotFoundError:
         raise JobConfigError(f"config file not found: {uri}") from None
     except yaml.YAMLError as exc:
