@@ -1,0 +1,230 @@
+"""Fitting alpha and beta (spec section 3): one pipeline, run in-process or on Ray.
+
+The pipeline is: summarise every shard of pairs (per-weight impostor tails + genuine pairs),
+merge, search every weight, pick the optimal weight per FMR, fit the line, then measure
+operating thresholds of the fitted QMagFace score. An *executor* decides where the shard and
+search steps run; ``LocalExecutor`` runs them here, ``distributed.RayExecutor`` as Ray tasks.
+Both call the same numpy functions of ``search``, so their results are identical.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Protocol
+
+import numpy as np
+
+from qmag_ray.calibration.result import CalibrationGrid, QMagFaceCalibration, fmr_key
+from qmag_ray.calibration.search import (
+    TailSummary,
+    fit_line,
+    merge_two,
+    operating_points,
+    search_all,
+    select_optimal,
+    summarize_blocks,
+    tail_size,
+    top_k,
+)
+from qmag_ray.pairs.source import ArrayPairSource, PairBlock, PairSource
+from qmag_ray.scores import qmagface_score
+
+logger = logging.getLogger(__name__)
+
+#: FMRs at which the result records operating thresholds of the QMagFace score.
+OPERATING_FMRS = (1e-2, 1e-3, 1e-4, 1e-5)
+#: Calibration methods; only the published one (spec section 3) exists.
+METHODS = ("paper",)
+
+
+class Executor(Protocol):
+    """Where the per-shard and per-weight steps of the pipeline run."""
+
+    name: str
+
+    def summarize(self, weights: np.ndarray, k: int) -> TailSummary: ...
+
+    def search(self, summary: TailSummary, fmrs: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def score_tail(self, alpha: float, beta: float, k: int) -> tuple[np.ndarray, int]: ...
+
+
+def impostor_score_tail(
+    blocks: Iterable[PairBlock], alpha: float, beta: float, k: int
+) -> tuple[np.ndarray, int]:
+    """The ``k`` highest impostor QMagFace scores of a stream of blocks, and the impostor count."""
+    tail = np.empty(0)
+    n = 0
+    for block in blocks:
+        imp = np.asarray(block.label) == 0
+        n += int(imp.sum())
+        if imp.any():
+            s = qmagface_score(block.cosine[imp], block.quality[imp], alpha, beta)
+            tail = top_k(np.concatenate([tail, top_k(s, k)]), k)
+    return tail, n
+
+
+class LocalExecutor:
+    """Runs every step in this process, shard after shard."""
+
+    name = "local"
+
+    def __init__(self, source: PairSource) -> None:
+        self.source = source
+
+    def summarize(self, weights: np.ndarray, k: int) -> TailSummary:
+        merged = TailSummary.empty(weights, k)
+        total = self.source.num_shards()
+        for index in range(total):
+            part = summarize_blocks(self.source.shard_blocks(index), weights, k)
+            merged = merge_two(merged, part)
+            logger.info("calibration: shard %d/%d summarised", index + 1, total)
+        return merged
+
+    def search(self, summary: TailSummary, fmrs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return search_all(summary, fmrs)
+
+    def score_tail(self, alpha: float, beta: float, k: int) -> tuple[np.ndarray, int]:
+        tail, n = np.empty(0), 0
+        for index in range(self.source.num_shards()):
+            part, count = impostor_score_tail(self.source.shard_blocks(index), alpha, beta, k)
+            tail, n = top_k(np.concatenate([tail, part]), k), n + count
+        return tail, n
+
+
+def check_data(n_genuine: int, n_impostor: int, grid: CalibrationGrid) -> None:
+    """Refuse ill-posed calibration data with an error that says what is missing."""
+    if n_genuine <= 0:
+        raise ValueError(
+            f"calibration needs genuine pairs (label 1); the data has none "
+            f"({n_impostor} impostor pairs)"
+        )
+    if n_impostor <= 0:
+        raise ValueError(
+            f"calibration needs impostor pairs (label 0); the data has none "
+            f"({n_genuine} genuine pairs)"
+        )
+    if n_impostor * grid.fmr_min < 1:
+        raise ValueError(
+            f"FMR {grid.fmr_min:g} cannot be measured on {n_impostor} impostor pairs; the "
+            f"smallest FMR this data supports is ~1/N = {1 / n_impostor:.3g}; set fmr_min >= "
+            "that (or provide more impostor pairs)"
+        )
+
+
+def supported_fmrs(fmrs: tuple[float, ...], n_impostor: int) -> list[float]:
+    """The FMRs that ``n_impostor`` impostor pairs can measure (at least one false match)."""
+    return [f for f in fmrs if f * n_impostor >= 1 - 1e-9]
+
+
+def run_calibration(
+    executor: Executor,
+    source: PairSource,
+    grid: CalibrationGrid,
+    *,
+    method: str = "paper",
+) -> QMagFaceCalibration:
+    """The calibration pipeline on ``source`` with ``executor``; see the module docstring."""
+    if method not in METHODS:
+        raise ValueError(f"unknown calibration method {method!r}; available: {', '.join(METHODS)}")
+    n_gen, n_imp = source.counts()
+    check_data(n_gen, n_imp, grid)
+    weights = grid.weights(float(source.max_quality()))
+    fmrs = grid.fmrs()
+    k = tail_size(n_imp, grid.fmr_max)
+    logger.info(
+        "calibration: %d genuine, %d impostor pairs in %d shard(s); %d weights x %d FMRs; "
+        "impostor tail %d per weight",
+        n_gen,
+        n_imp,
+        source.num_shards(),
+        len(weights),
+        len(fmrs),
+        k,
+    )
+    summary = executor.summarize(weights, k)
+    if (summary.n_genuine, summary.n_impostor) != (n_gen, n_imp):
+        raise RuntimeError(
+            f"{type(source).__name__} reported {n_gen} genuine / {n_imp} impostor pairs but its "
+            f"shards held {summary.n_genuine} / {summary.n_impostor}"
+        )
+    thresholds, accepted = executor.search(summary, fmrs)
+    _, w_opt, t_opt = select_optimal(weights, thresholds, accepted, n_gen, fmrs)
+    alpha, beta = fit_line(t_opt, w_opt)
+    logger.info("calibration: alpha=%.6f beta=%.6f", alpha, beta)
+
+    op_fmrs = supported_fmrs(OPERATING_FMRS, n_imp)
+    op_thr: dict[str, float] = {}
+    op_fnmr: dict[str, float] = {}
+    if op_fmrs:
+        tail, count = executor.score_tail(alpha, beta, tail_size(n_imp, max(op_fmrs)))
+        if count != n_imp:
+            raise RuntimeError(f"second pass over the pairs saw {count} impostors, not {n_imp}")
+        gen = qmagface_score(summary.genuine_cosine, summary.genuine_quality, alpha, beta)
+        thr, acc = operating_points(gen, -np.sort(-tail), n_imp, np.array(op_fmrs), strict=False)
+        for f, t, a in zip(op_fmrs, thr, acc, strict=True):
+            if np.isfinite(t):
+                op_thr[fmr_key(f)] = float(t)
+                op_fnmr[fmr_key(f)] = float((n_gen - a) / n_gen)
+
+    fnmr_table = (n_gen - accepted) / n_gen
+    return QMagFaceCalibration(
+        alpha=alpha,
+        beta=beta,
+        method=method,
+        grid=grid,
+        weights=[float(w) for w in weights],
+        fmrs=[float(f) for f in fmrs],
+        optimal_weights=[float(w) for w in w_opt],
+        optimal_thresholds=[float(t) for t in t_opt],
+        fnmr_table=fnmr_table.tolist(),
+        n_genuine=int(n_gen),
+        n_impostor=int(n_imp),
+        fingerprint=source.fingerprint(),
+        thresholds=op_thr,
+        extra={
+            "executor": executor.name,
+            "shards": int(source.num_shards()),
+            "impostor_tail": int(k),
+            "operating_fnmr": op_fnmr,
+            "threshold_convention": "match iff qmagface score >= threshold; FMR <= target",
+        },
+    )
+
+
+def calibrate(
+    source: PairSource, grid: CalibrationGrid | None = None, *, method: str = "paper"
+) -> QMagFaceCalibration:
+    """Fit alpha and beta on any ``PairSource`` in this process (no Ray)."""
+    return run_calibration(LocalExecutor(source), source, grid or CalibrationGrid(), method=method)
+
+
+def fit_qmagface(
+    cosine: np.ndarray,
+    quality: np.ndarray,
+    label: np.ndarray,
+    *,
+    n_fmr: int = 50,
+    fmr_min: float = 1e-5,
+    fmr_max: float = 1e-2,
+    n_weights: int = 20,
+    max_ratio: float = 0.5,
+    grid: CalibrationGrid | None = None,
+) -> QMagFaceCalibration:
+    """Fit QMagFace's alpha and beta on score arrays, exactly as spec section 3 (no Ray needed).
+
+    Args:
+        cosine: cosine score of each pair.
+        quality: pair quality, ``min(||e_a||, ||e_b||)``.
+        label: 1 for genuine (mated) pairs, 0 for impostor pairs.
+        n_fmr, fmr_min, fmr_max, n_weights, max_ratio: the search grid (paper's defaults);
+            alternatively pass a whole ``grid``.
+
+    Returns:
+        The fitted ``QMagFaceCalibration`` (JSON-serialisable).
+    """
+    keywords = CalibrationGrid(n_fmr, fmr_min, fmr_max, n_weights, max_ratio)
+    if grid is not None and keywords != CalibrationGrid():
+        raise ValueError("pass either grid=... or the grid keywords, not both")
+    return calibrate(ArrayPairSource(cosine, quality, label), grid or keywords)

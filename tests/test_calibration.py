@@ -1,0 +1,240 @@
+"""Calibration (spec section 3): parity with the published algorithm, a case on paper, errors."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from oracle import oracle_fit
+
+from qmag_ray import fit_qmagface
+from qmag_ray.calibration.fit import calibrate
+from qmag_ray.calibration.result import CalibrationGrid, QMagFaceCalibration
+from qmag_ray.calibration.search import operating_points, sigmoid, top_k
+from qmag_ray.pairs.source import ArrayPairSource
+
+
+def synthetic(
+    n: int,
+    seed: int,
+    *,
+    genuine_share: float = 0.1,
+    decimals: int | None = None,
+    quality: str = "uniform",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cosine, pair quality and label with quality-dependent genuine and impostor scores."""
+    rng = np.random.default_rng(seed)
+    label = (rng.random(n) < genuine_share).astype(np.int8)
+    # "lognormal": a long-tailed spread, as real pair qualities have.
+    q = rng.uniform(12.0, 35.0, n) if quality == "uniform" else rng.lognormal(3.0, 0.5, n)
+    z = (q - q.mean()) / q.std()
+    cos = np.where(
+        label == 1,
+        rng.normal(0.55, 0.15, n) + 0.06 * z,
+        rng.normal(0.0, 0.09, n) - 0.02 * z,
+    )
+    cos = np.clip(cos, -1.0, 1.0)
+    if decimals is not None:
+        cos = np.round(cos, decimals)
+        q = np.round(q)
+    return cos, q, label
+
+
+PARITY_CASES = {
+    "continuous-paper-grid": (dict(n=250_000, seed=1), {}),
+    "heavy-ties": (
+        dict(n=60_000, seed=2, decimals=2),
+        dict(n_fmr=20, fmr_min=1e-3, fmr_max=5e-2, n_weights=9),
+    ),
+    "quality-spread": (
+        dict(n=40_000, seed=3, quality="lognormal"),
+        dict(n_fmr=11, fmr_min=2e-4, fmr_max=1e-2, n_weights=7, max_ratio=0.8),
+    ),
+    "few-genuine": (
+        dict(n=80_000, seed=4, genuine_share=0.004, decimals=3),
+        dict(n_fmr=15, fmr_min=1e-4, fmr_max=2e-2, n_weights=12),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PARITY_CASES))
+def test_parity_with_the_published_algorithm(case: str) -> None:
+    data_kw, grid_kw = PARITY_CASES[case]
+    cos, q, y = synthetic(**data_kw)
+    got = fit_qmagface(cos, q, y, **grid_kw)
+    want = oracle_fit(cos, q, y, **grid_kw)
+    assert got.alpha == pytest.approx(want["alpha"], abs=1e-9)
+    assert got.beta == pytest.approx(want["beta"], abs=1e-9)
+    np.testing.assert_array_equal(got.weights, want["weights"])
+    np.testing.assert_array_equal(got.fmrs, want["fmrs"])
+    np.testing.assert_array_equal(got.optimal_weights, want["optimal_weights"])
+    np.testing.assert_array_equal(got.optimal_thresholds, want["optimal_thresholds"])
+    np.testing.assert_allclose(got.fnmr_table, want["fnmr_table"], rtol=0, atol=1e-12)
+    assert (got.n_genuine, got.n_impostor) == (int(y.sum()), int((y == 0).sum()))
+    # The fit is not degenerate: the optimal weight really changes along the FMR range.
+    assert len(set(got.optimal_weights)) > 1
+
+
+def test_parity_with_scikit_learn_default_roc_simplification() -> None:
+    """The original code's ROC drops collinear points; without exact ties nothing changes."""
+    cos, q, y = synthetic(n=120_000, seed=5)
+    got = fit_qmagface(cos, q, y, fmr_min=1e-4)
+    want = oracle_fit(cos, q, y, fmr_min=1e-4, drop_intermediate=True)
+    assert (got.alpha, got.beta) == pytest.approx((want["alpha"], want["beta"]), abs=1e-9)
+
+
+# --- a case small enough to follow on paper --------------------------------------------------
+# Weights are -0.5 and +0.5 (max quality 1, max_ratio 0.5); FMRs 0.15 and 0.35 on 10
+# impostors, so a threshold may pass at most 1 impostor (FMR 0.1 < 0.15) or 3 (0.3 < 0.35).
+# Logits x = w * q + s (the sigmoid keeps their order):
+#             I1    I2    I3    I4   I5-10 |  G1    G2    G3    G4
+#   s        .40   .40   .30   .05   -.50  | .60   .35   .45   .20
+#   q          0     1     0     1      0  |   0     1     0     1
+#   w = -.5  .40  -.10   .30  -.45   -.50  | .60  -.15   .45  -.30
+#   w = +.5  .40   .90   .30   .55   -.50  | .60   .85   .45   .70
+# w=-.5, f=.15: bound = 2nd impostor .30 -> G1, G3 accepted, FNMR 2/4. Thresholds .40 (an
+#   impostor) and .45 tie on FNMR; the highest wins: t = sigmoid(.45).
+# w=-.5, f=.35: bound = 4th impostor -.45 -> all accepted, FNMR 0, t = sigmoid(-.30).
+# w=+.5, f=.15: bound .55 -> G1, G2, G4 accepted, FNMR 1/4, t = sigmoid(.60).
+# w=+.5, f=.35: bound .30 -> all accepted, FNMR 0, t = sigmoid(.45) (.40 ties, lower).
+# Optimal: f=.15 -> w=+.5 (1/4 < 2/4), t = sigmoid(.6); f=.35 -> tie at 0, first weight -.5,
+# t = sigmoid(-.3). Line through both points: beta = 1 / (sigmoid(.6) - sigmoid(-.3)),
+# alpha = beta * sigmoid(.6) - .5.
+TINY_COS = np.array([0.40, 0.40, 0.30, 0.05] + [-0.5] * 6 + [0.60, 0.35, 0.45, 0.20])
+TINY_Q = np.array([0, 1, 0, 1] + [0] * 6 + [0, 1, 0, 1], dtype=float)
+TINY_Y = np.array([0] * 10 + [1] * 4)
+TINY_GRID = dict(n_fmr=2, fmr_min=0.15, fmr_max=0.35, n_weights=2, max_ratio=0.5)
+
+
+def _sig(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def test_tiny_case_worked_by_hand() -> None:
+    got = fit_qmagface(TINY_COS, TINY_Q, TINY_Y, **TINY_GRID)
+    assert got.weights == [-0.5, 0.5]
+    assert got.fmrs == pytest.approx([0.15, 0.35])
+    assert got.fnmr_table == [[0.5, 0.0], [0.25, 0.0]]
+    assert got.optimal_weights == [0.5, -0.5]
+    assert got.optimal_thresholds == pytest.approx([_sig(0.6), _sig(-0.3)], rel=1e-12)
+    beta = 1.0 / (_sig(0.6) - _sig(-0.3))
+    assert got.beta == pytest.approx(beta, rel=1e-12)
+    assert got.alpha == pytest.approx(beta * _sig(0.6) - 0.5, rel=1e-12)
+    assert got.beta == pytest.approx(4.5434, abs=1e-4)
+    want = oracle_fit(TINY_COS, TINY_Q, TINY_Y, **TINY_GRID)
+    assert (got.alpha, got.beta) == (want["alpha"], want["beta"])
+    # Ten impostors cannot measure FMR 1e-2 or below: no operating thresholds are claimed.
+    assert got.thresholds == {}
+
+
+def test_operating_points_follow_iso_and_strict_conventions() -> None:
+    # Impostors 5 > 4 > 3 > 2 > 1 (N=5), genuine 2.5, 3.5, 6. Match iff score >= t.
+    imp = np.array([5.0, 4.0, 3.0, 2.0, 1.0])
+    gen = np.array([6.0, 2.5, 3.5])
+    fmrs = np.array([0.2, 0.4, 0.1])
+    thr, acc = operating_points(gen, imp, 5, fmrs, strict=False)
+    # FMR <= 0.2 lets one impostor pass: t > 4 -> t = 6 (only genuine above 4), 1 accepted.
+    # FMR <= 0.4: t > 3 -> smallest genuine above 3 is 3.5, 2 accepted.
+    # FMR <= 0.1: no impostor may pass: t > 5 -> 6.
+    np.testing.assert_array_equal(thr, [6.0, 3.5, 6.0])
+    np.testing.assert_array_equal(acc, [1, 2, 1])
+    thr, acc = operating_points(gen, imp, 5, fmrs, strict=True)
+    # FMR < 0.2 passes no impostor (t > 5); FMR < 0.4 passes one (t > 4).
+    np.testing.assert_array_equal(thr, [6.0, 6.0, 6.0])
+    np.testing.assert_array_equal(acc, [1, 1, 1])
+    # No genuine above the bound: FNMR 1 at the highest score, or NaN when nothing is admissible.
+    thr, acc = operating_points(np.array([0.5]), imp, 5, np.array([0.2, 0.1]), strict=False)
+    assert thr[0] == 5.0 and math.isnan(thr[1]) and list(acc) == [0, 0]
+
+
+def test_top_k_is_exact_on_sampled_and_adversarial_orders() -> None:
+    rng = np.random.default_rng(0)
+    x = np.round(rng.normal(size=300_000), 2)  # many ties
+    for values in (x, np.sort(x), np.sort(x)[::-1].copy()):
+        np.testing.assert_array_equal(np.sort(top_k(values, 2_000)), np.sort(x)[-2_000:])
+
+
+def test_sigmoid_is_one_formula() -> None:
+    x = np.linspace(-3, 3, 7)
+    np.testing.assert_array_equal(sigmoid(x), 1.0 / (1.0 + np.exp(-x)))
+    assert sigmoid(np.array([0.0]))[0] == 0.5
+
+
+# --- ill-posed input -------------------------------------------------------------------------
+def test_no_genuine_or_no_impostor_pairs_is_an_error() -> None:
+    cos, q, _ = synthetic(n=1_000, seed=6)
+    with pytest.raises(ValueError, match="needs genuine pairs"):
+        fit_qmagface(cos, q, np.zeros(1_000, int), fmr_min=1e-2, fmr_max=0.1)
+    with pytest.raises(ValueError, match="needs impostor pairs"):
+        fit_qmagface(cos, q, np.ones(1_000, int), fmr_min=1e-2, fmr_max=0.1)
+
+
+def test_too_few_impostors_names_the_smallest_supported_fmr() -> None:
+    cos, q, y = synthetic(n=20_000, seed=7)
+    n_imp = int((y == 0).sum())
+    with pytest.raises(ValueError) as err:
+        fit_qmagface(cos, q, y)
+    msg = str(err.value)
+    assert f"FMR 1e-05 cannot be measured on {n_imp} impostor pairs" in msg
+    assert f"~1/N = {1 / n_imp:.3g}" in msg and "set fmr_min" in msg
+
+
+def test_fmr_without_any_threshold_is_an_error() -> None:
+    # 100 impostors, FMR 0.01: no impostor may pass, yet one impostor outscores every genuine
+    # pair at every weight (all qualities equal), so no threshold accepts a genuine pair.
+    cos = np.r_[np.linspace(-0.5, 0.3, 99), 0.99, np.linspace(0.4, 0.9, 20)]
+    y = np.r_[np.zeros(100, int), np.ones(20, int)]
+    with pytest.raises(ValueError, match="no threshold exists for FMR 0.01"):
+        fit_qmagface(cos, np.ones(120), y, n_fmr=3, fmr_min=0.01, fmr_max=0.1)
+
+
+def test_bad_values_and_conflicting_arguments_are_errors() -> None:
+    cos, q, y = synthetic(n=1_000, seed=8)
+    bad = cos.copy()
+    bad[17] = np.nan
+    with pytest.raises(ValueError, match="cosine has 1 non-finite value.*index 17"):
+        fit_qmagface(bad, q, y)
+    with pytest.raises(ValueError, match="either grid"):
+        fit_qmagface(cos, q, y, n_fmr=5, grid=CalibrationGrid())
+    with pytest.raises(ValueError, match="unknown calibration method"):
+        calibrate(ArrayPairSource(cos, q, y), method="raw-score")
+
+
+def test_equal_optimal_thresholds_cannot_define_a_line() -> None:
+    # One genuine pair far above every impostor: every (weight, FMR) picks its score.
+    cos = np.r_[np.linspace(-0.5, 0.0, 50), 0.9]
+    y = np.r_[np.zeros(50, int), 1]
+    q = np.ones(51)
+    with pytest.raises(ValueError, match="optimal thresholds are equal"):
+        fit_qmagface(cos, q, y, n_fmr=3, fmr_min=0.05, fmr_max=0.2, n_weights=3)
+
+
+# --- result object ---------------------------------------------------------------------------
+def test_result_is_complete_and_round_trips_through_json(tmp_path) -> None:
+    cos, q, y = synthetic(n=150_000, seed=9)
+    cal = fit_qmagface(cos, q, y)
+    assert len(cal.fnmr_table) == 20 and len(cal.fnmr_table[0]) == 50
+    assert cal.fingerprint == ArrayPairSource(cos, q, y).fingerprint()
+    assert set(cal.thresholds) == {"1e-02", "1e-03", "1e-04", "1e-05"}
+    # The operating thresholds are ISO thresholds of the QMagFace score on these pairs.
+    scores = cal.score(cos, q)
+    imp, gen = scores[y == 0], scores[y == 1]
+    for key, thr in cal.thresholds.items():
+        assert np.mean(imp >= thr) <= float(key)
+        assert cal.extra["operating_fnmr"][key] == pytest.approx(np.mean(gen < thr), abs=1e-15)
+    path = tmp_path / "out" / "calibration.json"
+    cal.save(str(path))
+    back = QMagFaceCalibration.from_file(str(path))
+    assert back == cal
+    assert back.threshold_at(1e-3) == cal.thresholds["1e-03"]
+
+
+def test_shards_and_blocks_do_not_change_the_result_in_process() -> None:
+    cos, q, y = synthetic(n=120_000, seed=10, decimals=3)
+    grid = CalibrationGrid(fmr_min=1e-4)
+    one = calibrate(ArrayPairSource(cos, q, y), grid)
+    many = calibrate(ArrayPairSource(cos, q, y, shards=6, block_size=7_001), grid)
+    assert (many.alpha, many.beta) == (one.alpha, one.beta)
+    assert many.fnmr_table == one.fnmr_table and many.thresholds == one.thresholds
+    assert many.extra["shards"] == 6
