@@ -711,6 +711,27 @@ def test_embed_job_config_is_a_valid_embed_config() -> None:
     assert cfg.output.startswith("s3://") and cfg.gpus_per_actor >= 1
 
 
+def command_options(name: str) -> set[str]:
+    """Long option names of ``qmag-ray <name>`` (the real application)."""
+    from qmag_ray.cli import app
+
+    group = typer.main.get_command(app)
+    assert name in group.commands, f"qmag-ray {name} is not registered in qmag_ray.cli"
+    params = group.commands[name].params
+    return {opt for p in params for opt in [*p.opts, *p.secondary_opts] if opt.startswith("--")}
+
+
+@pytest.mark.parametrize("job", JOB_NAMES)
+def test_job_config_keys_are_options_of_the_command(job: str) -> None:
+    """Each job hands its config to ``qmag-ray <job> --config``; its keys must be known there."""
+    options = command_options(job)
+    assert {"--config", "--ray-address"} <= options
+    config = yaml.safe_load((JOBS / "configs" / f"{job}.yaml").read_text())
+    flat = {key for key, value in config.items() if not isinstance(value, dict)}
+    unknown = {key for key in flat if "--" + key.replace("_", "-") not in options}
+    assert not unknown, f"jobs/configs/{job}.yaml: no option of qmag-ray {job} for {unknown}"
+
+
 def test_every_job_has_a_config() -> None:
     assert {p.stem for p in (JOBS / "configs").glob("*.yaml")} == set(JOB_NAMES)
 
