@@ -176,6 +176,6 @@ def run(
     keys = ", ".join(o.partition("=")[0].strip() for o in args.overrides)
     logger.info("config %s with overrides of: %s", args.config, keys)
     with tempfile.TemporaryDirectory(prefix=f"qmag-ray-{command}-") as tmp:
-        path = Path(tmp) / f"{command}.yaml"
+        path = Path(tmp) / f"{Path(args.config).stem}+overrides.yaml"
         path.write_text(yaml.safe_dump(merged, sort_keys=False), encoding="utf-8")
         return app(args=cli_arguments(command, str(path), args), prog_name="qmag-ray")
