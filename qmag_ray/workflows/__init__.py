@@ -1,0 +1,30 @@
+"""Workflows behind ``qmag-ray calibrate`` and ``qmag-ray evaluate``: library functions that
+load embeddings and pairs, fit or score, validate and write result files.
+
+They never read argv or the environment, connect to Ray or record to MLflow: entry points do
+(``qmag_ray.cli``). Public names resolve on first use, so importing this package is cheap.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_LAZY = {
+    "CalibrateConfig": "qmag_ray.workflows.config",
+    "EvaluateConfig": "qmag_ray.workflows.config",
+    "CalibrationOutcome": "qmag_ray.workflows.calibrate",
+    "run_calibration": "qmag_ray.workflows.calibrate",
+    "EvaluationOutcome": "qmag_ray.workflows.evaluate",
+    "run_evaluation": "qmag_ray.workflows.evaluate",
+    "WorkflowError": "qmag_ray.workflows.sides",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'qmag_ray.workflows' has no attribute {name!r}")

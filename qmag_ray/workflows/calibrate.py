@@ -1,0 +1,275 @@
+"""The calibrate workflow: embeddings -> pairs -> fit on Ray -> held-out check -> result files.
+
+``run_calibration(config)`` is the library function behind ``qmag-ray calibrate``. It expects
+Ray to be connected by the entry point (``use_ray=False`` runs everything in this process, for
+notebooks and tests), records nothing in MLflow (the entry point does, from the outcome) and
+writes into ``config.output``::
+
+    calibration.json        alpha, beta, grid, thresholds; extra["validation"] holds the
+                            held-out table and the guard
+    metrics.json            in-sample and held-out verification reports, validation, notes
+    grid_table.csv          per-FMR optimal weight, threshold and FNMR of every weight
+    held_out.csv            held-out FNMR at every FMR point, cosine vs QMagFace
+    plots/*.png             DET, quality histograms, EDC, optimal weight vs threshold
+    plots/held_out/*.png    DET, quality histograms and EDC of the held-out pairs
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from qmag_ray import metrics, storage
+from qmag_ray.calibration.fit import METHODS, calibrate
+from qmag_ray.calibration.result import QMagFaceCalibration
+from qmag_ray.embeddings import load_embeddings
+from qmag_ray.workflows import reporting
+from qmag_ray.workflows.config import CalibrateConfig, PairMode
+from qmag_ray.workflows.provenance import embedding_provenance
+from qmag_ray.workflows.sides import PairSide, Sides, WorkflowError, build_sides
+from qmag_ray.workflows.validation import format_held_out, held_out_comparison, not_evaluated
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, eq=False)
+class CalibrationOutcome:
+    """What a calibration produced: the calibration, the files written, reports and notes."""
+
+    calibration: QMagFaceCalibration
+    output: str
+    files: dict[str, str]
+    in_sample: dict[str, Any]
+    held_out: dict[str, Any] | None
+    validation: dict[str, Any]
+    params: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+    fit_identities: frozenset[str] = frozenset()
+    held_out_identities: frozenset[str] = frozenset()
+
+    @property
+    def guard_passed(self) -> bool | None:
+        """True/False: the held-out guard's verdict; None: not evaluated."""
+        return self.validation["guard"]["passed"]
+
+    def tracking_metrics(self) -> dict[str, float]:
+        """Flat numeric metrics for MLflow: alpha, beta, counts, in-sample and held-out."""
+        cal = self.calibration
+        out = {
+            "alpha": cal.alpha,
+            "beta": cal.beta,
+            "n_genuine": float(cal.n_genuine),
+            "n_impostor": float(cal.n_impostor),
+            **reporting.flat_metrics(self.in_sample, "in_sample"),
+            **reporting.validation_metrics(self.validation),
+        }
+        if self.held_out is not None:
+            out.update(reporting.flat_metrics(self.held_out, "held_out"))
+        return out
+
+    def summary(self) -> str:
+        """The console report: parameters, in-sample table, held-out table and guard, notes."""
+        cal = self.calibration
+        lines = [
+            f"alpha = {cal.alpha:.6f}   beta = {cal.beta:.6f}   (method {cal.method}, "
+            f"{cal.n_genuine} genuine / {cal.n_impostor} impostor calibration pairs)",
+            "",
+            "in-sample (the calibration pairs):",
+            metrics.format_table(self.in_sample),
+            "",
+            format_held_out(self.validation),
+        ]
+        if self.notes:
+            lines += ["", *[f"note: {n}" for n in self.notes]]
+        lines += ["", f"results in {storage.redact(self.output)}"]
+        return "\n".join(lines)
+
+
+def _shards(cfg: CalibrateConfig, use_ray: bool) -> int:
+    if cfg.shards:
+        return cfg.shards
+    if not use_ray:
+        return 1
+    import ray
+
+    return max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
+
+
+def _fit(side: PairSide, cfg: CalibrateConfig, use_ray: bool) -> QMagFaceCalibration:
+    if cfg.method not in METHODS:
+        raise WorkflowError(
+            f"unknown calibration method {cfg.method!r}; available: {', '.join(METHODS)}"
+        )
+    if use_ray:
+        from qmag_ray.calibration.distributed import fit_qmagface_ray
+
+        return fit_qmagface_ray(side.source, cfg.grid, method=cfg.method)
+    return calibrate(side.source, cfg.grid, method=cfg.method)
+
+
+def _metric_arrays(side: PairSide, cfg: CalibrateConfig, use_ray: bool):
+    arrays = reporting.pair_arrays(side.listed, use_ray=use_ray)
+    if side.info.get("pairs") != "listed":  # generated (or a generated sample): genuine first
+        arrays = reporting.shuffled_for_folds(arrays, cfg.generate.seed)
+    return arrays
+
+
+def _validate(
+    sides: Sides, cal: QMagFaceCalibration, cfg: CalibrateConfig, use_ray: bool
+) -> tuple[dict[str, Any], dict[str, Any] | None, tuple | None]:
+    """The held-out comparison and report (or the 'not evaluated' record)."""
+    info: dict[str, Any] = {
+        "mode": sides.validation_mode.value,
+        "fit_side": sides.fit.info,
+        "n_identities_fit": len(sides.fit.identities),
+    }
+    held = sides.held_out
+    if held is None:
+        reason = next((n for n in sides.notes if "validation" in n), "no held-out side")
+        return {**not_evaluated(reason), **info}, None, None
+    genuine, impostor = held.listed.counts()
+    if not genuine or not impostor:
+        raise WorkflowError(
+            f"the held-out side has {genuine} genuine and {impostor} impostor pairs; it needs "
+            "both (change validation.fraction/seed or give a validation pair list)"
+        )
+    logger.info("held-out validation on %d genuine / %d impostor pairs", genuine, impostor)
+    arrays = _metric_arrays(held, cfg, use_ray)
+    comparison = held_out_comparison(
+        *arrays,
+        cal,
+        tolerance=cfg.validation.tolerance,
+        abs_tolerance=cfg.validation.abs_tolerance,
+    )
+    info.update(
+        held_out_side=held.info,
+        n_identities_held_out=len(held.identities),
+        identity_disjoint=not (sides.fit.identities & held.identities),
+    )
+    return {**comparison, **info}, reporting.report(*arrays, cal), arrays
+
+
+def _params(cfg: CalibrateConfig, sides: Sides, shards: int) -> dict[str, Any]:
+    data = dataclasses.asdict(cfg)
+    data.pop("tracking")
+    data["pair_mode"] = cfg.resolved_pair_mode.value
+    data["shards"] = shards
+    data["embeddings_fingerprint"] = sides.table_info["fingerprint"]
+    data["embeddings_dim"] = sides.table_info["dim"]
+    for key in ("embeddings", "output", "pairs"):
+        if data.get(key):
+            data[key] = storage.redact(data[key])
+    return data
+
+
+def run_calibration(config: CalibrateConfig, *, use_ray: bool = True) -> CalibrationOutcome:
+    """Fit alpha and beta as ``config`` says, validate on held-out pairs, write the results.
+
+    Raises:
+        WorkflowError, EmbeddingsError, PairFileError, ResolveError, ValueError: input that
+            cannot be used (named in the message): user errors for the entry point.
+    """
+    cfg = config
+    table = load_embeddings(cfg.embeddings)
+    shards = _shards(cfg, use_ray)
+    sides = build_sides(table, cfg, shards)
+    notes = list(sides.notes)
+    for note in notes:
+        logger.warning("%s", note)
+    n_gen, n_imp = sides.fit.source.counts()
+    logger.info(
+        "calibrating (%s pairs, method %s) on %d genuine / %d impostor pairs in %d shard(s)",
+        cfg.resolved_pair_mode.value,
+        cfg.method,
+        n_gen,
+        n_imp,
+        sides.fit.source.num_shards(),
+    )
+    cal = _fit(sides.fit, cfg, use_ray)
+    logger.info("fitted alpha=%.6f beta=%.6f; measuring in-sample metrics", cal.alpha, cal.beta)
+    fit_arrays = _metric_arrays(sides.fit, cfg, use_ray)
+    in_sample = reporting.report(*fit_arrays, cal)
+    validation, held_report, held_arrays = _validate(sides, cal, cfg, use_ray)
+    validation["notes"] = notes
+    provenance = embedding_provenance(cfg.embeddings)
+    cal = dataclasses.replace(
+        cal,
+        extra={
+            **cal.extra,
+            "embedding_dim": table.dim,
+            "embeddings": {**sides.table_info, **provenance},
+            "pairs": sides.fit.info,
+            "validation": validation,
+        },
+    )
+    files = _write(cfg.output, cal, in_sample, held_report, validation, fit_arrays, held_arrays)
+    params = _params(cfg, sides, shards)
+    params["embedding_model"] = provenance
+    if cfg.resolved_pair_mode is PairMode.EXHAUSTIVE:
+        params["exhaustive_metrics"] = "sample of generated pairs"
+    return CalibrationOutcome(
+        calibration=cal,
+        output=cfg.output,
+        files=files,
+        in_sample=in_sample,
+        held_out=held_report,
+        validation=validation,
+        params=params,
+        notes=notes,
+        fit_identities=sides.fit.identities,
+        held_out_identities=frozenset() if sides.held_out is None else sides.held_out.identities,
+    )
+
+
+def _write(
+    output: str,
+    cal: QMagFaceCalibration,
+    in_sample: dict[str, Any],
+    held_report: dict[str, Any] | None,
+    validation: dict[str, Any],
+    fit_arrays: tuple,
+    held_arrays: tuple | None,
+) -> dict[str, str]:
+    """Every result file under ``output``; returns {name: URI} (plots as ``plots/<file>``)."""
+    import pandas as pd
+
+    from qmag_ray.tracking.runs import grid_table
+
+    files = {"calibration.json": storage.join(output, "calibration.json")}
+    cal.save(files["calibration.json"])
+    metrics_doc = {
+        "calibration": {"alpha": cal.alpha, "beta": cal.beta, "method": cal.method},
+        "in_sample": in_sample,
+        "held_out": held_report,
+        "validation": validation,
+    }
+    files["metrics.json"] = reporting.write_json(storage.join(output, "metrics.json"), metrics_doc)
+    files["grid_table.csv"] = reporting.write_csv(
+        storage.join(output, "grid_table.csv"), grid_table(cal)
+    )
+    if validation.get("rows"):
+        files["held_out.csv"] = reporting.write_csv(
+            storage.join(output, "held_out.csv"), pd.DataFrame(validation["rows"])
+        )
+    plots_dir = storage.join(output, "plots")
+    written = reporting.write_figures(
+        plots_dir, *fit_arrays, cal, in_sample, with_calibration_plot=True
+    )
+    if held_arrays is not None:
+        written += reporting.write_figures(
+            storage.join(plots_dir, "held_out"),
+            *held_arrays,
+            cal,
+            held_report,
+            with_calibration_plot=False,
+        )
+    for uri in written:
+        files[storage.join("plots", _relative(plots_dir, uri))] = uri
+    logger.info("wrote %d result files to %s", len(files), storage.redact(output))
+    return files
+
+
+def _relative(folder: str, uri: str) -> str:
+    return uri[len(folder.rstrip("/")) + 1 :]

@@ -1,0 +1,225 @@
+"""Configuration of the calibrate and evaluate workflows: frozen dataclasses loaded from YAML.
+
+Load them with ``qmag_ray.config.load_config(CalibrateConfig, uri, overrides)``: command-line
+overrides > the config file > the defaults below. Top-level keys are the data and pair
+settings; ``grid``, ``generate``, ``exhaustive``, ``validation`` and ``tracking`` are nested
+sections (``--set grid.n_fmr=30`` in the job scripts). Example::
+
+    embeddings: s3://bucket/embeddings/run-001/
+    pairs: s3://bucket/pairs/calibration.parquet
+    output: s3://bucket/calibration/run-001/
+    grid: {n_fmr: 50, fmr_min: 1.0e-5, fmr_max: 1.0e-2}
+    validation: {mode: split, fraction: 0.5, seed: 0}
+    tracking: {experiment: qmag-ray, register_as: qmagface}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from qmag_ray.calibration.result import CalibrationGrid
+from qmag_ray.pairs.protocols import PairProtocol
+from qmag_ray.pairs.resolve import Match, Policy
+
+
+class PairMode(str, Enum):
+    """Where the calibration pairs come from; ``auto``: a pair list if given, else generated."""
+
+    AUTO = "auto"
+    LISTED = "listed"
+    GENERATE = "generate"
+    EXHAUSTIVE = "exhaustive"
+
+
+class ValidationMode(str, Enum):
+    """How the held-out side is formed.
+
+    ``auto``: ``pairs`` when a validation pair list is given, else ``split`` when every
+    embedding has an identity label, else ``none`` (with a warning in the outcome).
+    """
+
+    AUTO = "auto"
+    SPLIT = "split"
+    PAIRS = "pairs"
+    NONE = "none"
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Pairs generated from identity labels (spec section 5)."""
+
+    seed: int = 0
+    max_per_identity: int = 10
+    impostors_per_side: int = 5
+
+    def __post_init__(self) -> None:
+        if self.max_per_identity < 2:
+            raise ValueError(f"generate.max_per_identity must be >= 2, got {self.max_per_identity}")
+        if self.impostors_per_side < 1:
+            raise ValueError(
+                f"generate.impostors_per_side must be >= 1, got {self.impostors_per_side}"
+            )
+
+
+@dataclass(frozen=True)
+class ExhaustiveConfig:
+    """Every pair of the (fit-side) embeddings, scored block-wise as matrix products."""
+
+    block_size: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.block_size < 2:
+            raise ValueError(f"exhaustive.block_size must be >= 2, got {self.block_size}")
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    """Held-out validation of the fitted scorer against cosine, and the guard.
+
+    Attributes:
+        mode: see ``ValidationMode``.
+        fraction: share of identities the fit side gets in ``split`` mode.
+        seed: seed of the identity split.
+        pairs: validation pair list (``pairs`` mode).
+        protocol: its format (None: guessed from the file name).
+        embeddings: embeddings the validation pairs refer to (None: the calibration's).
+        tolerance: relative FNMR excess over cosine the guard allows (0.05 = 5%).
+        abs_tolerance: absolute FNMR excess the guard allows (0.0005 = 0.05 points);
+            the larger of the two applies.
+    """
+
+    mode: ValidationMode = ValidationMode.AUTO
+    fraction: float = 0.5
+    seed: int = 0
+    pairs: str | None = None
+    protocol: PairProtocol | None = None
+    embeddings: str | None = None
+    tolerance: float = 0.05
+    abs_tolerance: float = 0.0005
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.fraction < 1.0:
+            raise ValueError(f"validation.fraction must lie in (0, 1), got {self.fraction}")
+        if self.tolerance < 0 or self.abs_tolerance < 0:
+            raise ValueError("validation.tolerance and validation.abs_tolerance must be >= 0")
+        if self.mode is ValidationMode.PAIRS and not self.pairs:
+            raise ValueError("validation.mode 'pairs' needs validation.pairs (a pair list URI)")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Where the run is recorded. ``tracking_uri`` None: ``MLFLOW_TRACKING_URI``, else SQLite."""
+
+    tracking_uri: str | None = None
+    experiment: str = "qmag-ray"
+
+
+@dataclass(frozen=True)
+class CalibrateTrackingConfig(TrackingConfig):
+    """Tracking plus registration of the fitted scorer (``register: false`` skips it)."""
+
+    register_as: str = "qmagface"
+    register: bool = True
+
+
+@dataclass(frozen=True)
+class CalibrateConfig:
+    """Everything ``run_calibration`` needs; see the module docstring for the YAML layout.
+
+    Attributes:
+        embeddings: the embeddings (embed job output, ``embeddings/`` folder or a Parquet file).
+        output: folder or URI for calibration.json, metrics.json, tables and plots.
+        pairs: a pair list (benchmark file or CSV/Parquet ``a, b, label``); listed mode.
+        protocol: its format (None: guessed from the file name).
+        pair_mode: listed, generate, exhaustive, or auto (listed if ``pairs``, else generate).
+        prefix, match: how pair names map onto the embeddings' ``path`` column.
+        method: calibration method (``paper``: the published algorithm).
+        shards: pair shards (Ray tasks); 0 picks two per CPU of the cluster.
+        on_missing, on_bad, on_self, on_duplicate: what to do with pairs naming images not in
+            the table, unusable (NaN/zero) embeddings, self-pairs and repeated pairs:
+            ``error`` (default) or ``skip`` (skips are counted and reported).
+    """
+
+    embeddings: str = ""
+    output: str = ""
+    pairs: str | None = None
+    protocol: PairProtocol | None = None
+    pair_mode: PairMode = PairMode.AUTO
+    prefix: str = ""
+    match: Match = Match.EXACT
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    exhaustive: ExhaustiveConfig = field(default_factory=ExhaustiveConfig)
+    grid: CalibrationGrid = field(default_factory=CalibrationGrid)
+    method: str = "paper"
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    shards: int = 0
+    on_missing: Policy = Policy.ERROR
+    on_bad: Policy = Policy.ERROR
+    on_self: Policy = Policy.ERROR
+    on_duplicate: Policy = Policy.ERROR
+    tracking: CalibrateTrackingConfig = field(default_factory=CalibrateTrackingConfig)
+
+    def __post_init__(self) -> None:
+        if not self.embeddings:
+            raise ValueError("embeddings is required (the URI of the embeddings table)")
+        if not self.output:
+            raise ValueError("output is required (a folder or URI for the results)")
+        if self.shards < 0:
+            raise ValueError(f"shards must be >= 0 (0: automatic), got {self.shards}")
+        mode = self.resolved_pair_mode
+        if mode is PairMode.LISTED and not self.pairs:
+            raise ValueError("pair_mode 'listed' needs pairs (a pair list URI)")
+        if mode is not PairMode.LISTED and self.pairs:
+            raise ValueError(
+                f"pairs {self.pairs!r} was given with pair_mode {mode.value!r}; use either a "
+                "pair list or generated/exhaustive pairs, not both"
+            )
+
+    @property
+    def resolved_pair_mode(self) -> PairMode:
+        if self.pair_mode is PairMode.AUTO:
+            return PairMode.LISTED if self.pairs else PairMode.GENERATE
+        return self.pair_mode
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Everything ``run_evaluation`` needs.
+
+    Attributes:
+        embeddings, pairs, protocol, prefix, match: the pairs to evaluate and their images.
+        calibration: a calibration.json; or give ``alpha`` and ``beta`` directly.
+        output: folder or URI for metrics.json and plots.
+        edc_fmr: FMR at which the error-versus-discard curve is measured.
+        on_missing, on_bad, on_self, on_duplicate: as in ``CalibrateConfig``; a benchmark
+            list with images missing from the embeddings fails unless ``on_missing: skip``.
+    """
+
+    embeddings: str = ""
+    pairs: str = ""
+    output: str = ""
+    protocol: PairProtocol | None = None
+    prefix: str = ""
+    match: Match = Match.EXACT
+    calibration: str | None = None
+    alpha: float | None = None
+    beta: float | None = None
+    edc_fmr: float = 1e-3
+    on_missing: Policy = Policy.ERROR
+    on_bad: Policy = Policy.ERROR
+    on_self: Policy = Policy.ERROR
+    on_duplicate: Policy = Policy.ERROR
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("embeddings", "pairs", "output"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} is required")
+        given = (self.alpha is not None, self.beta is not None)
+        if self.calibration and any(given):
+            raise ValueError("give either calibration (a calibration.json) or alpha and beta")
+        if not self.calibration and not all(given):
+            raise ValueError("give calibration (a calibration.json URI) or both alpha and beta")
+        if not 0 < self.edc_fmr < 1:
+            raise ValueError(f"edc_fmr must lie in (0, 1), got {self.edc_fmr}")

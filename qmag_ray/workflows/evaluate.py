@@ -1,0 +1,175 @@
+"""The evaluate workflow: cosine against QMagFace on a pair protocol, side by side.
+
+``run_evaluation(config)`` is the library function behind ``qmag-ray evaluate``: it maps a
+benchmark pair file (or a generic pair list) onto the embeddings, scores every pair (one Ray
+task per shard when ``use_ray``), and writes into ``config.output``::
+
+    metrics.json    FNMR@FMR, EER, AUC, 10-fold accuracy with std, EDC for both scores;
+                    the calibration used, the pairs' resolve report (skips counted) and, when
+                    the calibration has operating thresholds, FMR/FNMR measured at them
+    plots/*.png     DET curves, quality histograms, EDC
+
+A benchmark list naming images that are not in the embeddings fails, listing them, unless
+``on_missing`` is ``skip``; then the skipped pairs and images are counted in the outcome.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from qmag_ray import metrics, storage
+from qmag_ray.calibration.result import QMagFaceCalibration
+from qmag_ray.embeddings import load_embeddings
+from qmag_ray.pairs.listed import ListedPairSource
+from qmag_ray.workflows import reporting
+from qmag_ray.workflows.config import EvaluateConfig
+from qmag_ray.workflows.provenance import embedding_provenance
+from qmag_ray.workflows.sides import WorkflowError, read_listed
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, eq=False)
+class EvaluationOutcome:
+    """What an evaluation produced: the report, the files written and the pairs used."""
+
+    calibration: QMagFaceCalibration
+    output: str
+    files: dict[str, str]
+    report: dict[str, Any]
+    pairs: dict[str, Any]
+    params: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+    def tracking_metrics(self) -> dict[str, float]:
+        """Flat metrics for MLflow (``qmagface.fnmr_at_fmr_1e-03``...), alpha, beta, skips."""
+        return {
+            "alpha": self.calibration.alpha,
+            "beta": self.calibration.beta,
+            "pairs_skipped": float(self.pairs["resolve"]["skipped"]),
+            **reporting.flat_metrics(self.report),
+        }
+
+    def summary(self) -> str:
+        """The console report: pairs used, the cosine vs QMagFace table, notes."""
+        cal = self.calibration
+        lines = [
+            f"{self.pairs['uri']} ({self.pairs['protocol']}): {self.pairs['summary']}",
+            f"QMagFace alpha = {cal.alpha:.6f}, beta = {cal.beta:.6f}",
+            "",
+            metrics.format_table(self.report),
+        ]
+        if self.notes:
+            lines += ["", *[f"note: {n}" for n in self.notes]]
+        lines += ["", f"results in {storage.redact(self.output)}"]
+        return "\n".join(lines)
+
+
+def load_scorer(cfg: EvaluateConfig) -> QMagFaceCalibration:
+    """The calibration file, or a bare scorer from ``alpha`` and ``beta``."""
+    if cfg.calibration:
+        try:
+            return QMagFaceCalibration.from_file(cfg.calibration)
+        except FileNotFoundError:
+            raise WorkflowError(
+                f"calibration file not found: {storage.redact(cfg.calibration)}"
+            ) from None
+    assert cfg.alpha is not None and cfg.beta is not None
+    return QMagFaceCalibration(alpha=cfg.alpha, beta=cfg.beta, method="given")
+
+
+def at_operating_thresholds(
+    cal: QMagFaceCalibration, qmag: np.ndarray, label: np.ndarray
+) -> dict[str, dict[str, float]]:
+    """FMR and FNMR measured on these pairs at the calibration's stored thresholds."""
+    gen, imp = qmag[label == 1], qmag[label == 0]
+    out = {}
+    for key, thr in sorted(cal.thresholds.items(), key=lambda kv: float(kv[0])):
+        out[key] = {
+            "threshold": float(thr),
+            "fmr": float(np.mean(imp >= thr)) if len(imp) else float("nan"),
+            "fnmr": float(np.mean(gen < thr)) if len(gen) else float("nan"),
+        }
+    return out
+
+
+def run_evaluation(config: EvaluateConfig, *, use_ray: bool = True) -> EvaluationOutcome:
+    """Evaluate cosine and QMagFace on ``config.pairs`` and write metrics.json and plots.
+
+    Raises:
+        WorkflowError, EmbeddingsError, PairFileError, ResolveError, ValueError: input that
+            cannot be used (named in the message): user errors for the entry point.
+    """
+    cfg = config
+    cal = load_scorer(cfg)
+    table = load_embeddings(cfg.embeddings)
+    expected_dim = cal.extra.get("embedding_dim")
+    if expected_dim is not None and int(expected_dim) != table.dim:
+        raise WorkflowError(
+            f"the calibration was fitted on {expected_dim}-d embeddings but "
+            f"{storage.redact(cfg.embeddings)} holds {table.dim}-d embeddings: another model"
+        )
+    resolved, protocol = read_listed(table, cfg.pairs, cfg.protocol, cfg)
+    report_ = resolved.report
+    notes = []
+    if report_.skipped:
+        notes.append(
+            f"{report_.skipped} of {report_.total} pairs skipped ({report_.summary()}); "
+            f"{report_.missing_images} distinct image(s) missing; the 10-fold split is formed "
+            f"over the {report_.kept} kept pairs in file order"
+        )
+        logger.warning("%s", notes[-1])
+    shards = max(1, min(64, len(resolved) // 250_000)) if use_ray else 1
+    source = ListedPairSource(table, resolved, shards=shards)
+    logger.info("scoring %d pairs in %d shard(s)", len(resolved), shards)
+    cos, q, y = reporting.pair_arrays(source, use_ray=use_ray)
+    rep = reporting.report(cos, q, y, cal, edc_fmr=cfg.edc_fmr)
+    qmag = cal.score(cos, q)
+    pairs_info = {
+        "uri": storage.redact(cfg.pairs),
+        "protocol": protocol,
+        "resolve": report_.to_dict(),
+        "summary": report_.summary(),
+    }
+    doc = {
+        "pairs": pairs_info,
+        "embeddings": {
+            "uri": storage.redact(cfg.embeddings),
+            "n_images": len(table),
+            "dim": table.dim,
+            "fingerprint": table.fingerprint(),
+            **embedding_provenance(cfg.embeddings),
+        },
+        "calibration": {
+            "uri": storage.redact(cfg.calibration) if cfg.calibration else None,
+            "alpha": cal.alpha,
+            "beta": cal.beta,
+            "method": cal.method,
+            "fingerprint": cal.fingerprint,
+        },
+        "report": rep,
+        "at_calibration_thresholds": at_operating_thresholds(cal, qmag, y),
+        "notes": notes,
+    }
+    files = {"metrics.json": storage.join(cfg.output, "metrics.json")}
+    reporting.write_json(files["metrics.json"], doc)
+    plots_dir = storage.join(cfg.output, "plots")
+    for uri in reporting.write_figures(plots_dir, cos, q, y, cal, rep, with_calibration_plot=False):
+        files[storage.join("plots", uri[len(plots_dir.rstrip("/")) + 1 :])] = uri
+    params = {
+        "embeddings": storage.redact(cfg.embeddings),
+        "pairs": pairs_info["uri"],
+        "protocol": pairs_info["protocol"],
+        "calibration": doc["calibration"]["uri"],
+        "alpha": cal.alpha,
+        "beta": cal.beta,
+        "edc_fmr": cfg.edc_fmr,
+        "on_missing": cfg.on_missing.value,
+        "embeddings_fingerprint": table.fingerprint(),
+        "embedding_model": doc["embeddings"],
+    }
+    return EvaluationOutcome(cal, cfg.output, files, rep, pairs_info, params, notes)

@@ -1,0 +1,157 @@
+"""Held-out validation of a fitted scorer against plain cosine, and the guard (issue 6).
+
+On pairs the fit never saw, FNMR is measured at the calibration's FMR points (and at the
+decade FMRs of its range, the *target* FMRs) for cosine and for the QMagFace score, with the
+EER of both. The guard fails when the QMagFace score is worse than cosine at any measurable
+target FMR by more than ``max(abs_tolerance, tolerance * cosine_fnmr)``: such a scorer must not
+become a candidate for champion. Plain numpy; the result is JSON-ready.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from qmag_ray import metrics
+from qmag_ray.calibration.result import CalibrationGrid, QMagFaceCalibration
+
+
+def target_fmrs(grid: CalibrationGrid) -> list[float]:
+    """The decade FMRs inside ``[fmr_min, fmr_max]``, plus both ends of the range."""
+    lo, hi = math.log10(grid.fmr_min), math.log10(grid.fmr_max)
+    decades = [10.0**e for e in range(math.ceil(lo - 1e-9), math.floor(hi + 1e-9) + 1)]
+    values = sorted({*decades, grid.fmr_min, grid.fmr_max})
+    out: list[float] = []
+    for v in values:  # drop near-duplicates (an end that is a decade up to rounding)
+        if not out or abs(math.log10(v) - math.log10(out[-1])) > 1e-6:
+            out.append(v)
+    return out
+
+
+def _merge(grid_fmrs: list[float], targets: list[float]) -> list[float]:
+    """Sorted union of the grid's FMRs and the targets; a target replaces a grid value equal
+    to it up to rounding (``logspace`` gives 9.999999999999999e-06 for 1e-5)."""
+    out = list(targets)
+    for f in grid_fmrs:
+        if not any(math.isclose(f, t, rel_tol=1e-6) for t in targets):
+            out.append(float(f))
+    return sorted(out)
+
+
+def _num(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+def held_out_comparison(
+    cosine: np.ndarray,
+    quality: np.ndarray,
+    label: np.ndarray,
+    calibration: QMagFaceCalibration,
+    *,
+    tolerance: float = 0.05,
+    abs_tolerance: float = 0.0005,
+) -> dict[str, Any]:
+    """FNMR at FMR and EER, cosine vs the fitted scorer, on held-out pairs; with the guard.
+
+    Returns a dict with ``n_genuine``, ``n_impostor``, ``rows`` (one per FMR: ``fmr``,
+    ``target``, ``cosine_fnmr``, ``qmagface_fnmr``; None where the held-out impostors cannot
+    measure the FMR), ``eer`` and ``guard`` (``passed``, ``reasons``, tolerances).
+    """
+    y = np.asarray(label).ravel()
+    n_gen, n_imp = int((y == 1).sum()), int((y == 0).sum())
+    if n_gen == 0 or n_imp == 0:
+        raise ValueError(
+            f"held-out pairs need genuine and impostor pairs; got {n_gen} genuine and "
+            f"{n_imp} impostor pairs"
+        )
+    qmag = calibration.score(cosine, quality)
+    targets = target_fmrs(calibration.grid)
+    fmrs = _merge(list(calibration.fmrs), targets)
+    cos_fnmr = metrics.fnmr_at_fmr(cosine, y, np.asarray(fmrs))
+    q_fnmr = metrics.fnmr_at_fmr(qmag, y, np.asarray(fmrs))
+    rows = [
+        {
+            "fmr": float(f),
+            "target": any(math.isclose(f, t, rel_tol=1e-6) for t in targets),
+            "cosine_fnmr": _num(c),
+            "qmagface_fnmr": _num(q),
+        }
+        for f, c, q in zip(fmrs, cos_fnmr, q_fnmr, strict=True)
+    ]
+    eers = {"cosine": _num(metrics.eer(cosine, y)), "qmagface": _num(metrics.eer(qmag, y))}
+    guard = check_guard(rows, n_imp, tolerance=tolerance, abs_tolerance=abs_tolerance)
+    return {
+        "n_genuine": n_gen,
+        "n_impostor": n_imp,
+        "rows": rows,
+        "eer": eers,
+        "guard": guard,
+        "convention": "FNMR at FMR per ISO/IEC 19795-1 (lowest FNMR with FMR <= target)",
+    }
+
+
+def check_guard(
+    rows: list[dict[str, Any]], n_impostor: int, *, tolerance: float, abs_tolerance: float
+) -> dict[str, Any]:
+    """The guard over the target rows of ``held_out_comparison``; see the module docstring."""
+    reasons: list[str] = []
+    failed = False
+    measured = 0
+    for row in (r for r in rows if r["target"]):
+        c, q, f = row["cosine_fnmr"], row["qmagface_fnmr"], row["fmr"]
+        if c is None or q is None:
+            reasons.append(
+                f"NOTE: FMR {f:.0e} cannot be measured on {n_impostor} held-out impostor pairs"
+            )
+            continue
+        measured += 1
+        allowed = max(abs_tolerance, tolerance * c)
+        worse = q - c > allowed
+        failed |= worse
+        reasons.append(
+            f"{'FAIL' if worse else 'PASS'}: FMR {f:.0e}: QMagFace FNMR {100 * q:.3f}% vs cosine "
+            f"{100 * c:.3f}% (allowed excess {100 * allowed:.3f} points)"
+        )
+    passed: bool | None = not failed
+    if measured == 0:
+        passed = None
+        reasons.append("NOTE: no target FMR is measurable on the held-out pairs; guard not decided")
+    return {
+        "passed": passed,
+        "reasons": reasons,
+        "tolerance": tolerance,
+        "abs_tolerance": abs_tolerance,
+    }
+
+
+def not_evaluated(reason: str) -> dict[str, Any]:
+    """The validation record when there is no held-out side."""
+    return {"rows": [], "eer": {}, "guard": {"passed": None, "reasons": [f"NOTE: {reason}"]}}
+
+
+def format_held_out(validation: dict[str, Any], *, targets_only: bool = True) -> str:
+    """The held-out comparison as a console table (target FMRs only unless told otherwise)."""
+    rows = [r for r in validation.get("rows", []) if r["target"] or not targets_only]
+    if not rows:
+        return "held-out validation: " + "; ".join(validation["guard"]["reasons"])
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.3f}"
+
+    lines = [
+        f"held-out: {validation['n_genuine']} genuine / {validation['n_impostor']} impostor pairs",
+        f"{'FNMR % @ FMR':<14}  {'cosine':>9}  {'QMagFace':>9}",
+        "-" * 36,
+    ]
+    lines += [
+        f"{r['fmr']:<14.0e}  {pct(r['cosine_fnmr']):>9}  {pct(r['qmagface_fnmr']):>9}" for r in rows
+    ]
+    eer = validation["eer"]
+    lines.append(f"{'EER %':<14}  {pct(eer.get('cosine')):>9}  {pct(eer.get('qmagface')):>9}")
+    guard = validation["guard"]
+    verdict = {True: "PASSED", False: "FAILED", None: "NOT DECIDED"}[guard["passed"]]
+    lines.append(f"guard (QMagFace not worse than cosine): {verdict}")
+    lines += [f"  {r}" for r in guard["reasons"] if not r.startswith("PASS")]
+    return "\n".join(lines)
