@@ -311,6 +311,8 @@ def test_interrupted_run_resumes_and_overwrite_starts_afresh(
         (root / f"id{i % 2}").mkdir(parents=True, exist_ok=True)
         shutil.copy(shared_data / "magface_toy" / name, root / f"id{i % 2}" / name)
     (root / "id1" / "empty.jpg").write_bytes(b"")
+    small = Image.open(shared_data / "magface_toy" / "9.jpg").resize((96, 96))
+    small.save(root / "id0" / "small.png")  # embedded after a logged resize (resize=True)
     model = demo_model(seed=1)
     save_checkpoint(model, str(tmp_path / "m.pth"), "iresnet-demo", layout="features.")
     out = tmp_path / "out"
@@ -320,9 +322,10 @@ def test_interrupted_run_resumes_and_overwrite_starts_afresh(
         output=str(out),
         rows_per_part=3,
         max_failure_fraction=0.2,
+        resize=True,
     )
     first = run_embed(cfg)
-    assert (first.inputs, first.embedded, first.failed) == (11, 10, 1)
+    assert (first.inputs, first.embedded, first.failed, first.resized) == (12, 11, 1, 1)
     parts = sorted((out / "embeddings").glob("part-*.parquet"))
     assert len(parts) >= 2
 
@@ -332,21 +335,26 @@ def test_interrupted_run_resumes_and_overwrite_starts_afresh(
     parts[0].unlink()
     (out / "embeddings" / ".part-00009-x.parquet.tmp").write_bytes(b"half")
     second = run_embed(cfg)
-    assert second.skipped_existing == 10 - len(lost)
+    assert second.skipped_existing == 11 - len(lost)
     assert second.embedded_this_run == len(lost)
-    assert (second.inputs, second.embedded, second.failed) == (11, 10, 1)
+    assert (second.inputs, second.embedded, second.failed) == (12, 11, 1)
     table = read_parts(str(out / "embeddings"))
-    assert sorted(table["path"].to_pylist()) == sorted(f"id{i % 2}/{n}" for i, n in enumerate(TOY))
+    expected_paths = [f"id{i % 2}/{n}" for i, n in enumerate(TOY)] + ["id0/small.png"]
+    assert sorted(table["path"].to_pylist()) == sorted(expected_paths)
     assert read_parts(str(out / "failures"))["path"].to_pylist() == ["id1/empty.jpg"]
-    blobs = [(root / p).read_bytes() for p in table["path"].to_pylist()]
+    faces = np.stack(
+        [decode_face((root / p).read_bytes(), resize=True) for p in table["path"].to_pylist()]
+    )
+    with torch.inference_mode():
+        expected = model(torch.from_numpy(to_input(faces))).numpy()
     emb = np.stack(table["embedding"].to_numpy(zero_copy_only=False))
-    np.testing.assert_allclose(emb, reference(model, blobs), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(emb, expected, rtol=1e-4, atol=1e-5)
 
     # Finished now: refused without overwrite, rewritten from scratch with it.
     with pytest.raises(EmbedError, match="already holds a finished"):
         run_embed(cfg, connect=Never())
     third = run_embed(EmbedConfig(**{**cfg.__dict__, "overwrite": True}))
-    assert (third.skipped_existing, third.embedded_this_run, third.failed) == (0, 10, 1)
+    assert (third.skipped_existing, third.embedded_this_run, third.failed) == (0, 11, 1)
     names = [p.name for p in (out / "embeddings").iterdir()]
     assert names and all(third.run_id in n for n in names)
 

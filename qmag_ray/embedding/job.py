@@ -119,19 +119,24 @@ def _dataset(config: EmbedConfig, todo: pd.DataFrame, root: str):  # noqa: ANN20
 
 
 class _Progress:
+    """Counts results, logs a progress line every ``interval`` seconds, times the pipeline."""
+
     def __init__(self, total: int, interval: float) -> None:
         self.total, self.interval = total, interval
         self.start = self.last = time.perf_counter()
-        self.embedded = self.failed = 0
+        self.first: float | None = None
+        self.embedded = self.failed = self.logged = 0
+        self.resized = 0
 
     def update(self, embedded: int, failed: int, *, force: bool = False) -> None:
+        now = time.perf_counter()
+        if self.first is None and embedded + failed:
+            self.first = now
         self.embedded += embedded
         self.failed += failed
-        now = time.perf_counter()
-        if force or now - self.last >= self.interval:
-            self.last = now
-            done = self.embedded + self.failed
-            rate = done / max(now - self.start, 1e-9)
+        done = self.embedded + self.failed
+        if (force and done != self.logged) or now - self.last >= self.interval:
+            self.last, self.logged = now, done
             logger.info(
                 "embedded %d, failed %d, %d/%d done (%.1f%%), %.1f images/s",
                 self.embedded,
@@ -139,8 +144,14 @@ class _Progress:
                 done,
                 self.total,
                 100.0 * done / max(self.total, 1),
-                rate,
+                done / max(now - self.start, 1e-9),
             )
+
+    def timings(self) -> dict[str, float]:
+        """Seconds from the pipeline's start to its first result and to its end."""
+        end = time.perf_counter()
+        first = self.first if self.first is not None else end
+        return {"first_result_seconds": first - self.start, "pipeline_seconds": end - self.start}
 
 
 def run_embed(config: EmbedConfig, *, connect: Callable[[], Any] | None = None) -> EmbedSummary:
@@ -196,10 +207,10 @@ def run_embed(config: EmbedConfig, *, connect: Callable[[], Any] | None = None) 
     emb_writer = PartWriter(layout.embeddings, run_id, embeddings_schema(dim), config.rows_per_part)
     fail_writer = PartWriter(layout.failures, run_id, FAILURES_SCHEMA, config.rows_per_part)
     failure_examples: list[dict[str, str]] = []
-    resized = 0
+    progress = _Progress(len(todo), config.progress_seconds)
     if len(todo):
-        resized = _run_pipeline(
-            config, todo, inputs, emb_writer, fail_writer, failure_examples, connect
+        _run_pipeline(
+            config, todo, inputs, emb_writer, fail_writer, failure_examples, progress, connect
         )
     emb_writer.flush()
     fail_writer.flush()
@@ -218,7 +229,7 @@ def run_embed(config: EmbedConfig, *, connect: Callable[[], Any] | None = None) 
         failed=failed,
         skipped_existing=len(done),
         embedded_this_run=emb_writer.rows,
-        resized=resized,
+        resized=progress.resized,
         ignored_files=len(inputs.ignored),
         model_uri=storage.redact(config.model),
         model_sha256=model_sha,
@@ -227,6 +238,7 @@ def run_embed(config: EmbedConfig, *, connect: Callable[[], Any] | None = None) 
         preprocessing=PREPROCESSING,
         images_per_second=processed / wall if wall > 0 else 0.0,
         wall_seconds=wall,
+        timings=progress.timings() if len(todo) else {},
         settings=_settings(config, inputs),
         versions=package_versions(),
         failure_examples=failure_examples,
@@ -274,8 +286,9 @@ def _run_pipeline(
     emb_writer: PartWriter,
     fail_writer: PartWriter,
     failure_examples: list[dict[str, str]],
+    progress: _Progress,
     connect: Callable[[], Any] | None,
-) -> int:
+) -> None:
     """Run the Ray Data pipeline over ``todo`` and stream its results into the writers."""
     import ray
 
@@ -287,8 +300,6 @@ def _run_pipeline(
     paths = inputs.table["path"].to_numpy(dtype=object)
     identities = inputs.table["identity"].to_numpy(dtype=object)
     seen = np.zeros(len(paths), dtype=bool)
-    progress = _Progress(len(todo), config.progress_seconds)
-    resized = 0
     ds = _dataset(config, todo, inputs.root)
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
@@ -314,10 +325,10 @@ def _run_pipeline(
                     failure_examples.append({"path": str(path), "error": str(error)})
             resized_here = np.asarray(batch["resized_from"], dtype=object)[fresh] != ""
             if resized_here.any():
-                if resized == 0:
+                if progress.resized == 0:
                     example = paths[index[resized_here][0]]
                     logger.info("resizing images that are not 112x112 (first: %s)", example)
-                resized += int(resized_here.sum())
+                progress.resized += int(resized_here.sum())
             progress.update(int(ok.sum()), int((~ok).sum()))
     except Exception as exc:
         emb_writer.flush()
@@ -327,15 +338,14 @@ def _run_pipeline(
             f"finished is kept in {storage.redact(config.output)}: run again to resume"
         ) from exc
     progress.update(0, 0, force=True)
-    if resized:
-        logger.info("%d images were resized to 112x112 (--resize)", resized)
+    if progress.resized:
+        logger.info("%d images were resized to 112x112 (--resize)", progress.resized)
     missing = todo["index"].to_numpy()[~seen[todo["index"].to_numpy()]]
     if len(missing):
         raise EmbedError(
             f"internal error: {len(missing)} inputs never came back from the pipeline "
             f"(e.g. {paths[missing[0]]}); run again to resume"
         )
-    return resized
 
 
 def _first_line(exc: BaseException) -> str:

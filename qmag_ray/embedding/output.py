@@ -233,6 +233,17 @@ def failure_batch(paths: np.ndarray, errors: np.ndarray) -> pa.RecordBatch:
     )
 
 
+_COUNTS = (
+    "inputs",
+    "embedded",
+    "failed",
+    "skipped_existing",
+    "embedded_this_run",
+    "resized",
+    "ignored_files",
+)
+
+
 @dataclass(frozen=True)
 class EmbedSummary:
     """What a run did; written as ``summary.json`` and returned by ``run_embed``."""
@@ -254,25 +265,17 @@ class EmbedSummary:
     preprocessing: str
     images_per_second: float
     wall_seconds: float
+    timings: dict[str, float] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     failure_examples: list[dict[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form, with the counts grouped under ``counts``."""
         data = asdict(self)
-        data["counts"] = {
-            k: data.pop(k)
-            for k in (
-                "inputs",
-                "embedded",
-                "failed",
-                "skipped_existing",
-                "embedded_this_run",
-                "resized",
-                "ignored_files",
-            )
-        }
-        return data
+        counts = {k: data.pop(k) for k in _COUNTS}
+        head = {k: data.pop(k) for k in ("status", "output", "run_id")}
+        return {**head, "counts": counts, **data}
 
     def line(self) -> str:
         """One-line human summary."""
