@@ -34,33 +34,31 @@ def brute_force(table: EmbeddingTable) -> dict[tuple[int, int], tuple[float, flo
     return {(a, b): (c, p, t) for a, b, c, p, t in zip(i, j, cos, q, y, strict=True)}
 
 
-def collect(source: ExhaustiveSource, n: int) -> tuple[np.ndarray, ...]:
-    """All pairs of all shards, with their (i, j) recovered from the tiles."""
+def collect(source: ExhaustiveSource) -> tuple[np.ndarray, ...]:
+    """All pairs of all shards, with the (i, j) of each pair."""
     rows, cols, cos, qual, lab = [], [], [], [], []
-    bs = source.block_size
     for s in range(source.num_shards()):
-        tiles = source.shard_tiles(s)
         blocks = list(source.shard_blocks(s))
-        assert len(blocks) == len(tiles)
-        for (bi, bj), block in zip(tiles, blocks, strict=True):
-            ri = np.arange(bi * bs, min(n, (bi + 1) * bs))
-            rj = np.arange(bj * bs, min(n, (bj + 1) * bs))
-            gi, gj = np.meshgrid(ri, rj, indexing="ij")
-            keep = gi < gj
-            rows.append(gi[keep])
-            cols.append(gj[keep])
+        where = [ij for bi, bj in source.shard_tiles(s) for ij in source.tile_indices(bi, bj)]
+        assert len(blocks) == len(where)
+        for (i, j), block in zip(where, blocks, strict=True):
+            assert len(i) == len(block.cosine)
+            rows.append(i)
+            cols.append(j)
             cos.append(block.cosine)
             qual.append(block.quality)
             lab.append(block.label)
     return tuple(np.concatenate(x) for x in (rows, cols, cos, qual, lab))
 
 
-@pytest.mark.parametrize(("n", "block_size", "shards"), [(57, 10, 4), (57, 64, 3), (40, 7, 40)])
+@pytest.mark.parametrize(
+    ("n", "block_size", "shards"), [(57, 10, 4), (57, 64, 3), (40, 7, 40), (700, 300, 3)]
+)
 def test_blocks_cover_every_pair_once_with_correct_scores(n, block_size, shards) -> None:
     table = labelled(n, n_ident=9)
     source = ExhaustiveSource(table, block_size=block_size, shards=shards)
     assert isinstance(source, PairSource)
-    i, j, cos, qual, lab = collect(source, n)
+    i, j, cos, qual, lab = collect(source)
     assert len(i) == n * (n - 1) // 2 == source.n_pairs
     keys = i * n + j
     assert len(np.unique(keys)) == len(keys)  # every i < j exactly once

@@ -34,10 +34,13 @@ class ExhaustiveSource:
     """All ``N (N - 1) / 2`` pairs of a labelled embeddings table, as a ``PairSource``.
 
     Blocks hold float32 cosines and qualities and int8 labels; their scores do not depend on
-    the number of shards (each pair always falls in the same tile).
+    the number of shards (each pair always falls in the same tile). The default block size
+    (2048: 16 MB per float32 tile array) measured fastest here: 0.83 of the float32 matmul rate
+    per CPU-second on 14,000 x 512-d embeddings, against 0.63 for 4096, whose 64 MB arrays
+    are fresh memory mappings every tile (tests/benchmarks/bench_exhaustive.py).
     """
 
-    def __init__(self, table: EmbeddingTable, block_size: int = 4096, shards: int = 1) -> None:
+    def __init__(self, table: EmbeddingTable, block_size: int = 2048, shards: int = 1) -> None:
         if block_size < 2:
             raise ValueError(f"block_size must be at least 2, got {block_size}")
         if shards < 1:
@@ -96,20 +99,48 @@ class ExhaustiveSource:
     def shard_blocks(self, index: int) -> Iterator[PairBlock]:
         tiles = self.shard_tiles(index)
         for k, (bi, bj) in enumerate(tiles):
-            yield self.score_tile(int(bi), int(bj))
+            yield from self.score_tile(int(bi), int(bj))
             log.debug("shard %d: tile %d of %d scored", index, k + 1, len(tiles))
 
-    def score_tile(self, bi: int, bj: int) -> PairBlock:
-        """Cosine, pair quality and label of the pairs of tile (bi, bj), flattened row-major."""
-        bs = self.block_size
-        a, b = slice(bi * bs, (bi + 1) * bs), slice(bj * bs, (bj + 1) * bs)
-        cos = self.unit[a] @ self.unit[b].T
-        qual = np.minimum.outer(self.quality[a], self.quality[b])
-        same = np.equal.outer(self.codes[a], self.codes[b]).view(np.int8)
-        if bi == bj:
-            mask = _upper_mask(cos.shape[0])
-            return PairBlock(cos[mask], qual[mask], same[mask])
-        return PairBlock(cos.reshape(-1), qual.reshape(-1), same.reshape(-1))
+    def _parts(self, bi: int, bj: int) -> list[tuple[int, int, int, int]]:
+        """Row and column ranges ``(r0, r1, c0, c1)`` of the blocks of tile (bi, bj).
+
+        An off-diagonal tile is one block. A diagonal tile is cut into row strips of
+        ``max(128, block_size // 8)`` rows, each a small triangle (``c0 == r0``, strict upper
+        part kept) and the rectangle to its right, so little work is spent on pairs i >= j.
+        """
+        n, bs = len(self.quality), self.block_size
+        r0, r1 = bi * bs, min(n, (bi + 1) * bs)
+        if bi != bj:
+            return [(r0, r1, bj * bs, min(n, (bj + 1) * bs))]
+        step = max(128, bs // 8)
+        parts = []
+        for a in range(r0, r1, step):
+            b = min(r1, a + step)
+            parts.append((a, b, a, b))
+            if b < r1:
+                parts.append((a, b, b, r1))
+        return parts
+
+    def score_tile(self, bi: int, bj: int) -> Iterator[PairBlock]:
+        """The blocks of tile (bi, bj): cosine, pair quality and label, flattened row-major."""
+        for r0, r1, c0, c1 in self._parts(bi, bj):
+            a, b = slice(r0, r1), slice(c0, c1)
+            cos = self.unit[a] @ self.unit[b].T
+            qual = np.minimum.outer(self.quality[a], self.quality[b])
+            same = np.equal.outer(self.codes[a], self.codes[b]).view(np.int8)
+            if r0 == c0:
+                mask = _upper_mask(r1 - r0)
+                yield PairBlock(cos[mask], qual[mask], same[mask])
+            else:
+                yield PairBlock(cos.reshape(-1), qual.reshape(-1), same.reshape(-1))
+
+    def tile_indices(self, bi: int, bj: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Row indices (i, j) of the pairs of each block of tile (bi, bj), as scored."""
+        for r0, r1, c0, c1 in self._parts(bi, bj):
+            i, j = np.meshgrid(np.arange(r0, r1), np.arange(c0, c1), indexing="ij")
+            keep = i < j
+            yield i[keep], j[keep]
 
     def counts(self) -> tuple[int, int]:
         return self._counts
