@@ -90,6 +90,7 @@ def ray_cluster(s3_endpoint: str) -> Iterator[None]:
 
     env = {**S3_ENV, "AWS_ENDPOINT_URL": s3_endpoint, "RAY_USAGE_STATS_ENABLED": "0"}
     ray.init(
+        address="local",  # never attach to a cluster an end-to-end test started with `ray start`
         num_cpus=2,
         include_dashboard=False,
         object_store_memory=256 * 1024 * 1024,
