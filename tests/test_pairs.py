@@ -15,7 +15,7 @@ from qmag_ray.embeddings import EmbeddingTable
 from qmag_ray.pairs.generate import generate_pairs, identity_split
 from qmag_ray.pairs.listed import ListedPairSource, score_pairs
 from qmag_ray.pairs.protocols import PairFileError, PairProtocol, read_pairs
-from qmag_ray.pairs.resolve import ResolveError, resolve_pairs
+from qmag_ray.pairs.resolve import ResolvedPairs, ResolveError, resolve_pairs
 from qmag_ray.pairs.source import PairSource
 
 # (file, protocol, lines, genuine, {line: (a, b, label)}) checked by hand against the files.
@@ -302,6 +302,12 @@ def test_problem_pairs_error_or_counted_skip(tmp_path: Path) -> None:
     assert (report.self_pairs, report.duplicates) == (1, 1)
     assert list(resolved.position) == [0, 6]
     assert report.to_dict()["skipped"] == 6 and "2 of 8 pairs kept" in report.summary()
+    assert len(ListedPairSource(table, resolved)) == 2
+    unchecked = ResolvedPairs(
+        np.array([0, 4]), np.array([1, 2]), np.array([1, 0]), np.arange(2), resolved.report
+    )
+    with pytest.raises(ValueError, match=r"1 image\(s\) used by the pairs have NaN.*'4.jpg'"):
+        ListedPairSource(table, unchecked)
 
 
 def test_listed_source_scores_and_shards(tmp_path: Path) -> None:
@@ -389,6 +395,11 @@ def test_generation_errors() -> None:
         generate_pairs(labelled_table([5]))
     with pytest.raises(ValueError, match="no genuine pairs"):
         generate_pairs(labelled_table([1, 1, 1]))
+    table = labelled_table([3, 4])
+    vectors = table.vectors.copy()
+    vectors[2, 0] = np.nan
+    with pytest.raises(ValueError, match=r"1 embeddings are NaN/inf.*'img2.jpg'"):
+        generate_pairs(EmbeddingTable(table.path, table.identity, vectors, table.quality))
 
 
 def test_identity_split() -> None:

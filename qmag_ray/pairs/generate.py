@@ -66,6 +66,13 @@ def generate_pairs(
     if impostors_per_side < 0:
         raise ValueError(f"impostors_per_side must be non-negative, got {impostors_per_side}")
     names, codes = identity_codes(table)
+    bad = table.bad_rows()
+    if bad.size:
+        shown = ", ".join(repr(str(p)) for p in table.path[bad[:10]])
+        raise ValueError(
+            f"{bad.size} embeddings are NaN/inf, all zero or have a bad quality ({shown}); "
+            "drop them first with EmbeddingTable.validate(policy='skip')"
+        )
     if len(names) < 2:
         raise ValueError(f"need at least 2 identities to draw impostors, got {len(names)}")
     rng = np.random.default_rng(seed)

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from qmag_ray import scores
-from qmag_ray.embeddings import EmbeddingTable
+from qmag_ray.embeddings import SHOW, EmbeddingTable
 from qmag_ray.pairs.resolve import ResolvedPairs
 from qmag_ray.pairs.source import PairBlock
 
@@ -39,14 +39,22 @@ class ListedPairSource:
                 f"has {len(table)} rows: the pairs were resolved against another table"
             )
         used, inverse = np.unique(both, return_inverse=True)
+        bad = used[np.isin(used, table.bad_rows())]
+        if bad.size:
+            shown = ", ".join(repr(str(p)) for p in table.path[bad[:SHOW]])
+            raise ValueError(
+                f"{bad.size} image(s) used by the pairs have NaN/inf, all-zero embeddings or a bad "
+                f"quality ({shown}); skip them explicitly (EmbeddingTable.validate(policy='skip') "
+                "or resolve_pairs(on_bad_embedding='skip'))"
+            )
         self.vectors = np.ascontiguousarray(table.vectors[used])
         self.quality = np.ascontiguousarray(table.quality[used])
         self.idx_a = inverse[:n].astype(np.int64)
         self.idx_b = inverse[n:].astype(np.int64)
         self.label = np.asarray(resolved.label, dtype=np.int8)
-        bad = np.flatnonzero(~np.isin(self.label, (0, 1)))
-        if bad.size:
-            raise ValueError(f"labels must be 0/1; pair {int(bad[0])} has {self.label[bad[0]]}")
+        wrong = np.flatnonzero(~np.isin(self.label, (0, 1)))
+        if wrong.size:
+            raise ValueError(f"labels must be 0/1; pair {int(wrong[0])} has {self.label[wrong[0]]}")
         self._shards = min(shards, max(1, n))
         self._block = block_size
         self._bounds = np.linspace(0, n, self._shards + 1).astype(np.int64)

@@ -8,6 +8,7 @@ in file order and remember their position in the original list.
 
 from __future__ import annotations
 
+import logging
 import posixpath
 from dataclasses import asdict, dataclass, field
 from enum import Enum
@@ -16,6 +17,8 @@ import numpy as np
 
 from qmag_ray.embeddings import SHOW, EmbeddingTable
 from qmag_ray.pairs.protocols import PairList
+
+log = logging.getLogger(__name__)
 
 
 class ResolveError(ValueError):
@@ -171,9 +174,9 @@ def resolve_pairs(
         "self_pairs": Policy(on_self),
         "duplicates": Policy(on_duplicate),
     }
-    ia = lookup_names(pairs.a, table, prefix, match)
-    ib = lookup_names(pairs.b, table, prefix, match)
     n = len(pairs)
+    both = lookup_names(np.concatenate([pairs.a, pairs.b]), table, prefix, match)
+    ia, ib = both[:n], both[n:]
     problem = np.zeros(n, dtype=np.int8)  # 0 ok, 1 missing, 2 bad, 3 self, 4 duplicate
 
     missing = (ia < 0) | (ib < 0)
@@ -224,6 +227,8 @@ def resolve_pairs(
         duplicates=counts["duplicates"],
         examples={k: v for k, v in examples.items() if v},
     )
+    if report.skipped:
+        log.warning("%s: %s", pairs.source or "pairs", report.summary())
     return ResolvedPairs(ia[keep], ib[keep], pairs.label[keep], keep, report)
 
 
