@@ -202,7 +202,7 @@ def _read_part(fs, fs_path: str, where: str) -> tuple[np.ndarray, ...]:
     try:
         with fs.open(fs_path, "rb") as f:
             tab = pq.read_table(f)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the file named
+    except Exception as exc:  # re-raised with the file named
         raise EmbeddingsError(f"cannot read Parquet file {where}: {exc}") from exc
     names = set(tab.column_names)
     for required in ("path", "embedding"):
