@@ -16,6 +16,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -150,8 +151,13 @@ def running(args: list[str], log: Path, url: str, env: dict[str, str]) -> Iterat
         stop(proc)
 
 
+class MlflowServer(NamedTuple):
+    uri: str
+    root: Path  # holds mlflow.db and artifacts/
+
+
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
     """A real ``mlflow server`` on 127.0.0.1: SQLite backend, proxied local artifact root."""
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
@@ -170,5 +176,6 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "1",
     ]
     uri = f"http://127.0.0.1:{port}"
-    with running(args, root / "server.log", f"{uri}/health", subprocess_env()):
-        yield uri
+    env = subprocess_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # no job workers needed
+    with running(args, root / "server.log", f"{uri}/health", env):
+        yield MlflowServer(uri, root)
