@@ -11,7 +11,8 @@ from oracle import oracle_fit
 from qmag_ray import fit_qmagface
 from qmag_ray.calibration.fit import calibrate
 from qmag_ray.calibration.result import CalibrationGrid, QMagFaceCalibration
-from qmag_ray.calibration.search import operating_points, sigmoid, top_k
+from qmag_ray.calibration.search import operating_points, sigmoid
+from qmag_ray.calibration.tails import TopK, top_k
 from qmag_ray.pairs.source import ArrayPairSource
 
 
@@ -153,6 +154,11 @@ def test_top_k_is_exact_on_sampled_and_adversarial_orders() -> None:
     x = np.round(rng.normal(size=300_000), 2)  # many ties
     for values in (x, np.sort(x), np.sort(x)[::-1].copy()):
         np.testing.assert_array_equal(np.sort(top_k(values, 2_000)), np.sort(x)[-2_000:])
+        # Streamed in uneven batches, with the running cut and buffered compaction.
+        stream = TopK(2_000)
+        for part in np.array_split(values, [5, 1_000, 1_001, 40_000, 41_000, 200_000]):
+            stream.add(part)
+        np.testing.assert_array_equal(np.sort(stream.values()), np.sort(x)[-2_000:])
 
 
 def test_sigmoid_is_one_formula() -> None:

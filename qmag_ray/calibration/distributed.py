@@ -19,12 +19,13 @@ from typing import Any
 import numpy as np
 import ray
 
-from qmag_ray.calibration.fit import impostor_score_tail, run_calibration
+from qmag_ray.calibration.fit import run_calibration
 from qmag_ray.calibration.result import CalibrationGrid, QMagFaceCalibration
-from qmag_ray.calibration.search import (
+from qmag_ray.calibration.search import search_weight
+from qmag_ray.calibration.tails import (
     TailSummary,
+    impostor_score_tail,
     merge_two,
-    search_weight,
     summarize_blocks,
     top_k,
 )
@@ -58,16 +59,26 @@ def _score_tail_shard(
 
 
 def _as_completed(refs: list[ray.ObjectRef], what: str) -> Iterator[tuple[int, Any]]:
-    """Yield (task index, result) as tasks finish, logging progress (done / total)."""
+    """Yield (task index, result) as tasks finish, logging progress (done / total).
+
+    Takes ownership of ``refs`` (the list is emptied): each result's object is released from
+    the object store as soon as the caller has moved on, so finished shard summaries do not
+    pile up there.
+    """
     position = {ref: i for i, ref in enumerate(refs)}
     pending = list(refs)
+    refs.clear()
     total = len(pending)
     done = 0
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
+        ref = ready[0]
+        index = position.pop(ref)
+        result = ray.get(ref)
+        del ready, ref
         done += 1
         logger.info("calibration: %s %d/%d done", what, done, total)
-        yield position[ready[0]], ray.get(ready[0])
+        yield index, result
 
 
 class RayExecutor:
@@ -98,7 +109,7 @@ class RayExecutor:
             task.remote(float(w), summary.tails[i], gen_c, gen_q, summary.n_impostor, fmrs)
             for i, w in enumerate(summary.weights)
         ]
-        results: list[Any] = [None] * len(refs)
+        results: list[Any] = [None] * len(summary.weights)
         for i, result in _as_completed(refs, "weight search"):
             results[i] = result
         return np.stack([t for t, _ in results]), np.stack([a for _, a in results])

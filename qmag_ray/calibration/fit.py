@@ -10,24 +10,21 @@ Both call the same numpy functions of ``search``, so their results are identical
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 from typing import Protocol
 
 import numpy as np
 
 from qmag_ray.calibration.result import CalibrationGrid, QMagFaceCalibration, fmr_key
-from qmag_ray.calibration.search import (
+from qmag_ray.calibration.search import fit_line, operating_points, search_weight, select_optimal
+from qmag_ray.calibration.tails import (
     TailSummary,
-    fit_line,
+    impostor_score_tail,
     merge_two,
-    operating_points,
-    search_all,
-    select_optimal,
     summarize_blocks,
     tail_size,
     top_k,
 )
-from qmag_ray.pairs.source import ArrayPairSource, PairBlock, PairSource
+from qmag_ray.pairs.source import ArrayPairSource, PairSource
 from qmag_ray.scores import qmagface_score
 
 logger = logging.getLogger(__name__)
@@ -50,21 +47,6 @@ class Executor(Protocol):
     def score_tail(self, alpha: float, beta: float, k: int) -> tuple[np.ndarray, int]: ...
 
 
-def impostor_score_tail(
-    blocks: Iterable[PairBlock], alpha: float, beta: float, k: int
-) -> tuple[np.ndarray, int]:
-    """The ``k`` highest impostor QMagFace scores of a stream of blocks, and the impostor count."""
-    tail = np.empty(0)
-    n = 0
-    for block in blocks:
-        imp = np.asarray(block.label) == 0
-        n += int(imp.sum())
-        if imp.any():
-            s = qmagface_score(block.cosine[imp], block.quality[imp], alpha, beta)
-            tail = top_k(np.concatenate([tail, top_k(s, k)]), k)
-    return tail, n
-
-
 class LocalExecutor:
     """Runs every step in this process, shard after shard."""
 
@@ -83,7 +65,12 @@ class LocalExecutor:
         return merged
 
     def search(self, summary: TailSummary, fmrs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return search_all(summary, fmrs)
+        gen_c, gen_q, n_imp = summary.genuine_cosine, summary.genuine_quality, summary.n_impostor
+        out = [
+            search_weight(w, summary.tails[i], gen_c, gen_q, n_imp, fmrs)
+            for i, w in enumerate(summary.weights)
+        ]
+        return np.stack([t for t, _ in out]), np.stack([a for _, a in out])
 
     def score_tail(self, alpha: float, beta: float, k: int) -> tuple[np.ndarray, int]:
         tail, n = np.empty(0), 0
