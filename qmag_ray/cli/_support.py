@@ -1,0 +1,122 @@
+"""Entry-point duties shared by ``qmag-ray calibrate`` and ``qmag-ray evaluate``.
+
+Only entry points read the environment, resolve and check the tracking store, connect Ray and
+record runs: the order is config -> input checks -> tracking reachable -> Ray -> workflow ->
+MLflow, so that a bad input or an unreachable tracking server fails before any computation.
+User errors end with exit code 2 and a one-paragraph message, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, NoReturn, TypeVar
+
+import typer
+
+from qmag_ray import storage
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+USER_ERROR_EXIT = 2
+
+
+def fail(message: str, code: int = USER_ERROR_EXIT) -> NoReturn:
+    """Print ``error: message`` to stderr and exit with ``code``."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=code)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from qmag_ray.tracking.uri import TrackingUnreachableError
+
+    # ConfigError, EmbeddingsError, PairFileError, ResolveError, WorkflowError and the
+    # calibration's ill-posed-data errors are ValueErrors.
+    return (ValueError, FileNotFoundError, PermissionError, TrackingUnreachableError)
+
+
+def guarded(what: str, fn: Callable[[], T]) -> T:
+    """``fn()``; a user error it raises becomes ``fail`` (exit code 2, no traceback)."""
+    try:
+        return fn()
+    except _user_errors() as exc:
+        logger.debug("%s failed", what, exc_info=True)
+        text = str(exc).strip() or type(exc).__name__
+        fail(f"{what}: {text}")
+
+
+def load(cls: type[T], config: str | None, given: Mapping[str, Any]) -> T:
+    """The config (file, then command-line values that are not None) or exit 2."""
+    from qmag_ray.config import load_config
+
+    overrides = {k: v for k, v in given.items() if v is not None}
+    return guarded("configuration", lambda: load_config(cls, config, overrides))
+
+
+def require_exists(**uris: str | None) -> None:
+    """Each given URI must exist (checked before Ray starts); exit 2 naming the first missing."""
+    for name, uri in uris.items():
+        if not uri:
+            continue
+        try:
+            found = storage.exists(uri)
+        except (OSError, ValueError) as exc:
+            fail(f"{name} {storage.redact(uri)} cannot be checked: {exc}")
+        if not found:
+            fail(f"{name} not found: {storage.redact(uri)} does not exist")
+
+
+def prepare_tracking(flag_or_config: str | None) -> str:
+    """Resolve (flag/config > MLFLOW_TRACKING_URI > sqlite:///mlflow.db), check, configure."""
+    from qmag_ray.tracking.uri import (
+        HTTP_CLIENT_ENV,
+        check_tracking_reachable,
+        configure_tracking,
+        resolve_tracking_uri,
+    )
+
+    uri = resolve_tracking_uri(flag_or_config, os.environ)
+    for key, value in HTTP_CLIENT_ENV.items():
+        os.environ.setdefault(key, value)
+    guarded("tracking", lambda: check_tracking_reachable(uri))
+    configure_tracking(uri)
+    typer.echo(f"tracking: MLflow at {storage.redact(uri)}")
+    return uri
+
+
+def connect(ray_address: str | None) -> str:
+    """Connect Ray (``--ray-address``, else RAY_ADDRESS, else a local cluster)."""
+    from qmag_ray.runtime import connect_ray
+
+    address = guarded("Ray", lambda: connect_ray(ray_address))
+    typer.echo(f"ray: connected to {address}")
+    return address
+
+
+def log_files(run: Any, files: Mapping[str, str], skip: tuple[str, ...] = ()) -> None:
+    """Log result files as artifacts: JSON through the sanitiser, others as bytes."""
+    for name, uri in files.items():
+        if name in skip:
+            continue
+        if name.endswith(".json"):
+            run.log_json(name, json.loads(storage.read_bytes(uri)))
+        else:
+            run.log_bytes(name, storage.read_bytes(uri))
+
+
+@contextmanager
+def tracking_errors(tracking_uri: str, output: str) -> Iterator[None]:
+    """Recording failures after the computation: say the results are safe, exit 1."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - reported, the run's files are already written
+        logger.debug("recording failed", exc_info=True)
+        fail(
+            f"the results were written to {storage.redact(output)}, but recording the run in "
+            f"MLflow at {storage.redact(tracking_uri)} failed: {exc}",
+            code=1,
+        )
