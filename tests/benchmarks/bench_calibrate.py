@@ -6,6 +6,14 @@ scikit-learn ROC curve per candidate weight, as the original code). Prints both 
 the speed-up and whether alpha and beta are identical.
 
     .venv/bin/python tests/benchmarks/bench_calibrate.py --pairs 2000000 [--ray-shards 4]
+
+With ``--exhaustive N`` it instead calibrates on every pair of N synthetic embeddings (N=14143:
+about 100,000,000 pairs, ~64,000 of them genuine) scored block-wise by ``ExhaustiveSource``,
+in this process and, with ``--ray-shards``, on a local Ray cluster, and reports wall times and
+peak memory (this process's peak RSS; on Ray also the peak RSS of every Ray worker process,
+read from /proc, and of the driver). There is no oracle run at that size.
+
+    .venv/bin/python tests/benchmarks/bench_calibrate.py --exhaustive 14143 [--ray-shards 4]
 """
 
 from __future__ import annotations
@@ -45,6 +53,76 @@ def synthetic(n: int, seed: int, genuine_share: float):
     return np.clip(cos, -1.0, 1.0), q, label
 
 
+def identity_table(n: int, dim: int, seed: int, per_identity: int = 10):
+    """N embeddings, ``per_identity`` per identity: a shared direction plus noise that grows
+    as the norm (quality, 12 to 35) falls; genuine and impostor cosines overlap."""
+    from qmag_ray.embeddings import EmbeddingTable
+
+    rng = np.random.default_rng(seed)
+    ids = np.arange(n) // per_identity
+    centers = rng.normal(size=(ids.max() + 1, dim)).astype(np.float32)
+    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    noise = rng.normal(size=(n, dim)).astype(np.float32) / np.sqrt(dim)
+    quality = rng.uniform(12.0, 35.0, n).astype(np.float32)
+    # Low-quality faces are noisier (less of their identity shows), as MagFace's norms mean.
+    strength = 2.8 - 1.8 * (quality - 12.0) / 23.0 + rng.uniform(-0.3, 0.3, n)
+    vectors = centers[ids] + noise * strength[:, None].astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    vectors *= quality[:, None]
+    paths = np.asarray([f"img{i}.jpg" for i in range(n)], dtype=object)
+    identity = np.asarray([f"id{i}" for i in ids], dtype=object)
+    return EmbeddingTable(paths, identity, vectors, np.linalg.norm(vectors, axis=1))
+
+
+def ray_worker_peak_mb() -> dict[str, int]:
+    """Peak RSS (VmHWM) of this machine's Ray worker processes, from /proc (Linux)."""
+    peaks = {}
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            text = status.read_text()
+            cmd = (status.parent / "cmdline").read_bytes().split(b"\0")[0].decode()
+        except OSError:
+            continue
+        if cmd.startswith("ray::") and "VmHWM" in text:
+            kb = int(text.split("VmHWM:")[1].split()[0])
+            peaks[f"{cmd} (pid {status.parent.name})"] = kb // 1024
+    return peaks
+
+
+def exhaustive(args: argparse.Namespace) -> None:
+    from qmag_ray.calibration.fit import calibrate
+    from qmag_ray.pairs.exhaustive import ExhaustiveSource
+
+    table = identity_table(args.exhaustive, args.dim, args.seed)
+    source = ExhaustiveSource(table, shards=max(1, args.ray_shards))
+    n_gen, n_imp = source.counts()
+    result: dict[str, object] = {"embeddings": len(table), "genuine": n_gen, "impostor": n_imp}
+    start = time.perf_counter()
+    cal = calibrate(source)
+    result["local_seconds"] = round(time.perf_counter() - start, 1)
+    result["local_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    result["alpha"], result["beta"] = cal.alpha, cal.beta
+    result["thresholds"] = cal.thresholds
+    if args.ray_shards:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        import ray
+
+        from qmag_ray.calibration.distributed import fit_qmagface_ray
+        from qmag_ray.runtime import connect_ray
+
+        connect_ray(None)
+        start = time.perf_counter()
+        ray_cal = fit_qmagface_ray(source)
+        result["ray_seconds"] = round(time.perf_counter() - start, 1)
+        result["ray_identical"] = (ray_cal.alpha, ray_cal.beta) == (cal.alpha, cal.beta)
+        workers = ray_worker_peak_mb()
+        result["ray_worker_peak_rss_mb"] = workers
+        result["ray_max_worker_peak_rss_mb"] = max(workers.values(), default=None)
+        result["driver_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+        ray.shutdown()
+    print(json.dumps(result, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=2_000_000)
@@ -56,7 +134,12 @@ def main() -> None:
         help="oracle ROC without scikit-learn's point dropping (default: the original's default)",
     )
     parser.add_argument("--ray-shards", type=int, default=0, help="also time the Ray path")
+    parser.add_argument("--exhaustive", type=int, default=0, help="N embeddings, all pairs")
+    parser.add_argument("--dim", type=int, default=512)
     args = parser.parse_args()
+    if args.exhaustive:
+        exhaustive(args)
+        return
 
     cos, q, y = synthetic(args.pairs, args.seed, args.genuine_share)
     result: dict[str, object] = {
