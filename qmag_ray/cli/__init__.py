@@ -2,6 +2,7 @@
 
 from qmag_ray.cli.app import app
 from qmag_ray.cli import synth as _synth  # noqa: F401  (registers `qmag-ray synth`)
+from qmag_ray.cli import train as _train  # noqa: F401  (registers `qmag-ray train`)
 from qmag_ray.cli import embed as _embed  # noqa: F401  (registers `qmag-ray embed`)
 from qmag_ray.cli import calibrate as _calibrate  # noqa: F401  (registers `qmag-ray calibrate`)
 from qmag_ray.cli import evaluate as _evaluate  # noqa: F401  (registers `qmag-ray evaluate`)

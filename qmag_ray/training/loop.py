@@ -1,0 +1,189 @@
+"""The per-worker MagFace training loop, run by Ray Train's TorchTrainer on every worker.
+
+Each worker lists the data, builds the backbone (or loads ``init_checkpoint``) and a MagFace
+head, and trains with DDP through ``ray.train.torch``. Metrics averaged over workers go to
+``ray.train.report`` every ``log_every`` steps and at each epoch's end; rank 0 writes the
+checkpoints in MagFace's layout with :func:`qmag_ray.model.save_checkpoint` and the metric
+history as ``history.json`` beside them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from qmag_ray import storage
+from qmag_ray.model import create_backbone, load_backbone, read_checkpoint
+from qmag_ray.training.config import TrainConfig
+from qmag_ray.training.data import FaceDataset, collate, list_labelled_images
+from qmag_ray.training.magface import MagFaceHead
+
+logger = logging.getLogger(__name__)
+
+HISTORY = "history.json"
+HEAD_KEY = "fc.weight"  # the margin head's key in MagFace training checkpoints
+
+
+def checkpoint_name(epoch: int) -> str:
+    """MagFace's checkpoint file name for ``epoch``."""
+    return f"magface_epoch_{epoch:05d}.pth"
+
+
+class MagFaceNet(nn.Module):
+    """Backbone plus margin head; ``forward`` returns the loss and its parts."""
+
+    def __init__(self, backbone: nn.Module, head: MagFaceHead) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor):
+        return self.head(self.backbone(x), labels)
+
+
+def build_net(cfg: TrainConfig, num_classes: int) -> MagFaceNet:
+    """Backbone (fresh or from ``init_checkpoint``) and a MagFace head for ``num_classes``."""
+    kwargs: dict[str, Any] = {} if cfg.dropout is None else {"dropout": cfg.dropout}
+    if cfg.init_checkpoint:
+        backbone = load_backbone(cfg.init_checkpoint, cfg.arch, **kwargs).train()
+    else:
+        backbone = create_backbone(cfg.arch, **kwargs)
+    size = int(getattr(backbone, "embedding_size", 0)) or int(
+        backbone.eval()(torch.zeros(2, 3, 112, 112)).shape[1]
+    )
+    head = MagFaceHead(size, num_classes, cfg.magface)
+    if cfg.init_checkpoint:
+        state = read_checkpoint(cfg.init_checkpoint).get("state_dict", {})
+        weight = state.get(HEAD_KEY) if isinstance(state, dict) else None
+        if isinstance(weight, torch.Tensor) and tuple(weight.shape) == tuple(head.weight.shape):
+            with torch.no_grad():
+                head.weight.copy_(weight)
+            logger.info("margin head restored from %s", storage.redact(cfg.init_checkpoint))
+    return MagFaceNet(backbone.train(), head)
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    span = max(total - warmup, 1)
+    return 0.5 * (1 + math.cos(math.pi * min(step - warmup, span) / span))
+
+
+def _optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def _all_mean(values: dict[str, float], count: float) -> dict[str, float]:
+    """Sample-weighted means of ``values`` (sums) over all workers."""
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys] + [count], dtype=torch.float64)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+    n = max(float(t[-1]), 1.0)
+    return {k: float(v) / n for k, v in zip(keys, t[:-1].tolist(), strict=True)}
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry: train one worker's share; ``config`` is ``TrainConfig.to_dict()``."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = TrainConfig.from_dict(config)
+    rank = ray.train.get_context().get_world_rank()
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.cpus_per_worker)
+    images = list_labelled_images(cfg.data)
+    loader = DataLoader(
+        FaceDataset(images, flip=cfg.flip, seed=cfg.seed + rank),
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        drop_last=len(images) >= cfg.batch_size * cfg.num_workers,
+        collate_fn=collate,
+        num_workers=cfg.loader_workers,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    loader = ray.train.torch.prepare_data_loader(loader)
+    net = build_net(cfg, images.num_classes)
+    head_weight = net.head.weight
+    model = ray.train.torch.prepare_model(net)
+    optimizer = _optimizer(cfg, model.parameters())
+    total = cfg.max_steps or cfg.epochs * max(len(loader), 1)
+    if cfg.max_steps:
+        total = min(total, cfg.epochs * max(len(loader), 1))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total)
+    )
+    history: list[dict[str, float]] = []
+    step, skipped, start = 0, 0, time.perf_counter()
+    for epoch in range(1, cfg.epochs + 1):
+        if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        window: dict[str, float] = {"loss": 0.0, "id": 0.0, "g": 0.0, "acc": 0.0, "norm": 0.0}
+        seen = 0
+        for x, y, n_bad in loader:
+            skipped += n_bad
+            if len(y) == 0:
+                continue
+            loss, parts = model(x, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sched.step()
+            step += 1
+            window["loss"] += float(loss.detach()) * len(y)
+            for key, value in parts.items():
+                window[key] += float(value) * len(y)
+            seen += len(y)
+            last = step >= total
+            if step % cfg.log_every == 0 or last:
+                metrics = _all_mean(window, seen)
+                metrics.update(
+                    step=step,
+                    epoch=epoch,
+                    lr=sched.get_last_lr()[0],
+                    skipped=skipped,
+                    images_per_s=step
+                    * cfg.batch_size
+                    * cfg.num_workers
+                    / (time.perf_counter() - start),
+                )
+                history.append(metrics)
+                ray.train.report(metrics)
+                window = dict.fromkeys(window, 0.0)
+                seen = 0
+            if last:
+                break
+        done = step >= total or epoch == cfg.epochs
+        if rank == 0 and (done or epoch % cfg.checkpoint_every == 0):
+            _save(cfg, model, head_weight, epoch, history)
+        if done:
+            break
+
+
+def _save(
+    cfg: TrainConfig,
+    model: nn.Module,
+    head_weight: torch.Tensor,
+    epoch: int,
+    history: list[dict[str, float]],
+) -> None:
+    from qmag_ray.model import save_checkpoint
+
+    net = model.module if hasattr(model, "module") else model
+    uri = storage.join(cfg.output, checkpoint_name(epoch))
+    save_checkpoint(
+        net.backbone, uri, cfg.arch, epoch=epoch, extra_state={HEAD_KEY: head_weight.detach()}
+    )
+    payload = {"checkpoint": uri, "epoch": epoch, "history": history}
+    storage.write_bytes(storage.join(cfg.output, HISTORY), json.dumps(payload, indent=1).encode())
+    logger.info("saved %s", storage.redact(uri))
