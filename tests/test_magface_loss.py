@@ -1,4 +1,4 @@
-"""The MagFace loss: margin and regulariser shapes, gradients on the magnitude, a hand-computed case."""
+"""The MagFace loss: margin and regulariser, gradients on the magnitude, a hand-computed case."""
 
 from __future__ import annotations
 
