@@ -10,6 +10,7 @@ Both call the same numpy functions of ``search``, so their results are identical
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import Protocol
 
 import numpy as np
@@ -19,12 +20,10 @@ from qmag_ray.calibration.search import fit_line, operating_points, search_weigh
 from qmag_ray.calibration.tails import (
     TailSummary,
     impostor_score_tail,
-    merge_two,
     summarize_blocks,
     tail_size,
-    top_k,
 )
-from qmag_ray.pairs.source import ArrayPairSource, PairSource
+from qmag_ray.pairs.source import ArrayPairSource, PairBlock, PairSource
 from qmag_ray.scores import qmagface_score
 
 logger = logging.getLogger(__name__)
@@ -56,13 +55,16 @@ class LocalExecutor:
         self.source = source
 
     def summarize(self, weights: np.ndarray, k: int) -> TailSummary:
-        merged = TailSummary.empty(weights, k)
+        # One stream over every shard: the same multiset as per-shard summaries merged, with
+        # one set of tails in memory instead of two.
         total = self.source.num_shards()
-        for index in range(total):
-            part = summarize_blocks(self.source.shard_blocks(index), weights, k)
-            merged = merge_two(merged, part)
-            logger.info("calibration: shard %d/%d summarised", index + 1, total)
-        return merged
+
+        def blocks() -> Iterator[PairBlock]:
+            for index in range(total):
+                yield from self.source.shard_blocks(index)
+                logger.info("calibration: shard %d/%d summarised", index + 1, total)
+
+        return summarize_blocks(blocks(), weights, k)
 
     def search(self, summary: TailSummary, fmrs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         gen_c, gen_q, n_imp = summary.genuine_cosine, summary.genuine_quality, summary.n_impostor
@@ -73,11 +75,9 @@ class LocalExecutor:
         return np.stack([t for t, _ in out]), np.stack([a for _, a in out])
 
     def score_tail(self, alpha: float, beta: float, k: int) -> tuple[np.ndarray, int]:
-        tail, n = np.empty(0), 0
-        for index in range(self.source.num_shards()):
-            part, count = impostor_score_tail(self.source.shard_blocks(index), alpha, beta, k)
-            tail, n = top_k(np.concatenate([tail, part]), k), n + count
-        return tail, n
+        total = self.source.num_shards()
+        blocks = (b for index in range(total) for b in self.source.shard_blocks(index))
+        return impostor_score_tail(blocks, alpha, beta, k)
 
 
 def check_data(n_genuine: int, n_impostor: int, grid: CalibrationGrid) -> None:

@@ -10,7 +10,7 @@ values kept). Memory is the tails plus the genuine pairs, never the number of pa
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +20,8 @@ from qmag_ray.pairs.source import PairBlock
 from qmag_ray.scores import qmagface_score
 
 _SAMPLE_STRIDE = 16
+#: Pairs processed at a time inside a block (bounds the float64 temporaries to ~50 MB).
+CHUNK = 1 << 20
 
 
 def tail_size(n_impostor: int, fmr_max: float) -> int:
@@ -110,14 +112,26 @@ class TailSummary:
         return cls(weights, k, np.empty((len(weights), 0)), np.empty(0), np.empty(0), 0)
 
 
+def _chunks(blocks: Iterable[PairBlock]) -> Iterator[PairBlock]:
+    """Blocks cut to at most ``CHUNK`` pairs, so float64 temporaries stay small."""
+    for block in blocks:
+        n = len(block.cosine)
+        if n <= CHUNK:
+            yield block
+            continue
+        for a in range(0, n, CHUNK):
+            b = min(n, a + CHUNK)
+            yield PairBlock(block.cosine[a:b], block.quality[a:b], block.label[a:b])
+
+
 def summarize_blocks(blocks: Iterable[PairBlock], weights: np.ndarray, k: int) -> TailSummary:
     """Stream pair blocks into a ``TailSummary``: per-weight impostor tails, genuine pairs."""
     weights = np.asarray(weights, np.float64)
-    tops = [TopK(k) for _ in weights]
+    tops: list[TopK | None] = [TopK(k) for _ in weights]
     gen_c: list[np.ndarray] = []
     gen_q: list[np.ndarray] = []
     n_imp = 0
-    for block in blocks:
+    for block in _chunks(blocks):
         imp = np.asarray(block.label) == 0
         cos = np.asarray(block.cosine, np.float64)
         q = np.asarray(block.quality, np.float64)
@@ -127,11 +141,13 @@ def summarize_blocks(blocks: Iterable[PairBlock], weights: np.ndarray, k: int) -
             n_imp += int(imp.sum())
             cos_i, q_i = cos[imp], q[imp]
             for w, top in zip(weights, tops, strict=True):
-                top.add(weighted_logits(cos_i, q_i, w))
+                top.add(weighted_logits(cos_i, q_i, w))  # type: ignore[union-attr]
     summary = TailSummary.empty(weights, k)
     summary.n_impostor = n_imp
-    if n_imp:
-        summary.tails = np.stack([top.values() for top in tops])
+    summary.tails = np.empty((len(weights), min(k, n_imp)))
+    for i, top in enumerate(tops):  # fill row by row, releasing each accumulator
+        summary.tails[i] = top.values()  # type: ignore[union-attr]
+        tops[i] = None
     if gen_c:
         summary.genuine_cosine = np.concatenate(gen_c)
         summary.genuine_quality = np.concatenate(gen_q)
@@ -139,11 +155,18 @@ def summarize_blocks(blocks: Iterable[PairBlock], weights: np.ndarray, k: int) -
 
 
 def merge_two(a: TailSummary, b: TailSummary) -> TailSummary:
-    """Merge two summaries built with the same weights and tail size (row by row)."""
+    """Merge ``b`` into ``a`` (same weights and tail size), row by row.
+
+    ``a``'s tail array is reused when it is writable and already full width (the running
+    merge on a driver), so a merge needs memory for one extra row, not a third array.
+    """
     if a.k != b.k or not np.array_equal(a.weights, b.weights):
         raise ValueError("cannot merge tail summaries built with different weights or tail size")
     width = min(a.k, a.n_impostor + b.n_impostor)
-    tails = np.empty((len(a.weights), width))
+    if a.tails.shape[1] == width and a.tails.flags.writeable:
+        tails = a.tails
+    else:
+        tails = np.empty((len(a.weights), width))
     for i in range(len(a.weights)):
         tails[i] = top_k(np.concatenate([a.tails[i], b.tails[i]]), a.k)
     return TailSummary(
@@ -162,7 +185,7 @@ def impostor_score_tail(
     """The ``k`` highest impostor QMagFace scores of a stream of blocks, and the impostor count."""
     top = TopK(k)
     n = 0
-    for block in blocks:
+    for block in _chunks(blocks):
         imp = np.asarray(block.label) == 0
         if imp.any():
             n += int(imp.sum())
