@@ -77,7 +77,23 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(step - warmup, span) / span))
 
 
-def _optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    x: torch.Tensor,
+    y: torch.Tensor,
+) -> dict[str, float]:
+    """One optimisation step on a batch; returns the loss and its parts as floats."""
+    loss, parts = model(x, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    return {"loss": float(loss.detach()), **{k: float(v) for k, v in parts.items()}}
+
+
+def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -116,7 +132,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     net = build_net(cfg, images.num_classes)
     head_weight = net.head.weight
     model = ray.train.torch.prepare_model(net)
-    optimizer = _optimizer(cfg, model.parameters())
+    optimizer = make_optimizer(cfg, model.parameters())
     total = cfg.max_steps or cfg.epochs * max(len(loader), 1)
     if cfg.max_steps:
         total = min(total, cfg.epochs * max(len(loader), 1))
@@ -134,15 +150,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             skipped += n_bad
             if len(y) == 0:
                 continue
-            loss, parts = model(x, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            sched.step()
+            parts = train_step(model, optimizer, sched, x, y)
             step += 1
-            window["loss"] += float(loss.detach()) * len(y)
             for key, value in parts.items():
-                window[key] += float(value) * len(y)
+                window[key] += value * len(y)
             seen += len(y)
             last = step >= total
             if step % cfg.log_every == 0 or last:
