@@ -405,3 +405,22 @@ def test_real_faces_from_s3_with_iresnet18_via_cli(
 
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 1 and "already holds a finished embedding run" in again.output
+
+
+@pytest.mark.ray
+def test_actor_pool_that_would_starve_decoding_is_refused(
+    ray_cluster: None, tmp_path: Path, shared_data: Path
+) -> None:
+    (tmp_path / "imgs" / "id").mkdir(parents=True)
+    shutil.copy(shared_data / "magface_toy" / "0.jpg", tmp_path / "imgs" / "id" / "0.jpg")
+    save_checkpoint(demo_model(), str(tmp_path / "m.pth"), "iresnet-demo")
+    base = {"images": str(tmp_path / "imgs"), "model": str(tmp_path / "m.pth")}
+    cases = [
+        ({"actors": 2}, r"2 actor\(s\) x 1 CPU plus 0.25 CPU for reading need 2.25 CPUs"),
+        ({"gpus_per_actor": 1.0}, r"need 1 GPUs but the Ray cluster has 0"),
+    ]
+    for extra, message in cases:
+        out = tmp_path / f"out{len(extra)}{next(iter(extra))}"
+        with pytest.raises(EmbedError, match=message):
+            run_embed(config(**base, **extra, output=str(out)))
+        assert not (out / "summary.json").exists()

@@ -39,11 +39,11 @@ from qmag_ray.images import PREPROCESSING
 logger = logging.getLogger(__name__)
 
 
-def check_checkpoint(model: str, arch: str) -> tuple[int, str]:
+def check_checkpoint(model: str, arch: str) -> tuple[int, str, str]:
     """Fully validate the checkpoint against ``arch`` on the CPU, before any cluster work.
 
     Returns:
-        The embedding size and the checkpoint's sha256.
+        The embedding size, the checkpoint's sha256 and the architecture's registered name.
 
     Raises:
         CheckpointError: missing, truncated or unsafe file, or keys that do not fit ``arch``.
@@ -53,7 +53,7 @@ def check_checkpoint(model: str, arch: str) -> tuple[int, str]:
     from qmag_ray.model.checkpoint import describe_checkpoint
 
     info = describe_checkpoint(model, canonical_name(arch))
-    return int(info["embedding_size"]), str(info["sha256"])
+    return int(info["embedding_size"]), str(info["sha256"]), str(info["arch"])
 
 
 def package_versions() -> dict[str, str]:
@@ -123,10 +123,14 @@ class _Progress:
 
     def __init__(self, total: int, interval: float) -> None:
         self.total, self.interval = total, interval
-        self.start = self.last = time.perf_counter()
+        self.begin()
         self.first: float | None = None
         self.embedded = self.failed = self.logged = 0
         self.resized = 0
+
+    def begin(self) -> None:
+        """Start the clock (when the pipeline starts)."""
+        self.start = self.last = time.perf_counter()
 
     def update(self, embedded: int, failed: int, *, force: bool = False) -> None:
         now = time.perf_counter()
@@ -171,7 +175,7 @@ def run_embed(config: EmbedConfig, *, connect: Callable[[], Any] | None = None) 
     """
     started = time.perf_counter()
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    dim, model_sha = check_checkpoint(config.model, config.arch)
+    dim, model_sha, arch = check_checkpoint(config.model, config.arch)
     inputs = list_inputs(config)
     table = inputs.table
     if inputs.ignored:
@@ -184,7 +188,7 @@ def run_embed(config: EmbedConfig, *, connect: Callable[[], Any] | None = None) 
     layout = OutputLayout(config.output)
     fingerprint = {
         "model_sha256": model_sha,
-        "arch": config.arch,
+        "arch": arch,
         "preprocessing": PREPROCESSING,
         "resize": config.resize,
         "images_root": storage.redact(inputs.root),
@@ -233,7 +237,7 @@ def run_embed(config: EmbedConfig, *, connect: Callable[[], Any] | None = None) 
         ignored_files=len(inputs.ignored),
         model_uri=storage.redact(config.model),
         model_sha256=model_sha,
-        arch=config.arch,
+        arch=arch,
         embedding_size=dim,
         preprocessing=PREPROCESSING,
         images_per_second=processed / wall if wall > 0 else 0.0,
@@ -300,6 +304,7 @@ def _run_pipeline(
     paths = inputs.table["path"].to_numpy(dtype=object)
     identities = inputs.table["identity"].to_numpy(dtype=object)
     seen = np.zeros(len(paths), dtype=bool)
+    progress.begin()
     ds = _dataset(config, todo, inputs.root)
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
