@@ -129,6 +129,15 @@ def embed(
             "interrupted one is resumed." + _d("overwrite"),
         ),
     ] = None,
+    wait_for_resources: Annotated[
+        bool | None,
+        typer.Option(
+            "--wait-for-resources/--no-wait-for-resources",
+            help="Start even if the cluster lacks the CPUs/GPUs of the actor pool for now (an "
+            "autoscaler adds nodes); otherwise such a run is refused at once."
+            + _d("wait_for_resources"),
+        ),
+    ] = None,
     rows_per_part: Annotated[
         int | None,
         typer.Option(min=1, help="Embeddings per Parquet part file." + _d("rows_per_part")),
@@ -172,6 +181,7 @@ def embed(
         "resize": resize,
         "max_failure_fraction": max_failure_fraction,
         "overwrite": overwrite,
+        "wait_for_resources": wait_for_resources,
         "rows_per_part": rows_per_part,
     }
     overrides = {k: v for k, v in given.items() if v is not None}

@@ -37,6 +37,9 @@ class EmbedConfig:
         resize: resize images that are not 112x112 (bilinear) instead of failing them.
         max_failure_fraction: the run fails when more than this fraction of inputs fail.
         overwrite: replace a finished output instead of refusing to touch it.
+        wait_for_resources: start even when the Ray cluster does not yet have the CPUs and
+            GPUs the actor pool needs (an autoscaling cluster adds nodes); without it such a
+            run is refused at once instead of waiting for resources that may never come.
         rows_per_part: embeddings per Parquet part file (bounds the driver's memory).
         progress_seconds: interval between progress log lines.
     """
@@ -60,6 +63,7 @@ class EmbedConfig:
     resize: bool = False
     max_failure_fraction: float = 0.01
     overwrite: bool = False
+    wait_for_resources: bool = False
     rows_per_part: int = 10_000
     progress_seconds: float = 10.0
 

@@ -68,23 +68,36 @@ def package_versions() -> dict[str, str]:
 
 
 def _check_resources(config: EmbedConfig) -> None:
+    """Refuse an actor pool the cluster cannot host next to the read tasks (or warn, when
+    ``wait_for_resources`` says an autoscaler will add nodes)."""
     import ray
 
     res = ray.cluster_resources()
     cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
+    problems = []
     need_gpus = config.actors * config.gpus_per_actor
     if need_gpus > gpus:
-        raise EmbedError(
-            f"{config.actors} actor(s) x {config.gpus_per_actor} GPU need {need_gpus:g} GPUs but "
-            f"the Ray cluster has {gpus:g}; use --gpus-per-actor 0 to run on CPU"
+        problems.append(
+            f"{config.actors} actor(s) x {config.gpus_per_actor:g} GPU need {need_gpus:g} GPUs "
+            f"but the Ray cluster has {gpus:g}; use --gpus-per-actor 0 to run on CPU"
         )
     need_cpus = config.actors * config.cpus_per_actor + config.read_cpus
     if need_cpus > cpus:
-        raise EmbedError(
+        problems.append(
             f"{config.actors} actor(s) x {config.cpus_per_actor:g} CPU plus {config.read_cpus:g} "
             f"CPU for reading need {need_cpus:g} CPUs but the Ray cluster has {cpus:g}; lower "
             "--actors or --cpus-per-actor so that decoding can run next to the actors"
         )
+    if not problems:
+        return
+    if config.wait_for_resources:
+        for problem in problems:
+            logger.warning("%s; waiting for the autoscaler (--wait-for-resources)", problem)
+        return
+    raise EmbedError(
+        "; ".join(problems)
+        + " (on an autoscaling cluster pass --wait-for-resources to wait for new nodes)"
+    )
 
 
 def _dataset(config: EmbedConfig, todo: pd.DataFrame, root: str):  # noqa: ANN202 - ray Dataset
@@ -280,6 +293,7 @@ def _settings(config: EmbedConfig, inputs: Inputs) -> dict[str, Any]:
         "channels_last": config.channels_last,
         "resize": config.resize,
         "max_failure_fraction": config.max_failure_fraction,
+        "wait_for_resources": config.wait_for_resources,
     }
 
 
