@@ -6,5 +6,6 @@ from qmag_ray.cli import train as _train  # noqa: F401  (registers `qmag-ray tra
 from qmag_ray.cli import embed as _embed  # noqa: F401  (registers `qmag-ray embed`)
 from qmag_ray.cli import calibrate as _calibrate  # noqa: F401  (registers `qmag-ray calibrate`)
 from qmag_ray.cli import evaluate as _evaluate  # noqa: F401  (registers `qmag-ray evaluate`)
+from qmag_ray.cli import recalibrate as _recalibrate  # noqa: F401  (`qmag-ray recalibrate`)
 
 __all__ = ["app"]

@@ -1,0 +1,389 @@
+"""Scheduled recalibration: embed what is new, calibrate, judge against the champion, register.
+
+``run_recalibration(config)`` is the library function behind ``qmag-ray recalibrate``. The entry
+point configures tracking and connects Ray first. One MLflow run records every step:
+
+1. the image prefix is embedded into the kept ``embeddings`` folder: images embedded by earlier
+   runs are reused, only new ones go through the network;
+2. the inputs' fingerprint (embeddings, model, calibration settings) is compared with the
+   versions already registered: unchanged data registers nothing new (idempotent);
+3. alpha and beta are fitted (``workflows.calibrate``), the new scorer is evaluated on the
+   held-out protocol, registered and given the ``challenger`` alias;
+4. the current ``champion`` is evaluated on the same protocol and the gate decides; the alias
+   moves only when it passes (``promotion.promote_if_better``, which re-checks the alias right
+   before moving it). The decision and both sides' figures go on the run and the version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from qmag_ray import storage
+from qmag_ray.tracking.gate import GateDecision
+from qmag_ray.tracking.promotion import Promotion, promote_if_better
+from qmag_ray.tracking.recalibrate_config import RecalibrateConfig
+from qmag_ray.tracking.registry import (
+    CHALLENGER,
+    CHAMPION,
+    alias_version,
+    find_versions,
+    register_scorer,
+    set_alias,
+    tag_version,
+)
+from qmag_ray.tracking.runs import TrackedRun, tracked_run
+
+if TYPE_CHECKING:
+    from mlflow.entities.model_registry import ModelVersion
+
+    from qmag_ray.embedding.output import EmbedSummary
+    from qmag_ray.embeddings import EmbeddingTable
+    from qmag_ray.workflows.evaluate import EvaluationOutcome
+
+logger = logging.getLogger(__name__)
+
+TAG_INPUTS = "qmag_ray.inputs_fingerprint"
+
+
+class RecalibrationError(ValueError):
+    """A recalibration that cannot proceed with these inputs; the message says why."""
+
+
+@dataclass(frozen=True)
+class RecalibrationOutcome:
+    """What a recalibration did."""
+
+    status: str  # "unchanged" or "registered"
+    fingerprint: str
+    run_id: str
+    output: str
+    embed: dict[str, Any]
+    version: str | None = None
+    existing_version: str | None = None
+    promotion: Promotion | None = None
+    challenger_metrics: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        e = self.embed
+        lines = [
+            f"embeddings: {e.get('embedded_this_run', 0)} new image(s) embedded, "
+            f"{e.get('skipped_existing', 0)} reused, {e.get('failed', 0)} failed",
+            f"inputs fingerprint {self.fingerprint}",
+        ]
+        if self.status == "unchanged":
+            lines.append(
+                f"unchanged: version {self.existing_version} was fitted on these inputs; "
+                "nothing new registered"
+            )
+            return "\n".join(lines)
+        lines.append(f"registered version {self.version} as '{CHALLENGER}'")
+        if self.promotion is not None:
+            p = self.promotion
+            verdict = "PROMOTED to" if p.promoted else "not promoted; champion stays"
+            lines.append(f"gate: {verdict} '{CHAMPION}' (version {p.champion_version})")
+            lines += [f"  {r}" for r in p.decision.reasons]
+        lines.append(f"results in {storage.redact(self.output)}")
+        return "\n".join(lines)
+
+
+def _stamp() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+
+def embed_new_images(cfg: RecalibrateConfig) -> EmbedSummary:
+    """Embed the images of ``cfg.images`` not yet in ``cfg.embeddings``; reuse the others.
+
+    A finished earlier run in the embeddings folder is reopened (its ``summary.json`` is
+    replaced at the end): the embed job then resumes, skipping every image already embedded.
+    A different model or preprocessing than the folder was built with is an error.
+    """
+    from qmag_ray.embedding.config import EmbedConfig
+    from qmag_ray.embedding.job import run_embed
+    from qmag_ray.embedding.output import OutputLayout
+
+    layout = OutputLayout(cfg.embeddings)
+    if storage.exists(layout.summary):
+        fs, path = storage.filesystem(layout.summary)
+        fs.rm(path)  # reopen: the next run resumes the folder and embeds only new inputs
+        logger.info("reusing the embeddings in %s", storage.redact(cfg.embeddings))
+    e = cfg.embed
+    return run_embed(
+        EmbedConfig(
+            images=cfg.images,
+            model=cfg.model,
+            arch=cfg.arch,
+            output=cfg.embeddings,
+            actors=e.actors,
+            gpus_per_actor=e.gpus_per_actor,
+            cpus_per_actor=e.cpus_per_actor,
+            batch_size=e.batch_size,
+            resize=e.resize,
+            max_failure_fraction=e.max_failure_fraction,
+        )
+    )
+
+
+def _parts_folder(cfg: RecalibrateConfig) -> str:
+    from qmag_ray.embedding.output import OutputLayout
+
+    return OutputLayout(cfg.embeddings).embeddings
+
+
+def inputs_fingerprint(cfg: RecalibrateConfig, table: EmbeddingTable, model_sha256: str) -> str:
+    """Digest of what determines the fitted scorer: embeddings (order-free), model, settings."""
+    order = np.argsort(np.asarray(table.path, dtype=str), kind="stable")
+    doc = {
+        "embeddings": table.take(order).fingerprint(),
+        "identities": hashlib.sha256(
+            "\0".join(str(table.identity[i]) for i in order).encode()
+        ).hexdigest()[:16],
+        "model_sha256": model_sha256,
+        "arch": cfg.arch,
+        "grid": dataclasses.asdict(cfg.grid),
+        "method": cfg.method,
+        "pair_mode": cfg.pair_mode.value,
+        "generate": dataclasses.asdict(cfg.generate),
+        "validation": {k: v for k, v in dataclasses.asdict(cfg.validation).items()},
+    }
+    text = json.dumps(doc, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _evaluate(
+    cfg: RecalibrateConfig, calibration_uri: str, output: str, use_ray: bool
+) -> EvaluationOutcome:
+    from qmag_ray.workflows.config import EvaluateConfig
+    from qmag_ray.workflows.evaluate import run_evaluation
+
+    h = cfg.holdout
+    assert h is not None
+    return run_evaluation(
+        EvaluateConfig(
+            embeddings=h.embeddings,
+            pairs=h.pairs,
+            output=output,
+            protocol=h.protocol,
+            prefix=h.prefix,
+            match=h.match,
+            calibration=calibration_uri,
+            edc_fmr=h.edc_fmr,
+            on_missing=h.on_missing,
+        ),
+        use_ray=use_ray,
+    )
+
+
+def _check_holdout_model(cfg: RecalibrateConfig, model_sha256: str) -> None:
+    from qmag_ray.workflows.provenance import embedding_provenance
+
+    assert cfg.holdout is not None
+    sha = embedding_provenance(cfg.holdout.embeddings).get("embed_model_sha256")
+    if sha and sha != model_sha256:
+        raise RecalibrationError(
+            f"the held-out embeddings {storage.redact(cfg.holdout.embeddings)} were made with "
+            f"a checkpoint of sha256 {sha[:12]}..., not the recalibration model "
+            f"({model_sha256[:12]}...); embed the held-out images with the same model"
+        )
+
+
+def _log_files(run: TrackedRun, files: dict[str, str], prefix: str) -> None:
+    for name, uri in files.items():
+        target = f"{prefix}/{name}"
+        if name.endswith(".json"):
+            run.log_json(target, json.loads(storage.read_bytes(uri)))
+        else:
+            run.log_bytes(target, storage.read_bytes(uri))
+
+
+def _params(cfg: RecalibrateConfig) -> dict[str, Any]:
+    data = dataclasses.asdict(cfg)
+    data.pop("tracking")
+    return data
+
+
+def run_recalibration(
+    cfg: RecalibrateConfig, *, ray_address: str | None = None, use_ray: bool = True
+) -> RecalibrationOutcome:
+    """Run one recalibration as ``cfg`` says; see the module docstring for the steps.
+
+    Raises:
+        RecalibrationError, WorkflowError, EmbedError, ValueError...: inputs that cannot be
+            used (named in the message). The MLflow run then ends FAILED.
+    """
+    from qmag_ray.embeddings import load_embeddings
+    from qmag_ray.workflows.calibrate import run_calibration
+    from qmag_ray.workflows.config import CalibrateConfig
+
+    out = storage.join(cfg.output, _stamp())
+    name = cfg.register_as
+    with tracked_run(
+        kind="recalibrate",
+        experiment=cfg.tracking.experiment,
+        ray_address=ray_address,
+        tags={"qmag_ray.registered_model": name, "qmag_ray.output": storage.redact(out)},
+    ) as run:
+        run.log_params(_params(cfg))
+        summary = embed_new_images(cfg)
+        embed = summary.to_dict()["counts"]
+        run.log_metrics({f"embed.{k}": v for k, v in embed.items()})
+        run.log_params({"embedding_model_sha256": summary.model_sha256})
+        _check_holdout_model(cfg, summary.model_sha256)
+        # The parts folder itself: an output folder that is named "embeddings" (as in the job
+        # config) would otherwise be taken for the parts folder by load_embeddings.
+        parts = _parts_folder(cfg)
+        table = load_embeddings(parts)
+        fingerprint = inputs_fingerprint(cfg, table, summary.model_sha256)
+        run.set_tags({TAG_INPUTS: fingerprint})
+        existing = find_versions(name, TAG_INPUTS, fingerprint)
+        if existing:
+            version = str(existing[0].version)
+            logger.info("version %s of %s was fitted on these inputs: nothing new", version, name)
+            run.set_tags({"qmag_ray.outcome": "unchanged", "qmag_ray.existing_version": version})
+            return RecalibrationOutcome(
+                "unchanged", fingerprint, run.run_id, out, embed, existing_version=version
+            )
+
+        calibrated = run_calibration(
+            CalibrateConfig(
+                embeddings=parts,
+                output=storage.join(out, "calibration"),
+                pair_mode=cfg.pair_mode,
+                generate=cfg.generate,
+                exhaustive=cfg.exhaustive,
+                grid=cfg.grid,
+                method=cfg.method,
+                validation=cfg.validation,
+                shards=cfg.shards,
+            ),
+            use_ray=use_ray,
+        )
+        cal = calibrated.calibration
+        run.log_metrics(calibrated.tracking_metrics())  # alpha, beta, counts, in-sample...
+        _log_files(run, calibrated.files, "calibration")
+        challenger_eval = _evaluate(
+            cfg,
+            calibrated.files["calibration.json"],
+            storage.join(out, "holdout", "challenger"),
+            use_ray,
+        )
+        metrics = challenger_eval.tracking_metrics()
+        run.log_metrics(metrics, prefix="challenger")
+        _log_files(run, challenger_eval.files, "holdout/challenger")
+
+        version = str(
+            register_scorer(
+                cal,
+                model_name=name,
+                tags={TAG_INPUTS: fingerprint, "qmag_ray.run_id": run.run_id},
+            ).version
+        )
+        set_alias(name, CHALLENGER, version)
+        run.set_tags({"qmag_ray.outcome": "registered", "qmag_ray.version": version})
+
+        evaluated: dict[str, dict[str, float]] = {}
+
+        def evaluate_champion(champion: ModelVersion) -> dict[str, float]:
+            key = str(champion.version)
+            if key not in evaluated:
+                evaluated[key] = _evaluate_champion(cfg, champion, out, run, use_ray)
+            return evaluated[key]
+
+        promotion = _judge(cfg, version, metrics, calibrated.guard_passed, evaluate_champion)
+        _record_decision(run, promotion, metrics)
+        return RecalibrationOutcome(
+            "registered",
+            fingerprint,
+            run.run_id,
+            out,
+            embed,
+            version=version,
+            promotion=promotion,
+            challenger_metrics=metrics,
+        )
+
+
+def _evaluate_champion(
+    cfg: RecalibrateConfig, champion: ModelVersion, out: str, run: TrackedRun, use_ray: bool
+) -> dict[str, float]:
+    """The champion's calibration, from the registry, on the same held-out protocol."""
+    from qmag_ray.tracking.consumer import load_scorer
+
+    version = str(champion.version)
+    folder = storage.join(out, "holdout", f"champion-v{version}")
+    scorer = load_scorer(f"models:/{cfg.register_as}/{version}")
+    uri = storage.join(folder, "calibration.json")
+    scorer.calibration.save(uri)
+    try:
+        evaluation = _evaluate(cfg, uri, folder, use_ray)
+    except ValueError as exc:
+        raise RecalibrationError(
+            f"the champion (version {version}) cannot be evaluated on the held-out protocol: {exc}"
+        ) from None
+    metrics = evaluation.tracking_metrics()
+    run.log_metrics(metrics, prefix=f"champion_v{version}")
+    _log_files(run, evaluation.files, f"holdout/champion-v{version}")
+    return metrics
+
+
+def _judge(
+    cfg: RecalibrateConfig,
+    version: str,
+    metrics: dict[str, float],
+    guard_passed: bool | None,
+    evaluate_champion: Any,
+) -> Promotion:
+    """The gate, refusing outright a scorer worse than cosine on its own held-out split."""
+    name = cfg.register_as
+    if guard_passed is False:
+        current = alias_version(name, CHAMPION)
+        held = None if current is None else str(current.version)
+        decision = GateDecision(
+            False,
+            [
+                "FAIL: on the calibration's held-out identities QMagFace is worse than cosine "
+                "(guard failed); never promoted"
+            ],
+        )
+        tag_version(name, version, {"gate.promote": "false", "gate.reasons": decision.reasons[0]})
+        return Promotion(decision, False, held, held, None)
+    try:
+        return promote_if_better(name, version, metrics, evaluate_champion, cfg.gate)
+    except RecalibrationError as exc:
+        current = alias_version(name, CHAMPION)
+        held = None if current is None else str(current.version)
+        decision = GateDecision(False, [f"FAIL: {exc}"])
+        tag_version(name, version, {"gate.promote": "false", "gate.reasons": str(exc)})
+        return Promotion(decision, False, held, held, None)
+
+
+def _record_decision(run: TrackedRun, promotion: Promotion, metrics: dict[str, float]) -> None:
+    d = promotion.decision
+    run.set_tags(
+        {
+            "gate.promote": str(promotion.promoted).lower(),
+            "gate.reasons": "\n".join(d.reasons),
+            "qmag_ray.champion_before": promotion.previous_champion or "none",
+            "qmag_ray.champion_after": promotion.champion_version or "none",
+        }
+    )
+    run.log_metrics({"gate.promoted": float(promotion.promoted)})
+    run.log_json(
+        "decision.json",
+        {
+            "promoted": promotion.promoted,
+            "reasons": d.reasons,
+            "champion_before": promotion.previous_champion,
+            "champion_after": promotion.champion_version,
+            "challenger_metrics": metrics,
+            "champion_metrics": promotion.champion_metrics,
+        },
+    )
