@@ -1,0 +1,369 @@
+"""Processes of the end-to-end tests: a Ray head started with ``ray start``, jobs submitted with
+the ``ray job`` CLI, and their clean-up.
+
+Everything runs on this machine, bound to free ports, in directories of its own. The Ray head
+is stopped by process id, never with ``ray stop`` (which stops *every* Ray of the user on the
+machine, including the test session's own cluster and other people's).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent  # not resolved: the venv's own bin directory
+RAY = str(VENV_BIN / "ray")
+
+HEAD_START_TIMEOUT = 120.0  # two shared cores: generous, but bounded
+JOB_TIMEOUT = 300.0
+CLI_TIMEOUT = 60.0
+STOP_GRACE = 5.0
+
+# Test credentials of the moto server only; never real ones.
+S3_TEST_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+_DROPPED = ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE")
+_DROPPED_PREFIXES = ("AWS_", "MLFLOW_")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    """This process's environment without Ray, AWS or MLflow settings; the venv first on PATH."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in _DROPPED and not k.startswith(_DROPPED_PREFIXES)
+    }
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    env.update(extra)
+    return env
+
+
+# ----------------------------------------------------------------------------- process clean-up
+
+
+def _proc_ids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def _mentions(pid: int, marker: str) -> bool:
+    """Whether ``pid``'s command line or working directory names ``marker``."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        if marker in cmdline.decode(errors="replace"):
+            return True
+        return os.readlink(f"/proc/{pid}/cwd").startswith(marker)
+    except OSError:
+        return False
+
+
+def related_processes(root_pid: int, marker: str | None = None) -> set[int]:
+    """Descendants of ``root_pid`` and every process naming ``marker`` (our temp dir).
+
+    Ray job entrypoints run in sessions of their own, so killing the head's process group
+    alone would miss them; their working directory lies under the head's temp dir.
+    """
+    me = os.getpid()
+    pids = _proc_ids()
+    parents = {pid: _parent(pid) for pid in pids}
+    found = {root_pid} if root_pid in parents else set()
+    changed = True
+    while changed:
+        changed = False
+        for pid, parent in parents.items():
+            if parent in found and pid not in found:
+                found.add(pid)
+                changed = True
+    if marker:
+        found |= {pid for pid in pids if _mentions(pid, marker)}
+    found.discard(me)
+    return found
+
+
+def _signal_all(pids: set[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+
+
+def _alive(pids: set[int]) -> set[int]:
+    alive = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.add(pid)
+    return alive
+
+
+def stop_tree(proc: subprocess.Popen, marker: str | None = None) -> None:
+    """Stop ``proc``, its descendants and every process naming ``marker`` (if given):
+    SIGTERM, a short grace, then SIGKILL; reaps ``proc``."""
+    pids = related_processes(proc.pid, marker)
+    _signal_all(pids, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE
+    while _alive(pids) and time.monotonic() < deadline:
+        proc.poll()
+        time.sleep(0.2)
+    for _ in range(3):  # anything that was being spawned while we looked
+        pids = _alive(pids | related_processes(proc.pid, marker))
+        if not pids:
+            break
+        _signal_all(pids, signal.SIGKILL)
+        time.sleep(0.5)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
+
+
+# ----------------------------------------------------------------------------- the Ray head
+
+
+@dataclass
+class RayHead:
+    """A Ray head node started with ``ray start --head --block`` in a session of its own."""
+
+    proc: subprocess.Popen
+    temp_dir: Path
+    address: str  # the job API (dashboard) URL
+    token: str
+    log: Path
+
+    def cli_env(self, **extra: str) -> dict[str, str]:
+        """Environment for ``ray job ...``: token authentication with this head's token."""
+        return base_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token, **extra)
+
+    def log_tail(self, chars: int = 4000) -> str:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return text[-chars:]
+
+
+def _http_ok(url: str, token: str) -> bool:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=3) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def start_ray_head(log: Path, *, object_store_mb: int = 150) -> RayHead:
+    """Start a 2-CPU Ray head with the dashboard (job API) on a free loopback port.
+
+    Token authentication stays on, with a token made for this head (``RAY_AUTH_TOKEN``), so
+    ``~/.ray/auth_token`` is neither read nor written. The temp dir is short: Ray's Unix socket
+    paths live under it. Raises RuntimeError (with the head's log) if it does not come up.
+    """
+    temp_dir = Path(tempfile.mkdtemp(prefix="qre-", dir="/tmp"))
+    token = secrets.token_hex(32)
+    dashboard_port = free_port()
+    ports = {
+        "--port": free_port(),
+        "--dashboard-port": dashboard_port,
+        "--ray-client-server-port": free_port(),
+        "--dashboard-agent-listen-port": free_port(),
+        "--dashboard-agent-grpc-port": free_port(),
+        "--runtime-env-agent-port": free_port(),
+        "--metrics-export-port": free_port(),
+        "--node-manager-port": free_port(),
+        "--object-manager-port": free_port(),
+    }
+    args = [
+        RAY,
+        "start",
+        "--head",
+        "--block",
+        "--num-cpus=2",
+        "--num-gpus=0",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--object-store-memory={object_store_mb * 1024 * 1024}",
+        "--disable-usage-stats",
+        f"--temp-dir={temp_dir}",
+        *(f"{flag}={port}" for flag, port in ports.items()),
+    ]
+    env = base_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    head = RayHead(proc, temp_dir, f"http://127.0.0.1:{dashboard_port}", token, log)
+    deadline = time.monotonic() + HEAD_START_TIMEOUT
+    try:
+        while not _http_ok(f"{head.address}/api/jobs/", token):
+            if proc.poll() is not None:
+                raise RuntimeError(f"ray start exited with {proc.returncode}:\n{head.log_tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the Ray job API at {head.address} did not answer within "
+                    f"{HEAD_START_TIMEOUT:.0f}s:\n{head.log_tail()}"
+                )
+            time.sleep(0.5)
+    except BaseException:
+        stop_ray_head(head)
+        raise
+    return head
+
+
+def stop_ray_head(head: RayHead) -> None:
+    """Stop the head, its workers and its jobs' drivers; remove its temp dir."""
+    stop_tree(head.proc, f"{head.temp_dir}/")
+    shutil.rmtree(head.temp_dir, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- jobs
+
+
+@dataclass
+class JobRun:
+    """One ``ray job submit`` (streaming its logs) and the job's final state."""
+
+    submission_id: str
+    returncode: int
+    output: str  # what `ray job submit` printed (the job's logs included)
+    status: str
+    logs: str  # the job's logs (driver output)
+    seconds: float  # wall time of `ray job submit`
+
+    def describe(self, chars: int = 6000) -> str:
+        """The job's id, status and the end of its logs, for assertion messages."""
+        return (
+            f"job {self.submission_id}: status {self.status}, `ray job submit` exit code "
+            f"{self.returncode}; end of its output:\n{self.output[-chars:]}"
+        )
+
+
+def runtime_env_file(path: Path, env_vars: dict[str, str]) -> Path:
+    """``jobs/runtime_env.yaml`` (the file users submit with) plus test ``env_vars``."""
+    spec = yaml.safe_load((REPO / "jobs" / "runtime_env.yaml").read_text())
+    spec["env_vars"] = {**spec.get("env_vars", {}), **env_vars}
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def ray_cli(head: RayHead, *args: str, timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess:
+    """Run ``ray job <args>`` against ``head`` from the repository root."""
+    return subprocess.run(
+        [RAY, "job", *args],
+        cwd=REPO,
+        env=head.cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def job_status(head: RayHead, submission_id: str) -> str:
+    """The job's status word (SUCCEEDED, FAILED, ...) as the REST job API reports it."""
+    return str(_get_json(head, f"/api/jobs/{submission_id}")["status"])
+
+
+def _get_json(head: RayHead, path: str) -> dict:
+    request = urllib.request.Request(
+        f"{head.address}{path}", headers={"Authorization": f"Bearer {head.token}"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def job_logs(head: RayHead, submission_id: str) -> str:
+    """The job's logs as the REST job API serves them (what `ray job logs` prints)."""
+    return str(_get_json(head, f"/api/jobs/{submission_id}/logs")["logs"])
+
+
+def cli_job_logs(head: RayHead, submission_id: str) -> str:
+    """``ray job logs <id>``: what a user reads."""
+    result = ray_cli(head, "logs", "--address", head.address, submission_id)
+    return _strip_ansi(result.stdout + result.stderr)
+
+
+def run_on_cluster(
+    head: RayHead,
+    entrypoint: list[str],
+    runtime_env: Path,
+    *,
+    name: str,
+    timeout: float = JOB_TIMEOUT,
+) -> JobRun:
+    """``ray job submit --working-dir <repo> --runtime-env <file> -- <entrypoint>``, waited for.
+
+    The submission id is ``<name>-<random>``. On timeout the job is stopped and a
+    RuntimeError carries its logs, so that a hung job fails the test within the bound.
+    """
+    submission_id = f"{name}-{secrets.token_hex(4)}"
+    args = [
+        "submit",
+        "--address",
+        head.address,
+        "--submission-id",
+        submission_id,
+        "--working-dir",
+        str(REPO),
+        "--runtime-env",
+        str(runtime_env),
+        "--log-style",
+        "record",
+        "--",
+        *entrypoint,
+    ]
+    start = time.monotonic()
+    try:
+        result = ray_cli(head, *args, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        ray_cli(head, "stop", "--address", head.address, submission_id)
+        raise RuntimeError(
+            f"job {submission_id} did not finish within {timeout:.0f}s; its logs:\n"
+            f"{job_logs(head, submission_id)[-6000:]}"
+        ) from exc
+    output = _strip_ansi(result.stdout + result.stderr)
+    return JobRun(
+        submission_id=submission_id,
+        returncode=result.returncode,
+        output=output,
+        status=job_status(head, submission_id),
+        logs=_strip_ansi(job_logs(head, submission_id)),
+        seconds=time.monotonic() - start,
+    )
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _strip_ansi(text: str) -> str:
+    return _ANSI.sub("", text)
