@@ -138,6 +138,7 @@ class _Progress:
         self.total, self.interval = total, interval
         self.begin()
         self.first: float | None = None
+        self.first_images = 0
         self.embedded = self.failed = self.logged = 0
         self.resized = 0
 
@@ -148,7 +149,7 @@ class _Progress:
     def update(self, embedded: int, failed: int, *, force: bool = False) -> None:
         now = time.perf_counter()
         if self.first is None and embedded + failed:
-            self.first = now
+            self.first, self.first_images = now, embedded + failed
         self.embedded += embedded
         self.failed += failed
         done = self.embedded + self.failed
@@ -165,10 +166,15 @@ class _Progress:
             )
 
     def timings(self) -> dict[str, float]:
-        """Seconds from the pipeline's start to its first result and to its end."""
+        """Seconds from the pipeline's start to its first result (of ``first_result_images``
+        images) and to its end."""
         end = time.perf_counter()
         first = self.first if self.first is not None else end
-        return {"first_result_seconds": first - self.start, "pipeline_seconds": end - self.start}
+        return {
+            "first_result_seconds": first - self.start,
+            "first_result_images": float(self.first_images),
+            "pipeline_seconds": end - self.start,
+        }
 
 
 def run_embed(config: EmbedConfig, *, connect: Callable[[], Any] | None = None) -> EmbedSummary:

@@ -3,19 +3,20 @@
 Run as a script (pytest does not collect it)::
 
     RAY_USAGE_STATS_ENABLED=0 .venv/bin/python tests/benchmarks/bench_embed.py \\
-        --arch iresnet18 --images 600 --threads 2 --batch-size 32
+        --arch iresnet18 --images 1000 --memory-images 300 --threads 2 --batch-size 32
 
-It writes N copies of the ten real faces of ``../shared/data/magface_toy`` into a temporary
-tree and a checkpoint with random weights (speed does not depend on the weights), then, in one
+It writes copies of the ten real faces of ``../shared/data/magface_toy`` into temporary trees
+and a checkpoint with random weights (speed does not depend on the weights), then, in one
 process and with the same torch threads and batch size:
 
-1. times the bare forward pass on already-decoded batches (images/s), before and after the job;
+1. times the bare forward pass on already-decoded batches (images/s), before and after the job,
+   and takes the mean;
 2. runs ``run_embed`` on N images (one actor) and takes images/s over its whole wall time
-   (start-up, checkpoint check, reading, decoding, inference, writing);
-3. runs it again on ``--scale`` x N images;
+   (checkpoint check, listing, actor start-up, reading, decoding, inference, writing);
+3. runs it on M and ``--scale`` x M images and compares the peak memory (proportional set size
+   of this process and every Ray process it started, sampled every 0.2 s).
 
-and prints the throughput ratio job / bare forward and the peak memory (proportional set size
-of this process and every Ray process it started, sampled every 0.2 s) at N and at scale x N.
+The machine should be otherwise idle: the load average is printed with each figure.
 """
 
 from __future__ import annotations
@@ -117,16 +118,20 @@ def bare_forward(model: torch.nn.Module, batches: list[np.ndarray], threads: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="iresnet18")
-    parser.add_argument("--images", type=int, default=600, help="N")
-    parser.add_argument("--scale", type=int, default=10, help="second run on scale x N images")
+    parser.add_argument("--images", type=int, default=1000, help="N for the throughput ratio")
+    parser.add_argument(
+        "--memory-images", type=int, default=-1, help="M for the memory runs (-1: N, 0: skip)"
+    )
+    parser.add_argument("--scale", type=int, default=10, help="memory runs on M and scale x M")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray cluster")
     parser.add_argument("--read-cpus", type=float, default=0.25)
-    parser.add_argument("--bare-images", type=int, default=0, help="images for the bare timing")
+    parser.add_argument("--bare-images", type=int, default=256, help="images per bare timing")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("qmag_ray.embedding").setLevel(logging.INFO)
+    m_images = args.images if args.memory_images < 0 else args.memory_images
 
     work = Path(tempfile.mkdtemp(prefix="bench-embed-"))
     try:
@@ -134,30 +139,22 @@ def main() -> None:
         model = create_backbone(args.arch).eval()
         ckpt = str(work / "model.pth")
         save_checkpoint(model, ckpt, args.arch)
-        small, large = work / "small", work / "large"
-        make_tree(small, args.images)
-        if args.scale > 1:
-            make_tree(large, args.images * args.scale)
-        n_bare = args.bare_images or args.images
         decoded = np.stack(
-            [decode_face((TOY / f"{k % 10}.jpg").read_bytes()) for k in range(n_bare)]
+            [decode_face((TOY / f"{k % 10}.jpg").read_bytes()) for k in range(args.bare_images)]
         )
-        batches = [decoded[i : i + args.batch_size] for i in range(0, n_bare, args.batch_size)]
+        step = args.batch_size
+        batches = [decoded[i : i + step] for i in range(0, args.bare_images, step)]
 
-        print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-        connect_ray(None, num_cpus=args.cpus)
-        bare_before = bare_forward(model, batches, args.threads)
-        print(
-            f"bare forward ({args.arch}, {args.threads} threads, batch {args.batch_size}): "
-            f"{bare_before:.2f} images/s"
-        )
-
-        def job(tree: Path, name: str) -> tuple[float, int]:
+        def job(n: int) -> tuple[float, int]:
+            tree = work / f"images-{n}"
+            if not tree.exists():
+                make_tree(tree, n)
             cfg = EmbedConfig(
                 images=str(tree),
                 model=ckpt,
                 arch=args.arch,
-                output=str(work / name),
+                output=str(work / f"out-{n}"),
+                overwrite=True,
                 actors=1,
                 cpus_per_actor=1.0,
                 threads_per_actor=args.threads,
@@ -168,34 +165,47 @@ def main() -> None:
                 summary = run_embed(cfg)
             assert summary.embedded == summary.inputs, summary.line()
             t = summary.timings
-            steady = (summary.inputs - args.batch_size) / max(
+            steady = (summary.inputs - t["first_result_images"]) / max(
                 t["pipeline_seconds"] - t["first_result_seconds"], 1e-9
             )
             print(
-                f"  start-up: {summary.wall_seconds - t['pipeline_seconds']:.1f} s before Ray "
-                f"work, {t['first_result_seconds']:.1f} s to the first batch; after it "
-                f"{steady:.2f} images/s; load average {os.getloadavg()[0]:.1f}"
-            )
-            print(
-                f"job on {summary.inputs} images: {summary.images_per_second:.2f} images/s "
-                f"over {summary.wall_seconds:.1f} s wall, peak memory {mem.peak / 2**20:.0f} MiB"
+                f"job on {n} images: {summary.images_per_second:.2f} images/s over "
+                f"{summary.wall_seconds:.1f} s wall (checks before Ray work "
+                f"{summary.wall_seconds - t['pipeline_seconds']:.1f} s, first result after "
+                f"{t['first_result_seconds']:.1f} s, then {steady:.2f} images/s); "
+                f"peak memory {mem.peak / 2**20:.0f} MiB; load average {os.getloadavg()[0]:.1f}",
+                flush=True,
             )
             return summary.images_per_second, mem.peak
 
-        job_rate, peak_small = job(small, "out-small")
-        bare_after = bare_forward(model, batches, args.threads)
-        print(f"bare forward again: {bare_after:.2f} images/s")
-        bare = (bare_before + bare_after) / 2
-        print(
-            f"RATIO job/bare ({args.arch}, N={args.images}): {job_rate / bare:.3f} "
-            f"(bare {bare:.2f} images/s, job {job_rate:.2f} images/s)"
-        )
-        if args.scale > 1:
-            large_rate, peak_large = job(large, "out-large")
-            print(f"RATIO job/bare at {args.scale}N: {large_rate / bare:.3f}")
+        print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+        connect_ray(None, num_cpus=args.cpus)
+        peaks: dict[int, int] = {}
+        if args.images:
+            bare_before = bare_forward(model, batches, args.threads)
             print(
-                f"MEMORY peak at N: {peak_small / 2**20:.0f} MiB, at {args.scale}N: "
-                f"{peak_large / 2**20:.0f} MiB, ratio {peak_large / peak_small:.2f}"
+                f"bare forward ({args.arch}, {args.threads} threads, batch {args.batch_size}): "
+                f"{bare_before:.2f} images/s",
+                flush=True,
+            )
+            job_rate, peaks[args.images] = job(args.images)
+            bare_after = bare_forward(model, batches, args.threads)
+            print(f"bare forward again: {bare_after:.2f} images/s")
+            bare = (bare_before + bare_after) / 2
+            print(
+                f"RATIO job/bare ({args.arch}, N={args.images}, {args.threads} threads, batch "
+                f"{args.batch_size}): {job_rate / bare:.3f} (bare {bare:.2f} images/s, job "
+                f"{job_rate:.2f} images/s)"
+            )
+        if m_images:
+            for n in (m_images, m_images * args.scale):
+                if n not in peaks:
+                    peaks[n] = job(n)[1]
+            small, large = peaks[m_images], peaks[m_images * args.scale]
+            print(
+                f"MEMORY peak (PSS of driver + Ray processes) at {m_images} images: "
+                f"{small / 2**20:.0f} MiB, at {m_images * args.scale}: {large / 2**20:.0f} MiB, "
+                f"ratio {large / small:.2f}"
             )
     finally:
         shutil.rmtree(work, ignore_errors=True)
