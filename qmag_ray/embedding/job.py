@@ -139,6 +139,7 @@ class _Progress:
         self.begin()
         self.first: float | None = None
         self.first_images = 0
+        self.connect_seconds = 0.0
         self.embedded = self.failed = self.logged = 0
         self.resized = 0
 
@@ -171,6 +172,7 @@ class _Progress:
         end = time.perf_counter()
         first = self.first if self.first is not None else end
         return {
+            "connect_seconds": self.connect_seconds,
             "first_result_seconds": first - self.start,
             "first_result_images": float(self.first_images),
             "pipeline_seconds": end - self.start,
@@ -239,6 +241,7 @@ def run_embed(config: EmbedConfig, *, connect: Callable[[], Any] | None = None) 
     fail_writer.flush()
 
     wall = time.perf_counter() - started
+    busy = wall - progress.connect_seconds  # starting a local Ray is not the job's throughput
     processed = emb_writer.rows + fail_writer.rows
     failed = fail_writer.rows
     fraction = failed / max(len(table), 1)
@@ -259,7 +262,7 @@ def run_embed(config: EmbedConfig, *, connect: Callable[[], Any] | None = None) 
         arch=arch,
         embedding_size=dim,
         preprocessing=PREPROCESSING,
-        images_per_second=processed / wall if wall > 0 else 0.0,
+        images_per_second=processed / busy if busy > 0 else 0.0,
         wall_seconds=wall,
         timings=progress.timings() if len(todo) else {},
         settings=_settings(config, inputs),
@@ -317,7 +320,9 @@ def _run_pipeline(
     import ray
 
     if connect is not None:
+        started = time.perf_counter()
         connect()
+        progress.connect_seconds = time.perf_counter() - started
     if not ray.is_initialized():
         raise EmbedError("Ray is not connected: call qmag_ray.runtime.connect_ray() first")
     _check_resources(config)

@@ -246,7 +246,12 @@ _COUNTS = (
 
 @dataclass(frozen=True)
 class EmbedSummary:
-    """What a run did; written as ``summary.json`` and returned by ``run_embed``."""
+    """What a run did; written as ``summary.json`` and returned by ``run_embed``.
+
+    ``images_per_second`` counts the images processed by this run (embedded or failed) over
+    its wall time without the time taken to connect to (or start) Ray; ``timings`` breaks the
+    wall time down (connecting, time to the first result, the pipeline).
+    """
 
     status: str
     output: str
