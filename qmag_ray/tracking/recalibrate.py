@@ -17,7 +17,6 @@ point configures tracking and connects Ray first. One MLflow run records every s
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import uuid
@@ -25,12 +24,17 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from qmag_ray import storage
 from qmag_ray.tracking.gate import GateDecision
 from qmag_ray.tracking.promotion import Promotion, promote_if_better
 from qmag_ray.tracking.recalibrate_config import RecalibrateConfig
+from qmag_ray.tracking.recalibrate_inputs import (
+    RecalibrationError,
+    check_holdout_model,
+    embed_new_images,
+    inputs_fingerprint,
+    parts_folder,
+)
 from qmag_ray.tracking.registry import (
     CHALLENGER,
     CHAMPION,
@@ -45,17 +49,11 @@ from qmag_ray.tracking.runs import TrackedRun, tracked_run
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
 
-    from qmag_ray.embedding.output import EmbedSummary
-    from qmag_ray.embeddings import EmbeddingTable
     from qmag_ray.workflows.evaluate import EvaluationOutcome
 
 logger = logging.getLogger(__name__)
 
 TAG_INPUTS = "qmag_ray.inputs_fingerprint"
-
-
-class RecalibrationError(ValueError):
-    """A recalibration that cannot proceed with these inputs; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -99,65 +97,6 @@ def _stamp() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
 
-def embed_new_images(cfg: RecalibrateConfig) -> EmbedSummary:
-    """Embed the images of ``cfg.images`` not yet in ``cfg.embeddings``; reuse the others.
-
-    A finished earlier run in the embeddings folder is reopened (its ``summary.json`` is
-    replaced at the end): the embed job then resumes, skipping every image already embedded.
-    A different model or preprocessing than the folder was built with is an error.
-    """
-    from qmag_ray.embedding.config import EmbedConfig
-    from qmag_ray.embedding.job import run_embed
-    from qmag_ray.embedding.output import OutputLayout
-
-    layout = OutputLayout(cfg.embeddings)
-    if storage.exists(layout.summary):
-        fs, path = storage.filesystem(layout.summary)
-        fs.rm(path)  # reopen: the next run resumes the folder and embeds only new inputs
-        logger.info("reusing the embeddings in %s", storage.redact(cfg.embeddings))
-    e = cfg.embed
-    return run_embed(
-        EmbedConfig(
-            images=cfg.images,
-            model=cfg.model,
-            arch=cfg.arch,
-            output=cfg.embeddings,
-            actors=e.actors,
-            gpus_per_actor=e.gpus_per_actor,
-            cpus_per_actor=e.cpus_per_actor,
-            batch_size=e.batch_size,
-            resize=e.resize,
-            max_failure_fraction=e.max_failure_fraction,
-        )
-    )
-
-
-def _parts_folder(cfg: RecalibrateConfig) -> str:
-    from qmag_ray.embedding.output import OutputLayout
-
-    return OutputLayout(cfg.embeddings).embeddings
-
-
-def inputs_fingerprint(cfg: RecalibrateConfig, table: EmbeddingTable, model_sha256: str) -> str:
-    """Digest of what determines the fitted scorer: embeddings (order-free), model, settings."""
-    order = np.argsort(np.asarray(table.path, dtype=str), kind="stable")
-    doc = {
-        "embeddings": table.take(order).fingerprint(),
-        "identities": hashlib.sha256(
-            "\0".join(str(table.identity[i]) for i in order).encode()
-        ).hexdigest()[:16],
-        "model_sha256": model_sha256,
-        "arch": cfg.arch,
-        "grid": dataclasses.asdict(cfg.grid),
-        "method": cfg.method,
-        "pair_mode": cfg.pair_mode.value,
-        "generate": dataclasses.asdict(cfg.generate),
-        "validation": {k: v for k, v in dataclasses.asdict(cfg.validation).items()},
-    }
-    text = json.dumps(doc, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:24]
-
-
 def _evaluate(
     cfg: RecalibrateConfig, calibration_uri: str, output: str, use_ray: bool
 ) -> EvaluationOutcome:
@@ -180,19 +119,6 @@ def _evaluate(
         ),
         use_ray=use_ray,
     )
-
-
-def _check_holdout_model(cfg: RecalibrateConfig, model_sha256: str) -> None:
-    from qmag_ray.workflows.provenance import embedding_provenance
-
-    assert cfg.holdout is not None
-    sha = embedding_provenance(cfg.holdout.embeddings).get("embed_model_sha256")
-    if sha and sha != model_sha256:
-        raise RecalibrationError(
-            f"the held-out embeddings {storage.redact(cfg.holdout.embeddings)} were made with "
-            f"a checkpoint of sha256 {sha[:12]}..., not the recalibration model "
-            f"({model_sha256[:12]}...); embed the held-out images with the same model"
-        )
 
 
 def _log_files(run: TrackedRun, files: dict[str, str], prefix: str) -> None:
@@ -236,10 +162,10 @@ def run_recalibration(
         embed = summary.to_dict()["counts"]
         run.log_metrics({f"embed.{k}": v for k, v in embed.items()})
         run.log_params({"embedding_model_sha256": summary.model_sha256})
-        _check_holdout_model(cfg, summary.model_sha256)
+        check_holdout_model(cfg, summary.model_sha256)
         # The parts folder itself: an output folder that is named "embeddings" (as in the job
         # config) would otherwise be taken for the parts folder by load_embeddings.
-        parts = _parts_folder(cfg)
+        parts = parts_folder(cfg)
         table = load_embeddings(parts)
         fingerprint = inputs_fingerprint(cfg, table, summary.model_sha256)
         run.set_tags({TAG_INPUTS: fingerprint})
