@@ -159,6 +159,10 @@ def test_check_guard_tolerances() -> None:
     assert check_guard(rows(0.005, 0.0061), 10_000, **kw)["passed"] is False
     undecided = check_guard(rows(None, None), 100, **kw)
     assert undecided["passed"] is None and "cannot be measured" in undecided["reasons"][0]
+    # 5,000 impostors allow 5 false matches at FMR 1e-3: too few to judge (default 10)
+    noisy = check_guard(rows(0.20, 0.50), 5_000, **kw)
+    assert noisy["passed"] is None and "not judged" in noisy["reasons"][0]
+    assert check_guard(rows(0.20, 0.50), 5_000, min_false_matches=5, **kw)["passed"] is False
 
 
 def test_target_fmrs() -> None:

@@ -118,6 +118,14 @@ def calibrate(
         float | None,
         typer.Option(help="Guard: absolute FNMR excess allowed (default 0.0005)."),
     ] = None,
+    guard_min_false_matches: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Guard: judge a target FMR only where FMR x held-out impostors reaches this "
+            "(default 10).",
+        ),
+    ] = None,
     shards: Annotated[
         int | None, typer.Option(min=0, help="Pair shards (Ray tasks); 0: two per CPU.")
     ] = None,
@@ -184,6 +192,7 @@ def calibrate(
         "validation.embeddings": validation_embeddings,
         "validation.tolerance": guard_tolerance,
         "validation.abs_tolerance": guard_abs_tolerance,
+        "validation.min_false_matches": guard_min_false_matches,
         "shards": shards,
         "on_missing": on_missing,
         "on_bad": on_bad,

@@ -76,7 +76,9 @@ class CalibrationOutcome:
             f"alpha = {cal.alpha:.6f}   beta = {cal.beta:.6f}   (method {cal.method}, "
             f"{cal.n_genuine} genuine / {cal.n_impostor} impostor calibration pairs)",
             "",
-            "in-sample (the calibration pairs):",
+            "in-sample (a generated sample of the calibration identities):"
+            if "exhaustive_metrics" in self.params
+            else "in-sample (the calibration pairs):",
             metrics.format_table(self.in_sample),
             "",
             format_held_out(self.validation),
@@ -142,6 +144,7 @@ def _validate(
         cal,
         tolerance=cfg.validation.tolerance,
         abs_tolerance=cfg.validation.abs_tolerance,
+        min_false_matches=cfg.validation.min_false_matches,
     )
     info.update(
         held_out_side=held.info,

@@ -87,6 +87,8 @@ class ValidationConfig:
         tolerance: relative FNMR excess over cosine the guard allows (0.05 = 5%).
         abs_tolerance: absolute FNMR excess the guard allows (0.0005 = 0.05 points);
             the larger of the two applies.
+        min_false_matches: a target FMR is judged only where the held-out impostors allow at
+            least this many false matches (FMR x impostor count).
     """
 
     mode: ValidationMode = ValidationMode.AUTO
@@ -97,8 +99,13 @@ class ValidationConfig:
     embeddings: str | None = None
     tolerance: float = 0.05
     abs_tolerance: float = 0.0005
+    min_false_matches: int = 10
 
     def __post_init__(self) -> None:
+        if self.min_false_matches < 1:
+            raise ValueError(
+                f"validation.min_false_matches must be >= 1, got {self.min_false_matches}"
+            )
         if not 0.0 < self.fraction < 1.0:
             raise ValueError(f"validation.fraction must lie in (0, 1), got {self.fraction}")
         if self.tolerance < 0 or self.abs_tolerance < 0:

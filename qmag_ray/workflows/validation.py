@@ -2,9 +2,12 @@
 
 On pairs the fit never saw, FNMR is measured at the calibration's FMR points (and at the
 decade FMRs of its range, the *target* FMRs) for cosine and for the QMagFace score, with the
-EER of both. The guard fails when the QMagFace score is worse than cosine at any measurable
+EER of both. The guard fails when the QMagFace score is worse than cosine at any judged
 target FMR by more than ``max(abs_tolerance, tolerance * cosine_fnmr)``: such a scorer must not
-become a candidate for champion. Plain numpy; the result is JSON-ready.
+become a candidate for champion. A target FMR ``f`` is judged only when the held-out impostors
+allow at least ``min_false_matches`` false matches there (``f * N_impostor``): below that the
+FNMR is decided by a handful of impostor scores, and the row is reported but noted as not
+judged. Plain numpy; the result is JSON-ready.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ def held_out_comparison(
     *,
     tolerance: float = 0.05,
     abs_tolerance: float = 0.0005,
+    min_false_matches: int = 10,
 ) -> dict[str, Any]:
     """FNMR at FMR and EER, cosine vs the fitted scorer, on held-out pairs; with the guard.
 
@@ -81,7 +85,13 @@ def held_out_comparison(
         for f, c, q in zip(fmrs, cos_fnmr, q_fnmr, strict=True)
     ]
     eers = {"cosine": _num(metrics.eer(cosine, y)), "qmagface": _num(metrics.eer(qmag, y))}
-    guard = check_guard(rows, n_imp, tolerance=tolerance, abs_tolerance=abs_tolerance)
+    guard = check_guard(
+        rows,
+        n_imp,
+        tolerance=tolerance,
+        abs_tolerance=abs_tolerance,
+        min_false_matches=min_false_matches,
+    )
     return {
         "n_genuine": n_gen,
         "n_impostor": n_imp,
@@ -93,7 +103,12 @@ def held_out_comparison(
 
 
 def check_guard(
-    rows: list[dict[str, Any]], n_impostor: int, *, tolerance: float, abs_tolerance: float
+    rows: list[dict[str, Any]],
+    n_impostor: int,
+    *,
+    tolerance: float,
+    abs_tolerance: float,
+    min_false_matches: int = 10,
 ) -> dict[str, Any]:
     """The guard over the target rows of ``held_out_comparison``; see the module docstring."""
     reasons: list[str] = []
@@ -104,6 +119,12 @@ def check_guard(
         if c is None or q is None:
             reasons.append(
                 f"NOTE: FMR {f:.0e} cannot be measured on {n_impostor} held-out impostor pairs"
+            )
+            continue
+        if f * n_impostor < min_false_matches - 1e-9:
+            reasons.append(
+                f"NOTE: FMR {f:.0e} not judged: {n_impostor} held-out impostor pairs allow "
+                f"{f * n_impostor:.1f} false matches there (fewer than {min_false_matches})"
             )
             continue
         measured += 1
@@ -117,12 +138,13 @@ def check_guard(
     passed: bool | None = not failed
     if measured == 0:
         passed = None
-        reasons.append("NOTE: no target FMR is measurable on the held-out pairs; guard not decided")
+        reasons.append("NOTE: no target FMR can be judged on the held-out pairs; guard not decided")
     return {
         "passed": passed,
         "reasons": reasons,
         "tolerance": tolerance,
         "abs_tolerance": abs_tolerance,
+        "min_false_matches": min_false_matches,
     }
 
 
