@@ -15,7 +15,7 @@ from qmag_ray import metrics
 from qmag_ray.calibration.fit import fit_qmagface
 from qmag_ray.calibration.result import CalibrationGrid, QMagFaceCalibration
 from qmag_ray.config import ConfigError, load_config
-from qmag_ray.embeddings import load_embeddings
+from qmag_ray.embeddings import EmbeddingTable, load_embeddings
 from qmag_ray.pairs.generate import generate_pairs, identity_split
 from qmag_ray.pairs.listed import score_pairs
 from qmag_ray.pairs.resolve import ResolveError
@@ -23,7 +23,7 @@ from qmag_ray.scores import qmagface_score
 from qmag_ray.workflows.calibrate import CalibrationOutcome, run_calibration
 from qmag_ray.workflows.config import CalibrateConfig, EvaluateConfig
 from qmag_ray.workflows.evaluate import run_evaluation
-from qmag_ray.workflows.sides import build_sides
+from qmag_ray.workflows.sides import WorkflowError, build_sides
 from qmag_ray.workflows.validation import check_guard, target_fmrs
 
 GRID = {"grid.fmr_min": 1e-3, "grid.n_fmr": 12}
@@ -229,6 +229,27 @@ def test_validation_with_a_given_pair_list(helpful: str, tmp_path: Path) -> None
     assert out.validation["held_out_side"]["n_impostor"] == int((frame["label"] == 0).sum())
     assert out.calibration.n_genuine == 300 * 15  # no split: every identity is fitted on
     assert any("not identity-disjoint" in n for n in out.notes)  # the list reuses identities
+
+
+def test_unlabelled_embeddings_need_a_pair_list_and_get_no_split(
+    helpful: str, tmp_path: Path
+) -> None:
+    table = load_embeddings(helpful)
+    unlabelled = EmbeddingTable(table.path, None, table.vectors, table.quality)
+    listing = tmp_path / "pairs.csv"
+    listing.write_text(
+        f"a,b,label\n{table.path[0]},{table.path[1]},1\n{table.path[0]},{table.path[9]},0\n"
+    )
+    sides = build_sides(unlabelled, calibrate_config(helpful, tmp_path, pairs=str(listing)), 1)
+    assert sides.held_out is None and sides.validation_mode.value == "none"
+    assert any("no identity labels" in n for n in sides.notes)
+    split = calibrate_config(helpful, tmp_path, pairs=str(listing), **{"validation.mode": "split"})
+    with pytest.raises(WorkflowError, match="1800 of 1800 have none"):
+        build_sides(unlabelled, split, 1)
+    with pytest.raises(WorkflowError, match="generate pairs need an identity label"):
+        build_sides(
+            unlabelled, calibrate_config(helpful, tmp_path, **{"validation.mode": "none"}), 1
+        )
 
 
 @pytest.fixture(scope="module")
