@@ -236,13 +236,15 @@ def _part_files(uri: str) -> tuple[object, list[str], str]:
     if not fs.isdir(root):
         raise EmbeddingsError(f"embeddings not found: {storage.redact(uri)} does not exist")
     sub = posixpath.join(root, EMBEDDINGS_DIR)
-    if posixpath.basename(root) != EMBEDDINGS_DIR and fs.isdir(sub):
+    if fs.isdir(sub):  # an embed job's OUTPUT (whatever its own folder is called)
         root, uri = sub, storage.join(uri, EMBEDDINGS_DIR)
     files = []
     for p in sorted(fs.find(root)):
         rel = storage.relative(root, p)
         if any(part.startswith((".", "_")) for part in rel.split("/")):
             continue
+        if not p.endswith(".parquet"):
+            continue  # summary.json, failures/ notes and other non-Parquet files
         files.append(p)
     if not files:
         raise EmbeddingsError(f"no Parquet part files under {storage.redact(uri)}")

@@ -48,6 +48,18 @@ def test_roundtrip_local_parts_and_ignored_files(tmp_path: Path) -> None:
     assert_same(load_embeddings(written[0]), table.take(np.arange(10)))
 
 
+def test_output_folder_named_embeddings_reads_its_parts_not_summary(tmp_path: Path) -> None:
+    """Regression: an embed OUTPUT folder itself called ``embeddings`` made the loader read
+    ``summary.json`` and ``failures/`` as Parquet instead of the ``embeddings/`` parts below."""
+    table = make_table(n=12)
+    out = tmp_path / "embeddings"
+    write_embeddings(table, str(out / "embeddings"), rows_per_file=5)
+    (out / "summary.json").write_text('{"status": "complete"}')
+    (out / "failures").mkdir()
+    (out / "failures" / "notes.txt").write_text("not parquet")
+    assert_same(load_embeddings(str(out)), table)
+
+
 def test_schema_is_the_embedding_job_layout(tmp_path: Path) -> None:
     table = make_table(n=5, dim=8)
     (path,) = write_embeddings(table, str(tmp_path))
