@@ -12,7 +12,7 @@ from qmag_ray import fit_qmagface
 from qmag_ray.calibration.fit import calibrate
 from qmag_ray.calibration.result import CalibrationGrid, QMagFaceCalibration
 from qmag_ray.calibration.search import operating_points, sigmoid
-from qmag_ray.calibration.tails import TopK, top_k
+from qmag_ray.calibration.tails import TailSummary, TopK, merge_into, summarize_blocks, top_k
 from qmag_ray.pairs.source import ArrayPairSource
 
 
@@ -244,3 +244,17 @@ def test_shards_and_blocks_do_not_change_the_result_in_process() -> None:
     assert (many.alpha, many.beta) == (one.alpha, one.beta)
     assert many.fnmr_table == one.fnmr_table and many.thresholds == one.thresholds
     assert many.extra["shards"] == 6
+
+
+def test_shard_summaries_merge_to_the_summary_of_all_pairs() -> None:
+    cos, q, y = synthetic(n=50_000, seed=11, decimals=2)
+    source = ArrayPairSource(cos, q, y, shards=5, block_size=3_001)
+    weights, k = np.linspace(-0.02, 0.02, 4), 700
+    whole = summarize_blocks(ArrayPairSource(cos, q, y).shard_blocks(0), weights, k)
+    merged = TailSummary.empty(weights, k)
+    for index in (3, 0, 4, 1, 2):  # any order
+        merge_into(merged, summarize_blocks(source.shard_blocks(index), weights, k))
+    assert merged.n_impostor == whole.n_impostor == int((y == 0).sum())
+    for mine, want in zip(merged.tails, whole.tails, strict=True):
+        np.testing.assert_array_equal(np.sort(mine), np.sort(want))
+    np.testing.assert_array_equal(np.sort(merged.genuine_cosine), np.sort(cos[y == 1]))

@@ -25,7 +25,7 @@ from qmag_ray.calibration.search import search_weight
 from qmag_ray.calibration.tails import (
     TailSummary,
     impostor_score_tail,
-    merge_two,
+    merge_into,
     summarize_blocks,
     top_k,
 )
@@ -98,17 +98,20 @@ class RayExecutor:
         ]
         merged = TailSummary.empty(weights, k)
         for _, summary in _as_completed(refs, "shard summary"):
-            merged = merge_two(merged, summary)
+            merge_into(merged, summary)
         return merged
 
     def search(self, summary: TailSummary, fmrs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One task per weight. Moves ``summary``'s tails into the object store (the rows in
+        ``summary`` are emptied), so the driver does not hold them twice."""
         gen_c = ray.put(summary.genuine_cosine)
         gen_q = ray.put(summary.genuine_quality)
         task = _search_weight.options(**self.options)
-        refs = [
-            task.remote(float(w), summary.tails[i], gen_c, gen_q, summary.n_impostor, fmrs)
-            for i, w in enumerate(summary.weights)
-        ]
+        refs = []
+        for i, w in enumerate(summary.weights):
+            tail = ray.put(summary.tails[i])
+            summary.tails[i] = np.empty(0)  # the object store holds it now; free the driver's
+            refs.append(task.remote(float(w), tail, gen_c, gen_q, summary.n_impostor, fmrs))
         results: list[Any] = [None] * len(summary.weights)
         for i, result in _as_completed(refs, "weight search"):
             results[i] = result

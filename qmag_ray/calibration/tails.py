@@ -92,12 +92,13 @@ class TailSummary:
     """What a shard (or a merge of shards) contributes to calibration.
 
     ``tails[i]`` holds the highest impostor logits ``weights[i] * q + s`` (unsorted, exactly
-    ``min(k, n_impostor)``); the genuine pairs are kept whole as cosine and quality.
+    ``min(k, n_impostor)``), one array per weight so that rows move and merge one at a time;
+    the genuine pairs are kept whole as cosine and quality.
     """
 
     weights: np.ndarray
     k: int
-    tails: np.ndarray  # (n_weights, min(k, n_impostor))
+    tails: list[np.ndarray]
     genuine_cosine: np.ndarray
     genuine_quality: np.ndarray
     n_impostor: int
@@ -109,7 +110,7 @@ class TailSummary:
     @classmethod
     def empty(cls, weights: np.ndarray, k: int) -> TailSummary:
         weights = np.asarray(weights, np.float64)
-        return cls(weights, k, np.empty((len(weights), 0)), np.empty(0), np.empty(0), 0)
+        return cls(weights, k, [np.empty(0) for _ in weights], np.empty(0), np.empty(0), 0)
 
 
 def _chunks(blocks: Iterable[PairBlock]) -> Iterator[PairBlock]:
@@ -127,7 +128,7 @@ def _chunks(blocks: Iterable[PairBlock]) -> Iterator[PairBlock]:
 def summarize_blocks(blocks: Iterable[PairBlock], weights: np.ndarray, k: int) -> TailSummary:
     """Stream pair blocks into a ``TailSummary``: per-weight impostor tails, genuine pairs."""
     weights = np.asarray(weights, np.float64)
-    tops: list[TopK | None] = [TopK(k) for _ in weights]
+    tops = [TopK(k) for _ in weights]
     gen_c: list[np.ndarray] = []
     gen_q: list[np.ndarray] = []
     n_imp = 0
@@ -141,42 +142,30 @@ def summarize_blocks(blocks: Iterable[PairBlock], weights: np.ndarray, k: int) -
             n_imp += int(imp.sum())
             cos_i, q_i = cos[imp], q[imp]
             for w, top in zip(weights, tops, strict=True):
-                top.add(weighted_logits(cos_i, q_i, w))  # type: ignore[union-attr]
+                top.add(weighted_logits(cos_i, q_i, w))
     summary = TailSummary.empty(weights, k)
     summary.n_impostor = n_imp
-    summary.tails = np.empty((len(weights), min(k, n_imp)))
-    for i, top in enumerate(tops):  # fill row by row, releasing each accumulator
-        summary.tails[i] = top.values()  # type: ignore[union-attr]
-        tops[i] = None
+    summary.tails = [top.values() for top in tops]
     if gen_c:
         summary.genuine_cosine = np.concatenate(gen_c)
         summary.genuine_quality = np.concatenate(gen_q)
     return summary
 
 
-def merge_two(a: TailSummary, b: TailSummary) -> TailSummary:
-    """Merge ``b`` into ``a`` (same weights and tail size), row by row.
+def merge_into(a: TailSummary, b: TailSummary) -> TailSummary:
+    """Merge ``b`` into ``a`` in place (same weights and tail size) and return ``a``.
 
-    ``a``'s tail array is reused when it is writable and already full width (the running
-    merge on a driver), so a merge needs memory for one extra row, not a third array.
+    Rows are merged one at a time and each of ``a``'s rows is replaced as soon as its merge is
+    done, so a running merge needs memory for one extra row, not a second set of tails.
     """
     if a.k != b.k or not np.array_equal(a.weights, b.weights):
         raise ValueError("cannot merge tail summaries built with different weights or tail size")
-    width = min(a.k, a.n_impostor + b.n_impostor)
-    if a.tails.shape[1] == width and a.tails.flags.writeable:
-        tails = a.tails
-    else:
-        tails = np.empty((len(a.weights), width))
-    for i in range(len(a.weights)):
-        tails[i] = top_k(np.concatenate([a.tails[i], b.tails[i]]), a.k)
-    return TailSummary(
-        weights=a.weights,
-        k=a.k,
-        tails=tails,
-        genuine_cosine=np.concatenate([a.genuine_cosine, b.genuine_cosine]),
-        genuine_quality=np.concatenate([a.genuine_quality, b.genuine_quality]),
-        n_impostor=a.n_impostor + b.n_impostor,
-    )
+    for i in range(len(a.tails)):
+        a.tails[i] = top_k(np.concatenate([a.tails[i], b.tails[i]]), a.k)
+    a.genuine_cosine = np.concatenate([a.genuine_cosine, b.genuine_cosine])
+    a.genuine_quality = np.concatenate([a.genuine_quality, b.genuine_quality])
+    a.n_impostor += b.n_impostor
+    return a
 
 
 def impostor_score_tail(

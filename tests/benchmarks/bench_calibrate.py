@@ -9,11 +9,14 @@ the speed-up and whether alpha and beta are identical.
 
 With ``--exhaustive N`` it instead calibrates on every pair of N synthetic embeddings (N=14143:
 about 100,000,000 pairs, ~64,000 of them genuine) scored block-wise by ``ExhaustiveSource``,
-in this process and, with ``--ray-shards``, on a local Ray cluster, and reports wall times and
-peak memory (this process's peak RSS; on Ray also the peak RSS of every Ray worker process,
-read from /proc, and of the driver). There is no oracle run at that size.
+in this process or, with ``--ray-shards``, on a local Ray cluster (run both to compare), and
+reports wall time and peak memory: this process's peak RSS; on Ray the peak of the summed
+PSS of the driver and all of this cluster's processes (sampled from /proc every 0.25 s; PSS
+splits shared object-store pages among the processes mapping them, so none is counted twice)
+and each worker's own peak RSS. There is no oracle run at that size.
 
-    .venv/bin/python tests/benchmarks/bench_calibrate.py --exhaustive 14143 [--ray-shards 4]
+    .venv/bin/python tests/benchmarks/bench_calibrate.py --exhaustive 14143
+    .venv/bin/python tests/benchmarks/bench_calibrate.py --exhaustive 14143 --ray-shards 4
 """
 
 from __future__ import annotations
@@ -74,22 +77,83 @@ def identity_table(n: int, dim: int, seed: int, per_identity: int = 10):
     return EmbeddingTable(paths, identity, vectors, np.linalg.norm(vectors, axis=1))
 
 
-def ray_worker_peak_mb() -> dict[str, int]:
-    """Peak RSS (VmHWM) of this machine's Ray worker processes, from /proc (Linux)."""
-    peaks = {}
-    for status in Path("/proc").glob("[0-9]*/status"):
+def _cluster_pids() -> list[int]:
+    """This driver, its Ray node's processes (raylet with the object store, GCS, ...) and the
+    raylet's children (the workers), from /proc."""
+    import ray._private.worker as ray_worker  # private: only to find our node's processes
+
+    node = ray_worker.global_worker.node
+    pids = {os.getpid()}
+    for infos in node.all_processes.values():
+        pids.update(info.process.pid for info in infos)
+    raylet = node.all_processes["raylet"][0].process.pid
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            text = status.read_text()
-            cmd = (status.parent / "cmdline").read_bytes().split(b"\0")[0].decode()
-        except OSError:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == raylet:
+                pids.add(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
             continue
-        if cmd.startswith("ray::") and "VmHWM" in text:
-            kb = int(text.split("VmHWM:")[1].split()[0])
-            peaks[f"{cmd} (pid {status.parent.name})"] = kb // 1024
+    return sorted(pids)
+
+
+def _pss_mb(pid: int) -> float:
+    try:
+        text = (Path("/proc") / str(pid) / "smaps_rollup").read_text()
+    except OSError:
+        return 0.0
+    return int(text.split("Pss:")[1].split()[0]) / 1024
+
+
+class PssSampler:
+    """Samples the summed proportional set size (PSS: shared pages such as the object store
+    split among the processes that map them, so nothing is counted twice) of the cluster's
+    processes; ``peak_mb`` is the largest sum seen."""
+
+    def __init__(self, interval: float = 0.25) -> None:
+        import threading
+
+        self.interval, self.peak_mb = interval, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        pids, last_scan = _cluster_pids(), time.monotonic()
+        while not self._stop.is_set():
+            if time.monotonic() - last_scan > 2.0:  # pick up newly started workers
+                pids, last_scan = _cluster_pids(), time.monotonic()
+            self.peak_mb = max(self.peak_mb, sum(_pss_mb(p) for p in pids))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def ray_worker_peak_mb() -> dict[str, int]:
+    """Peak RSS (VmHWM, MB) of each worker process of this driver's raylet."""
+    import ray._private.worker as ray_worker
+
+    raylet = ray_worker.global_worker.node.all_processes["raylet"][0].process.pid
+    peaks = {}
+    for pid in _cluster_pids():
+        proc = Path("/proc") / str(pid)
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            status = (proc / "status").read_text()
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")[0].decode()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == raylet:
+            peaks[f"{cmd} (pid {pid})"] = int(status.split("VmHWM:")[1].split()[0]) // 1024
     return peaks
 
 
 def exhaustive(args: argparse.Namespace) -> None:
+    """One executor per process run, so this process's peak RSS belongs to that run alone."""
     from qmag_ray.calibration.fit import calibrate
     from qmag_ray.pairs.exhaustive import ExhaustiveSource
 
@@ -97,12 +161,6 @@ def exhaustive(args: argparse.Namespace) -> None:
     source = ExhaustiveSource(table, shards=max(1, args.ray_shards))
     n_gen, n_imp = source.counts()
     result: dict[str, object] = {"embeddings": len(table), "genuine": n_gen, "impostor": n_imp}
-    start = time.perf_counter()
-    cal = calibrate(source)
-    result["local_seconds"] = round(time.perf_counter() - start, 1)
-    result["local_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
-    result["alpha"], result["beta"] = cal.alpha, cal.beta
-    result["thresholds"] = cal.thresholds
     if args.ray_shards:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         import ray
@@ -111,15 +169,25 @@ def exhaustive(args: argparse.Namespace) -> None:
         from qmag_ray.runtime import connect_ray
 
         connect_ray(None)
-        start = time.perf_counter()
-        ray_cal = fit_qmagface_ray(source)
-        result["ray_seconds"] = round(time.perf_counter() - start, 1)
-        result["ray_identical"] = (ray_cal.alpha, ray_cal.beta) == (cal.alpha, cal.beta)
-        workers = ray_worker_peak_mb()
-        result["ray_worker_peak_rss_mb"] = workers
-        result["ray_max_worker_peak_rss_mb"] = max(workers.values(), default=None)
+        with PssSampler() as sampler:
+            idle_mb = sum(_pss_mb(p) for p in _cluster_pids())
+            start = time.perf_counter()
+            cal = fit_qmagface_ray(source)
+            result["seconds"] = round(time.perf_counter() - start, 1)
+        result["executor"] = f"ray, {args.ray_shards} shards, {os.cpu_count()} CPUs"
+        result["cluster_pss_before_mb"] = round(idle_mb)
+        result["cluster_peak_pss_mb"] = round(sampler.peak_mb)
+        result["ray_worker_peak_rss_mb"] = ray_worker_peak_mb()
         result["driver_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
         ray.shutdown()
+    else:
+        start = time.perf_counter()
+        cal = calibrate(source)
+        result["executor"] = "in-process"
+        result["seconds"] = round(time.perf_counter() - start, 1)
+        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    result["alpha"], result["beta"] = cal.alpha, cal.beta
+    result["thresholds"] = cal.thresholds
     print(json.dumps(result, indent=2))
 
 
