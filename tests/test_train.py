@@ -178,3 +178,24 @@ def test_ray_train_run_writes_magface_checkpoints_and_fine_tunes(
         state["fc.weight"], raw["state_dict"]["fc.weight"], 0
     )
     assert cos.min() > 0.9
+
+
+def test_heldout_report_on_a_small_synthetic_set(tmp_path) -> None:
+    from qmag_ray.model import create_backbone, save_checkpoint
+    from qmag_ray.synth import SynthSpec, write_dataset
+    from qmag_ray.training.heldout import heldout_report
+
+    data = str(tmp_path / "set")
+    write_dataset(data, SynthSpec(identities=6, images_per_identity=5, seed=4))
+    torch.manual_seed(0)
+    save_checkpoint(create_backbone("iresnet-demo"), str(tmp_path / "m.pth"), "iresnet-demo")
+    report = heldout_report(
+        str(tmp_path / "m.pth"),
+        data,
+        fmrs=(0.1,),
+        calibration_impostor_fraction=1.0,
+        fmr_range=(0.2, 0.5),
+    )
+    assert report["test_genuine"] == 3 * 10 and report["test_impostor"] == 15 * 14 // 2 - 30
+    assert -1 <= report["spearman_norm_degradation"] <= 1
+    assert 0 <= report["fnmr"]["0.1"]["cosine"] <= 1 and 0 <= report["fnmr"]["0.1"]["qmagface"] <= 1
