@@ -5,6 +5,11 @@ merge, search every weight, pick the optimal weight per FMR, fit the line, then 
 operating thresholds of the fitted QMagFace score. An *executor* decides where the shard and
 search steps run; ``LocalExecutor`` runs them here, ``distributed.RayExecutor`` as Ray tasks.
 Both call the same numpy functions of ``search``, so their results are identical.
+
+Methods: ``paper`` is the published algorithm (spec section 3); ``raw`` is the same search with
+the thresholds taken on the raw adjusted score ``w * q + s`` (no sigmoid), so the line is fitted
+on the scale ``omega`` is applied to; ``direct`` chooses alpha and beta for an FNMR objective by
+an exact grid search (``direct``), starting from the published fit.
 """
 
 from __future__ import annotations
@@ -15,6 +20,14 @@ from typing import Protocol
 
 import numpy as np
 
+from qmag_ray.calibration.direct import (
+    MAX_TAIL_VALUES,
+    DirectFit,
+    DirectSearch,
+    direct_search,
+    evaluate_candidates,
+    summarize_candidates,
+)
 from qmag_ray.calibration.result import CalibrationGrid, QMagFaceCalibration, fmr_key
 from qmag_ray.calibration.search import fit_line, operating_points, search_weight, select_optimal
 from qmag_ray.calibration.tails import (
@@ -30,8 +43,8 @@ logger = logging.getLogger(__name__)
 
 #: FMRs at which the result records operating thresholds of the QMagFace score.
 OPERATING_FMRS = (1e-2, 1e-3, 1e-4, 1e-5)
-#: Calibration methods; only the published one (spec section 3) exists.
-METHODS = ("paper",)
+#: Calibration methods: the published one (spec section 3) and two named variants.
+METHODS = ("paper", "raw", "direct")
 
 
 class Executor(Protocol):
@@ -41,12 +54,20 @@ class Executor(Protocol):
 
     def summarize(self, weights: np.ndarray, k: int) -> TailSummary: ...
 
-    def search(self, summary: TailSummary, fmrs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, summary: TailSummary, fmrs: np.ndarray, *, raw: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(thresholds, accepted genuine counts), each (n_weights, n_fmr); may consume the
-        summary's tails (the pipeline needs only its genuine pairs afterwards)."""
+        summary's tails (the pipeline needs only its genuine pairs afterwards). ``raw``:
+        thresholds on ``w * q + s`` instead of its sigmoid."""
         ...
 
     def score_tail(self, alpha: float, beta: float, k: int) -> tuple[np.ndarray, int]: ...
+
+    def evaluate_candidates(self, candidates: np.ndarray, k: int, fmrs: np.ndarray) -> np.ndarray:
+        """Accepted genuine counts (n_candidates, n_fmr) of (alpha, beta) candidates at FMR
+        <= f, from per-candidate impostor tails of size ``k`` (the ``direct`` method)."""
+        ...
 
 
 class LocalExecutor:
@@ -69,10 +90,12 @@ class LocalExecutor:
 
         return summarize_blocks(blocks(), weights, k)
 
-    def search(self, summary: TailSummary, fmrs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, summary: TailSummary, fmrs: np.ndarray, *, raw: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
         gen_c, gen_q, n_imp = summary.genuine_cosine, summary.genuine_quality, summary.n_impostor
         out = [
-            search_weight(w, summary.tails[i], gen_c, gen_q, n_imp, fmrs)
+            search_weight(w, summary.tails[i], gen_c, gen_q, n_imp, fmrs, raw=raw)
             for i, w in enumerate(summary.weights)
         ]
         return np.stack([t for t, _ in out]), np.stack([a for _, a in out])
@@ -81,6 +104,21 @@ class LocalExecutor:
         total = self.source.num_shards()
         blocks = (b for index in range(total) for b in self.source.shard_blocks(index))
         return impostor_score_tail(blocks, alpha, beta, k)
+
+    def evaluate_candidates(self, candidates: np.ndarray, k: int, fmrs: np.ndarray) -> np.ndarray:
+        # As many candidates per pass over the pairs as MAX_TAIL_VALUES tail values allow.
+        per_pass = max(1, MAX_TAIL_VALUES // max(k, 1))
+        total = self.source.num_shards()
+        out = []
+        for lo in range(0, len(candidates), per_pass):
+            chunk = candidates[lo : lo + per_pass]
+            blocks = (b for index in range(total) for b in self.source.shard_blocks(index))
+            summary = summarize_candidates(blocks, chunk, k)
+            gen_c, gen_q = summary.genuine_cosine, summary.genuine_quality
+            out.append(
+                evaluate_candidates(chunk, summary.tails, gen_c, gen_q, summary.n_impostor, fmrs)
+            )
+        return np.concatenate(out)
 
 
 def check_data(n_genuine: int, n_impostor: int, grid: CalibrationGrid) -> None:
@@ -114,8 +152,12 @@ def run_calibration(
     grid: CalibrationGrid,
     *,
     method: str = "paper",
+    direct: DirectSearch | None = None,
 ) -> QMagFaceCalibration:
-    """The calibration pipeline on ``source`` with ``executor``; see the module docstring."""
+    """The calibration pipeline on ``source`` with ``executor``; see the module docstring.
+
+    ``direct`` holds the settings of the ``direct`` method (its defaults when None).
+    """
     if method not in METHODS:
         raise ValueError(f"unknown calibration method {method!r}; available: {', '.join(METHODS)}")
     n_gen, n_imp = source.counts()
@@ -139,10 +181,17 @@ def run_calibration(
             f"{type(source).__name__} reported {n_gen} genuine / {n_imp} impostor pairs but its "
             f"shards held {summary.n_genuine} / {summary.n_impostor}"
         )
-    thresholds, accepted = executor.search(summary, fmrs)
+    thresholds, accepted = executor.search(summary, fmrs, raw=method == "raw")
     _, w_opt, t_opt = select_optimal(weights, thresholds, accepted, n_gen, fmrs)
     alpha, beta = fit_line(t_opt, w_opt)
-    logger.info("calibration: alpha=%.6f beta=%.6f", alpha, beta)
+    logger.info("calibration: alpha=%.6f beta=%.6f (%s line fit)", alpha, beta, method)
+    method_extra: dict[str, object] = {}
+    if method == "direct":
+        max_q = float(source.max_quality())
+        found = _direct(executor, (alpha, beta), max_q, grid, fmrs, (n_gen, n_imp), direct)
+        alpha, beta = found.alpha, found.beta
+        method_extra["direct"] = found.record()
+        logger.info("calibration: direct alpha=%.6f beta=%.6f", alpha, beta)
 
     op_fmrs = supported_fmrs(OPERATING_FMRS, n_imp)
     op_thr: dict[str, float] = {}
@@ -159,16 +208,17 @@ def run_calibration(
                 op_fnmr[fmr_key(f)] = float((n_gen - a) / n_gen)
 
     fnmr_table = (n_gen - accepted) / n_gen
+    line = method != "direct"  # direct's alpha, beta do not come from the line fit
     return QMagFaceCalibration(
         alpha=alpha,
         beta=beta,
         method=method,
         grid=grid,
-        weights=[float(w) for w in weights],
+        weights=[float(w) for w in weights] if line else [],
         fmrs=[float(f) for f in fmrs],
-        optimal_weights=[float(w) for w in w_opt],
-        optimal_thresholds=[float(t) for t in t_opt],
-        fnmr_table=fnmr_table.tolist(),
+        optimal_weights=[float(w) for w in w_opt] if line else [],
+        optimal_thresholds=[float(t) for t in t_opt] if line else [],
+        fnmr_table=fnmr_table.tolist() if line else [],
         n_genuine=int(n_gen),
         n_impostor=int(n_imp),
         fingerprint=source.fingerprint(),
@@ -179,15 +229,45 @@ def run_calibration(
             "impostor_tail": int(k),
             "operating_fnmr": op_fnmr,
             "threshold_convention": "match iff qmagface score >= threshold; FMR <= target",
+            **method_extra,
         },
     )
 
 
+def _direct(
+    executor: Executor,
+    paper: tuple[float, float],
+    max_quality: float,
+    grid: CalibrationGrid,
+    fmrs: np.ndarray,
+    counts: tuple[int, int],
+    settings: DirectSearch | None,
+) -> DirectFit:
+    """The ``direct`` search, every candidate evaluated exactly by ``executor``."""
+    k = tail_size(counts[1], grid.fmr_max)
+    return direct_search(
+        lambda candidates: executor.evaluate_candidates(candidates, k, fmrs),
+        paper,
+        max_quality,
+        grid.max_ratio,
+        counts[0],
+        settings or DirectSearch(),
+        progress=lambda text: logger.info("calibration: direct %s", text),
+    )
+
+
 def calibrate(
-    source: PairSource, grid: CalibrationGrid | None = None, *, method: str = "paper"
+    source: PairSource,
+    grid: CalibrationGrid | None = None,
+    *,
+    method: str = "paper",
+    direct: DirectSearch | None = None,
 ) -> QMagFaceCalibration:
     """Fit alpha and beta on any ``PairSource`` in this process (no Ray)."""
-    return run_calibration(LocalExecutor(source), source, grid or CalibrationGrid(), method=method)
+    executor = LocalExecutor(source)
+    return run_calibration(
+        executor, source, grid or CalibrationGrid(), method=method, direct=direct
+    )
 
 
 def fit_qmagface(
@@ -201,6 +281,8 @@ def fit_qmagface(
     n_weights: int = 20,
     max_ratio: float = 0.5,
     grid: CalibrationGrid | None = None,
+    method: str = "paper",
+    direct: DirectSearch | None = None,
 ) -> QMagFaceCalibration:
     """Fit QMagFace's alpha and beta on score arrays, exactly as spec section 3 (no Ray needed).
 
@@ -210,6 +292,9 @@ def fit_qmagface(
         label: 1 for genuine (mated) pairs, 0 for impostor pairs.
         n_fmr, fmr_min, fmr_max, n_weights, max_ratio: the search grid (paper's defaults);
             alternatively pass a whole ``grid``.
+        method: ``paper`` (spec section 3, the default), ``raw`` or ``direct`` (see the module
+            docstring and ``qmag_ray.calibration.direct``).
+        direct: settings of the ``direct`` search (its defaults when None).
 
     Returns:
         The fitted ``QMagFaceCalibration`` (JSON-serialisable).
@@ -217,4 +302,5 @@ def fit_qmagface(
     keywords = CalibrationGrid(n_fmr, fmr_min, fmr_max, n_weights, max_ratio)
     if grid is not None and keywords != CalibrationGrid():
         raise ValueError("pass either grid=... or the grid keywords, not both")
-    return calibrate(ArrayPairSource(cosine, quality, label), grid or keywords)
+    source = ArrayPairSource(cosine, quality, label)
+    return calibrate(source, grid or keywords, method=method, direct=direct)

@@ -92,13 +92,24 @@ def search_weight(
     genuine_quality: np.ndarray,
     n_impostor: int,
     fmrs: np.ndarray,
+    *,
+    raw: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Step 2 for one weight: per FMR, the threshold t(w, f) and the accepted genuine count.
 
-    ``tail_logits`` are this weight's highest impostor logits, in any order.
+    ``tail_logits`` are this weight's highest impostor logits, in any order. ``raw`` searches
+    the raw adjusted score ``z = w * q + s`` itself instead of ``sigmoid(z)`` (the ``raw``
+    calibration method): thresholds are then values of ``z``, on the scale ``omega`` is
+    applied to. Searching ``z`` directly, rather than mapping the sigmoid-space thresholds
+    back with ``logit``, is exact: float64 ``sigmoid`` can round neighbouring ``z`` values
+    to one ``u`` (a tie the raw scores do not have) and ``logit(sigmoid(z)) != z`` in general.
     """
-    impostor_desc = -np.sort(-sigmoid(tail_logits))
-    genuine = weighted_scores(genuine_cosine, genuine_quality, weight)
+    if raw:
+        impostor_desc = -np.sort(-np.asarray(tail_logits, np.float64))
+        genuine = weighted_logits(genuine_cosine, genuine_quality, weight)
+    else:
+        impostor_desc = -np.sort(-sigmoid(tail_logits))
+        genuine = weighted_scores(genuine_cosine, genuine_quality, weight)
     return operating_points(genuine, impostor_desc, n_impostor, fmrs, strict=True)
 
 
