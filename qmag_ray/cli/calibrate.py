@@ -85,7 +85,20 @@ def calibrate(
         float | None, typer.Option(help="Weights span +-max_ratio / max quality (default 0.5).")
     ] = None,
     method: Annotated[
-        str | None, typer.Option(help="Calibration method: paper (the published algorithm).")
+        str | None,
+        typer.Option(
+            help="Calibration method: paper (the published algorithm; default), raw (same "
+            "search, thresholds on the raw adjusted score) or direct (alpha, beta chosen for "
+            "the mean log FNMR over the grid's FMRs)."
+        ),
+    ] = None,
+    compare_methods: Annotated[
+        bool | None,
+        typer.Option(
+            "--compare-methods/--no-compare-methods",
+            help="Also fit every other method and report all of them on the held-out side "
+            "(console table, calibration.json, MLflow); the guard applies to --method.",
+        ),
     ] = None,
     validation: Annotated[
         ValidationMode | None,
@@ -184,6 +197,7 @@ def calibrate(
         "grid.n_weights": n_weights,
         "grid.max_ratio": max_ratio,
         "method": method,
+        "compare_methods": compare_methods,
         "validation.mode": validation,
         "validation.fraction": validation_fraction,
         "validation.seed": validation_seed,
@@ -221,6 +235,11 @@ def calibrate(
         _record(outcome, cfg, address)
 
 
+def verdict_name(passed: bool | None) -> str:
+    """The guard verdict as a tag value."""
+    return {True: "passed", False: "failed", None: "not_evaluated"}[passed]
+
+
 def _plain(value: Any) -> Any:
     """Enum choices as their text (the config loader parses them again)."""
     return value.value if hasattr(value, "value") else value
@@ -234,13 +253,19 @@ def _record(outcome: Any, cfg: Any, address: str) -> None:
 
     cal = outcome.calibration
     guard = outcome.validation["guard"]
-    verdict = {True: "passed", False: "failed", None: "not_evaluated"}[guard["passed"]]
+    verdict = verdict_name(guard["passed"])
     tags = {
         "qmag_ray.guard": verdict,
         "qmag_ray.guard_reasons": "\n".join(guard["reasons"]),
         "qmag_ray.validation": outcome.validation["mode"],
         "qmag_ray.data_fingerprint": cal.fingerprint,
+        "qmag_ray.method": cal.method,
     }
+    compared = outcome.validation.get("methods")
+    if compared and compared.get("guard"):
+        tags["qmag_ray.methods_guard"] = ", ".join(
+            f"{m}: {verdict_name(compared['guard'][m])}" for m in compared["methods"]
+        )
     with tracked_run(
         kind="calibrate", experiment=cfg.tracking.experiment, ray_address=address, tags=tags
     ) as run:
@@ -255,10 +280,13 @@ def _record(outcome: Any, cfg: Any, address: str) -> None:
             typer.echo("registry: not registered (--no-register)")
         elif guard["passed"] is False:
             typer.echo(
-                "registry: NOT registered as a champion candidate: on held-out pairs the fitted "
-                "scorer is worse than plain cosine (guard failed; see the table above). The run "
-                "and its calibration.json are recorded for inspection."
+                f"registry: NOT registered as a champion candidate: on held-out pairs the fitted "
+                f"scorer (method {cal.method}) is worse than plain cosine (guard failed; see the "
+                "table above). The run and its calibration.json are recorded for inspection."
             )
+            passing = [m for m, ok in (compared or {}).get("guard", {}).items() if ok]
+            if passing:
+                typer.echo(f"registry: method(s) passing the guard here: {', '.join(passing)}")
             run.set_tags({"qmag_ray.registered": "false (guard failed)"})
         else:
             version = register_scorer(

@@ -6,10 +6,12 @@ notebooks and tests), records nothing in MLflow (the entry point does, from the 
 writes into ``config.output``::
 
     calibration.json        alpha, beta, grid, thresholds; extra["validation"] holds the
-                            held-out table and the guard
+                            held-out table and the guard (and, with compare_methods,
+                            extra["validation"]["methods"]: every method's held-out figures)
     metrics.json            in-sample and held-out verification reports, validation, notes
     grid_table.csv          per-FMR optimal weight, threshold and FNMR of every weight
     held_out.csv            held-out FNMR at every FMR point, cosine vs QMagFace
+    held_out_methods.csv    with compare_methods: held-out FNMR of cosine and every method
     plots/*.png             DET, quality histograms, EDC, optimal weight vs threshold
     plots/held_out/*.png    DET, quality histograms and EDC of the held-out pairs
 """
@@ -29,7 +31,13 @@ from qmag_ray.workflows import reporting
 from qmag_ray.workflows.config import CalibrateConfig, PairMode
 from qmag_ray.workflows.provenance import embedding_provenance
 from qmag_ray.workflows.sides import PairSide, Sides, WorkflowError, build_sides
-from qmag_ray.workflows.validation import format_held_out, held_out_comparison, not_evaluated
+from qmag_ray.workflows.validation import (
+    format_held_out,
+    format_methods,
+    held_out_comparison,
+    method_comparison,
+    not_evaluated,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +91,8 @@ class CalibrationOutcome:
             "",
             format_held_out(self.validation),
         ]
+        if "methods" in self.validation:
+            lines += ["", format_methods(self.validation["methods"])]
         if self.notes:
             lines += ["", *[f"note: {n}" for n in self.notes]]
         lines += ["", f"results in {storage.redact(self.output)}"]
@@ -99,16 +109,19 @@ def _shards(cfg: CalibrateConfig, use_ray: bool) -> int:
     return max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
 
 
-def _fit(side: PairSide, cfg: CalibrateConfig, use_ray: bool) -> QMagFaceCalibration:
-    if cfg.method not in METHODS:
+def _fit(
+    side: PairSide, cfg: CalibrateConfig, use_ray: bool, method: str | None = None
+) -> QMagFaceCalibration:
+    method = method or cfg.method
+    if method not in METHODS:
         raise WorkflowError(
-            f"unknown calibration method {cfg.method!r}; available: {', '.join(METHODS)}"
+            f"unknown calibration method {method!r}; available: {', '.join(METHODS)}"
         )
     if use_ray:
         from qmag_ray.calibration.distributed import fit_qmagface_ray
 
-        return fit_qmagface_ray(side.source, cfg.grid, method=cfg.method)
-    return calibrate(side.source, cfg.grid, method=cfg.method)
+        return fit_qmagface_ray(side.source, cfg.grid, method=method, direct=cfg.direct)
+    return calibrate(side.source, cfg.grid, method=method, direct=cfg.direct)
 
 
 def _metric_arrays(side: PairSide, cfg: CalibrateConfig, use_ray: bool):
@@ -154,6 +167,35 @@ def _validate(
     return {**comparison, **info}, reporting.report(*arrays, cal), arrays
 
 
+def _compare_methods(
+    sides: Sides,
+    cal: QMagFaceCalibration,
+    cfg: CalibrateConfig,
+    use_ray: bool,
+    held_arrays: tuple | None,
+) -> dict[str, Any]:
+    """Fit every method on the fit side and measure each on the held-out pairs."""
+    fits: dict[str, QMagFaceCalibration] = {}
+    for method in METHODS:
+        if method == cal.method:
+            fits[method] = cal
+        else:
+            logger.info("compare methods: fitting %s on the fit side", method)
+            fits[method] = _fit(sides.fit, cfg, use_ray, method)
+    comparisons: dict[str, dict[str, Any]] = {}
+    if held_arrays is not None:
+        v = cfg.validation
+        for method, fitted in fits.items():
+            comparisons[method] = held_out_comparison(
+                *held_arrays,
+                fitted,
+                tolerance=v.tolerance,
+                abs_tolerance=v.abs_tolerance,
+                min_false_matches=v.min_false_matches,
+            )
+    return method_comparison(comparisons, fits, cal.method)
+
+
 def _params(cfg: CalibrateConfig, sides: Sides, shards: int) -> dict[str, Any]:
     data = dataclasses.asdict(cfg)
     data.pop("tracking")
@@ -195,6 +237,10 @@ def run_calibration(config: CalibrateConfig, *, use_ray: bool = True) -> Calibra
     fit_arrays = _metric_arrays(sides.fit, cfg, use_ray)
     in_sample = reporting.report(*fit_arrays, cal)
     validation, held_report, held_arrays = _validate(sides, cal, cfg, use_ray)
+    if cfg.compare_methods:
+        validation["methods"] = _compare_methods(sides, cal, cfg, use_ray, held_arrays)
+        if held_arrays is None:
+            notes.append("compare_methods: no held-out side, so the methods are only fitted")
     validation["notes"] = notes
     provenance = embedding_provenance(cfg.embeddings)
     cal = dataclasses.replace(
@@ -255,6 +301,11 @@ def _write(
     if validation.get("rows"):
         files["held_out.csv"] = reporting.write_csv(
             storage.join(output, "held_out.csv"), pd.DataFrame(validation["rows"])
+        )
+    if validation.get("methods", {}).get("rows"):
+        files["held_out_methods.csv"] = reporting.write_csv(
+            storage.join(output, "held_out_methods.csv"),
+            pd.DataFrame(validation["methods"]["rows"]),
         )
     plots_dir = storage.join(output, "plots")
     written = reporting.write_figures(

@@ -2,13 +2,15 @@
 
 Load them with ``qmag_ray.config.load_config(CalibrateConfig, uri, overrides)``: command-line
 overrides > the config file > the defaults below. Top-level keys are the data and pair
-settings; ``grid``, ``generate``, ``exhaustive``, ``validation`` and ``tracking`` are nested
-sections (``--set grid.n_fmr=30`` in the job scripts). Example::
+settings; ``grid``, ``generate``, ``exhaustive``, ``direct``, ``validation`` and ``tracking``
+are nested sections (``--set grid.n_fmr=30`` in the job scripts). Example::
 
     embeddings: s3://bucket/embeddings/run-001/
     pairs: s3://bucket/pairs/calibration.parquet
     output: s3://bucket/calibration/run-001/
     grid: {n_fmr: 50, fmr_min: 1.0e-5, fmr_max: 1.0e-2}
+    method: direct              # paper (default), raw or direct
+    compare_methods: true
     validation: {mode: split, fraction: 0.5, seed: 0}
     tracking: {experiment: qmag-ray, register_as: qmagface}
 """
@@ -18,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from qmag_ray.calibration.direct import DirectSearch
+from qmag_ray.calibration.fit import METHODS
 from qmag_ray.calibration.result import CalibrationGrid
 from qmag_ray.pairs.protocols import PairProtocol
 from qmag_ray.pairs.resolve import Match, Policy
@@ -141,7 +145,11 @@ class CalibrateConfig:
         protocol: its format (None: guessed from the file name).
         pair_mode: listed, generate, exhaustive, or auto (listed if ``pairs``, else generate).
         prefix, match: how pair names map onto the embeddings' ``path`` column.
-        method: calibration method (``paper``: the published algorithm).
+        method: calibration method: ``paper`` (the published algorithm, default), ``raw``
+            (the same search, thresholds on the raw adjusted score) or ``direct`` (alpha and
+            beta chosen for the mean log FNMR over the grid's FMRs; settings in ``direct``).
+        compare_methods: also fit every other method on the fit side and report all of them
+            on the held-out side (the chosen method's guard alone decides registration).
         shards: pair shards (Ray tasks); 0 picks two per CPU of the cluster.
         on_missing, on_bad, on_self, on_duplicate: what to do with pairs naming images not in
             the table, unusable (NaN/zero) embeddings, self-pairs and repeated pairs:
@@ -159,6 +167,8 @@ class CalibrateConfig:
     exhaustive: ExhaustiveConfig = field(default_factory=ExhaustiveConfig)
     grid: CalibrationGrid = field(default_factory=CalibrationGrid)
     method: str = "paper"
+    compare_methods: bool = False
+    direct: DirectSearch = field(default_factory=DirectSearch)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     shards: int = 0
     on_missing: Policy = Policy.ERROR
@@ -174,6 +184,11 @@ class CalibrateConfig:
             raise ValueError("output is required (a folder or URI for the results)")
         if self.shards < 0:
             raise ValueError(f"shards must be >= 0 (0: automatic), got {self.shards}")
+        if self.method not in METHODS:
+            raise ValueError(
+                f"method {self.method!r} is not a calibration method; use one of "
+                f"{', '.join(METHODS)}"
+            )
         mode = self.resolved_pair_mode
         if mode is PairMode.LISTED and not self.pairs:
             raise ValueError("pair_mode 'listed' needs pairs (a pair list URI)")

@@ -94,6 +94,35 @@ def validation_metrics(validation: Mapping[str, Any], prefix: str = "held_out") 
     passed = validation.get("guard", {}).get("passed")
     if passed is not None:
         out["guard_passed"] = float(bool(passed))
+    out.update(method_metrics(validation.get("methods"), prefix))
+    return out
+
+
+def method_metrics(
+    comparison: Mapping[str, Any] | None, prefix: str = "held_out"
+) -> dict[str, float]:
+    """Every method's alpha, beta and held-out figures (``--compare-methods``) as metrics:
+    ``methods.<m>.alpha``, ``<prefix>.methods.<m>.fnmr_at_fmr_<key>`` (target FMRs),
+    ``<prefix>.methods.<m>.eer`` and ``<prefix>.methods.<m>.guard_passed``."""
+    if not comparison:
+        return {}
+    out: dict[str, float] = {}
+    for method, fit in comparison["fits"].items():
+        out[f"methods.{method}.alpha"] = float(fit["alpha"])
+        out[f"methods.{method}.beta"] = float(fit["beta"])
+    for row in comparison.get("rows", []):
+        if row["target"]:
+            for method in comparison["methods"]:
+                if row[method] is not None:
+                    key = f"{prefix}.methods.{method}.fnmr_at_fmr_{fmr_key(row['fmr'])}"
+                    out[key] = float(row[method])
+    for method in comparison["methods"]:
+        value = comparison.get("eer", {}).get(method)
+        if value is not None:
+            out[f"{prefix}.methods.{method}.eer"] = float(value)
+        passed = comparison.get("guard", {}).get(method)
+        if passed is not None:
+            out[f"{prefix}.methods.{method}.guard_passed"] = float(bool(passed))
     return out
 
 

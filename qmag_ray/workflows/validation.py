@@ -7,7 +7,9 @@ target FMR by more than ``max(abs_tolerance, tolerance * cosine_fnmr)``: such a 
 become a candidate for champion. A target FMR ``f`` is judged only when the held-out impostors
 allow at least ``min_false_matches`` false matches there (``f * N_impostor``): below that the
 FNMR is decided by a handful of impostor scores, and the row is reported but noted as not
-judged. Plain numpy; the result is JSON-ready.
+judged. With ``--compare-methods`` every calibration method is measured the same way
+(``method_comparison``); the guard of the chosen method alone decides registration. Plain
+numpy; the result is JSON-ready.
 """
 
 from __future__ import annotations
@@ -176,4 +178,78 @@ def format_held_out(validation: dict[str, Any], *, targets_only: bool = True) ->
     verdict = {True: "PASSED", False: "FAILED", None: "NOT DECIDED"}[guard["passed"]]
     lines.append(f"guard (QMagFace not worse than cosine): {verdict}")
     lines += [f"  {r}" for r in guard["reasons"] if not r.startswith("PASS")]
+    return "\n".join(lines)
+
+
+def method_comparison(
+    comparisons: dict[str, dict[str, Any]],
+    calibrations: dict[str, QMagFaceCalibration],
+    chosen: str,
+) -> dict[str, Any]:
+    """Every method's held-out figures side by side (``--compare-methods``), JSON-ready.
+
+    ``comparisons`` maps each method to its ``held_out_comparison`` on the same held-out
+    pairs (an empty dict when there is no held-out side). Returns ``chosen``, ``fits``
+    (alpha, beta per method), ``rows`` (per FMR: ``fmr``, ``target``, ``cosine`` and one FNMR
+    per method), ``eer`` and ``guard`` (each method's verdict, for information: only the
+    chosen method's guard decides registration).
+    """
+    methods = list(calibrations)
+    fits = {m: {"alpha": c.alpha, "beta": c.beta} for m, c in calibrations.items()}
+    out: dict[str, Any] = {"chosen": chosen, "methods": methods, "fits": fits}
+    if not all(comparisons.get(m) for m in methods):
+        return {**out, "rows": [], "eer": {}, "guard": {}}
+    first = comparisons[methods[0]]
+    rows = []
+    for i, row in enumerate(first["rows"]):
+        entry = {"fmr": row["fmr"], "target": row["target"], "cosine": row["cosine_fnmr"]}
+        for m in methods:
+            other = comparisons[m]["rows"][i]
+            if other["fmr"] != row["fmr"]:
+                raise RuntimeError("held-out comparisons of the methods use different FMRs")
+            entry[m] = other["qmagface_fnmr"]
+        rows.append(entry)
+    eer = {"cosine": first["eer"]["cosine"]}
+    eer.update({m: comparisons[m]["eer"]["qmagface"] for m in methods})
+    guard = {m: comparisons[m]["guard"]["passed"] for m in methods}
+    return {
+        **out,
+        "n_genuine": first["n_genuine"],
+        "n_impostor": first["n_impostor"],
+        "rows": rows,
+        "eer": eer,
+        "guard": guard,
+    }
+
+
+def format_methods(comparison: dict[str, Any], *, targets_only: bool = True) -> str:
+    """The method comparison as a console table: cosine and one column per method."""
+    methods = comparison["methods"]
+    names = ["cosine", *methods]
+
+    def cells(values: list[str]) -> str:
+        return "  ".join(f"{v:>9}" for v in values)
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.3f}"
+
+    lines = [f"methods (fitted on the fit side; chosen: {comparison['chosen']}):"]
+    lines.append(f"{'':<14}  {cells(names)}")
+    fits = comparison["fits"]
+    for key in ("alpha", "beta"):
+        lines.append(f"{key:<14}  {cells(['-', *[f'{fits[m][key]:.5f}' for m in methods]])}")
+    rows = [r for r in comparison["rows"] if r["target"] or not targets_only]
+    if not rows:
+        lines.append("no held-out side: the methods are not compared on held-out pairs")
+        return "\n".join(lines)
+    lines.insert(
+        1,
+        f"held-out: {comparison['n_genuine']} genuine / {comparison['n_impostor']} impostor pairs",
+    )
+    lines.append(f"{'FNMR % @ FMR':<14}  " + "-" * (11 * len(names) - 2))
+    lines += [f"{r['fmr']:<14.0e}  {cells([pct(r[n]) for n in names])}" for r in rows]
+    lines.append(f"{'EER %':<14}  {cells([pct(comparison['eer'].get(n)) for n in names])}")
+    verdicts = {True: "PASSED", False: "FAILED", None: "-"}
+    guard = [verdicts[comparison["guard"].get(m)] for m in methods]
+    lines.append(f"{'guard':<14}  {cells(['', *guard])}")
     return "\n".join(lines)
