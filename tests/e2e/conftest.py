@@ -1,17 +1,16 @@
-"""Fixtures of the end-to-end tests: a moto S3 server process and a Ray head from ``ray start``.
+"""Fixtures of the end-to-end tests: a moto S3 server, a Ray head from ``ray start`` and an
+``mlflow server``, each a process of its own on 127.0.0.1 with free ports.
 
-Both are module-scoped and stopped when the module ends, also when a test fails. They are
-separate from the session's ``ray_cluster`` (``ray.init(address="local")`` in this process) and
-``s3_endpoint`` (a moto server thread in this process): the e2e tests use neither, and restore
-the S3 environment of this process when they are done.
+The three are launched together (``services``, once per module) so that they start in
+parallel, then each fixture waits for the one it gives; all are stopped when the module ends,
+also when a test or a start-up fails. They are separate from the session's ``ray_cluster``
+(``ray.init(address="local")`` in this process) and ``s3_endpoint`` (a moto thread in this
+process), which the e2e tests do not use; this process's S3 environment is restored afterwards.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -20,19 +19,33 @@ import pytest
 from e2e_support import (
     S3_TEST_ENV,
     RayHead,
-    base_env,
-    free_port,
-    start_ray_head,
-    stop_ray_head,
-    stop_tree,
+    Service,
+    launch_mlflow,
+    launch_moto,
+    launch_ray_head,
 )
+from mlflow_fixtures import MlflowServer
 
-S3_START_TIMEOUT = 60.0
+
+class Services(NamedTuple):
+    s3: Service
+    s3_endpoint: str
+    ray: RayHead
+    mlflow: Service
+    mlflow_uri: str
+    mlflow_root: Path
 
 
 class S3Server(NamedTuple):
     endpoint: str
     env: dict[str, str]  # what a job needs to reach it: endpoint and test credentials
+
+
+def _ready(service: Service) -> None:
+    try:
+        service.wait_ready()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
 
 
 def _clear_s3fs_cache() -> None:
@@ -42,48 +55,38 @@ def _clear_s3fs_cache() -> None:
     s3fs.S3FileSystem.clear_instance_cache()
 
 
-def _wait_for_s3(url: str, proc: subprocess.Popen, log: Path) -> None:
-    import time
-
-    deadline = time.monotonic() + S3_START_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"moto server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.3)
-    pytest.fail(f"moto server at {url} did not answer within {S3_START_TIMEOUT:.0f}s")
+@pytest.fixture(scope="module")
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
+    """Launch the three servers at once; stop every one that was launched, whatever happens."""
+    root = tmp_path_factory.mktemp("services")
+    (root / "mlflow").mkdir()
+    started: list[Service] = []
+    try:
+        s3, endpoint = launch_moto(root / "moto.log")
+        started.append(s3)
+        head = launch_ray_head(root / "ray-start.log")
+        started.append(head.service)
+        mlflow, uri = launch_mlflow(root / "mlflow")
+        started.append(mlflow)
+        yield Services(s3, endpoint, head, mlflow, uri, root / "mlflow")
+    finally:
+        for service in reversed(started):
+            service.stop()
 
 
 @pytest.fixture(scope="module")
-def e2e_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    """A moto S3 server as a process of its own on a free loopback port.
-
-    This process talks to it too (to prepare inputs and read results): the AWS variables are
-    set for the module and restored afterwards.
-    """
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    args = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            args, stdout=out, stderr=subprocess.STDOUT, env=base_env(), start_new_session=True
-        )
-    env = {**S3_TEST_ENV, "AWS_ENDPOINT_URL": endpoint}
+def e2e_s3(services: Services) -> Iterator[S3Server]:
+    """The moto S3 server. This process talks to it too (to prepare inputs and read
+    results): the AWS variables are set for the module and restored afterwards."""
+    _ready(services.s3)
+    env = {**S3_TEST_ENV, "AWS_ENDPOINT_URL": services.s3_endpoint}
     saved = {k: os.environ.get(k) for k in [*env, "AWS_SESSION_TOKEN"]}
+    os.environ.update(env)
+    os.environ.pop("AWS_SESSION_TOKEN", None)
+    _clear_s3fs_cache()
     try:
-        _wait_for_s3(f"{endpoint}/moto-api/", proc, log)
-        os.environ.update(env)
-        os.environ.pop("AWS_SESSION_TOKEN", None)
-        _clear_s3fs_cache()
-        yield S3Server(endpoint, env)
+        yield S3Server(services.s3_endpoint, env)
     finally:
-        stop_tree(proc)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -93,14 +96,14 @@ def e2e_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
-    """A Ray head (2 CPUs, job API on a free port, token authentication on), then stopped."""
-    log = tmp_path_factory.mktemp("ray-head") / "ray-start.log"
-    try:
-        head = start_ray_head(log)
-    except RuntimeError as exc:
-        pytest.fail(str(exc))
-    try:
-        yield head
-    finally:
-        stop_ray_head(head)
+def ray_head(services: Services) -> RayHead:
+    """The Ray head (2 CPUs, job API on a free port, token authentication on)."""
+    _ready(services.ray.service)
+    return services.ray
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(services: Services) -> MlflowServer:
+    """The ``mlflow server`` (SQLite backend, proxied artifacts under its root)."""
+    _ready(services.mlflow)
+    return MlflowServer(services.mlflow_uri, services.mlflow_root)

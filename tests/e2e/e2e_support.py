@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent  # not resolved: the venv's own bin directory
 RAY = str(VENV_BIN / "ray")
 
-HEAD_START_TIMEOUT = 120.0  # two shared cores: generous, but bounded
+START_TIMEOUT = 120.0  # two shared cores: generous, but bounded
 JOB_TIMEOUT = 300.0
 CLI_TIMEOUT = 60.0
 STOP_GRACE = 5.0
@@ -151,30 +151,51 @@ def stop_tree(proc: subprocess.Popen, marker: str | None = None) -> None:
         proc.wait(timeout=10)
 
 
-# ----------------------------------------------------------------------------- the Ray head
+# ----------------------------------------------------------------------------- services
 
 
 @dataclass
-class RayHead:
-    """A Ray head node started with ``ray start --head --block`` in a session of its own."""
+class Service:
+    """A server process started in a session of its own; ready once ``ready_url`` answers 200.
 
+    Services are launched first and waited for later, so that several start at once.
+    """
+
+    name: str
     proc: subprocess.Popen
-    temp_dir: Path
-    address: str  # the job API (dashboard) URL
-    token: str
+    ready_url: str
     log: Path
-
-    def cli_env(self, **extra: str) -> dict[str, str]:
-        """Environment for ``ray job ...``: token authentication with this head's token."""
-        return base_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token, **extra)
+    headers: dict[str, str] = field(default_factory=dict)
+    marker: str | None = None  # also stop every process naming this (see stop_tree)
+    scratch: Path | None = None  # removed when stopped
 
     def log_tail(self, chars: int = 4000) -> str:
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
         return text[-chars:]
 
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        """Poll ``ready_url``; RuntimeError with the log if the process exits or times out."""
+        deadline = time.monotonic() + timeout
+        while not _http_ok(self.ready_url, self.headers):
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}"
+                )
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"{self.name} did not answer at {self.ready_url} within {timeout:.0f}s:\n"
+                    f"{self.log_tail()}"
+                )
+            time.sleep(0.3)
 
-def _http_ok(url: str, token: str) -> bool:
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    def stop(self) -> None:
+        stop_tree(self.proc, self.marker)
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def _http_ok(url: str, headers: dict[str, str]) -> bool:
+    request = urllib.request.Request(url, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=3) as response:
             return response.status == 200
@@ -182,12 +203,68 @@ def _http_ok(url: str, token: str) -> bool:
         return False
 
 
-def start_ray_head(log: Path, *, object_store_mb: int = 150) -> RayHead:
-    """Start a 2-CPU Ray head with the dashboard (job API) on a free loopback port.
+def launch(name: str, args: list[str], log: Path, ready_url: str, env: dict[str, str], **kw):
+    """Start ``args`` in a new session with its output in ``log``; returns the Service."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    return Service(name, proc, ready_url, log, **kw)
+
+
+def launch_moto(log: Path) -> tuple[Service, str]:
+    """moto's standalone S3 server on a free loopback port; returns it and its endpoint."""
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    args = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    return launch("moto server", args, log, f"{endpoint}/moto-api/", base_env()), endpoint
+
+
+def launch_mlflow(root: Path) -> tuple[Service, str]:
+    """``mlflow server`` (SQLite backend, proxied local artifacts) on a free loopback port."""
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    args = [
+        str(VENV_BIN / "mlflow"),
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    return launch("mlflow server", args, root / "server.log", f"{uri}/health", base_env()), uri
+
+
+@dataclass
+class RayHead:
+    """A Ray head started with ``ray start --head --block``; its job API and token."""
+
+    service: Service
+    address: str  # the job API (dashboard) URL
+    token: str
+
+    def cli_env(self, **extra: str) -> dict[str, str]:
+        """Environment for ``ray job ...``: token authentication with this head's token."""
+        return base_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token, **extra)
+
+    def stop(self) -> None:
+        """Stop the head, its workers and its jobs' drivers; remove its temp dir."""
+        self.service.stop()
+
+
+def launch_ray_head(log: Path, *, object_store_mb: int = 150) -> RayHead:
+    """Launch a 2-CPU Ray head with the dashboard (job API) on a free loopback port.
 
     Token authentication stays on, with a token made for this head (``RAY_AUTH_TOKEN``), so
-    ``~/.ray/auth_token`` is neither read nor written. The temp dir is short: Ray's Unix socket
-    paths live under it. Raises RuntimeError (with the head's log) if it does not come up.
+    ``~/.ray/auth_token`` is neither read nor written. Every port is a free one and the temp
+    dir is a new, short one (Ray's Unix socket paths live under it), so this head shares
+    nothing with other Ray instances on the machine. Ready when the job API answers.
     """
     temp_dir = Path(tempfile.mkdtemp(prefix="qre-", dir="/tmp"))
     token = secrets.token_hex(32)
@@ -217,33 +294,18 @@ def start_ray_head(log: Path, *, object_store_mb: int = 150) -> RayHead:
         f"--temp-dir={temp_dir}",
         *(f"{flag}={port}" for flag, port in ports.items()),
     ]
-    env = base_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    head = RayHead(proc, temp_dir, f"http://127.0.0.1:{dashboard_port}", token, log)
-    deadline = time.monotonic() + HEAD_START_TIMEOUT
-    try:
-        while not _http_ok(f"{head.address}/api/jobs/", token):
-            if proc.poll() is not None:
-                raise RuntimeError(f"ray start exited with {proc.returncode}:\n{head.log_tail()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"the Ray job API at {head.address} did not answer within "
-                    f"{HEAD_START_TIMEOUT:.0f}s:\n{head.log_tail()}"
-                )
-            time.sleep(0.5)
-    except BaseException:
-        stop_ray_head(head)
-        raise
-    return head
-
-
-def stop_ray_head(head: RayHead) -> None:
-    """Stop the head, its workers and its jobs' drivers; remove its temp dir."""
-    stop_tree(head.proc, f"{head.temp_dir}/")
-    shutil.rmtree(head.temp_dir, ignore_errors=True)
+    address = f"http://127.0.0.1:{dashboard_port}"
+    service = launch(
+        "ray start --head",
+        args,
+        log,
+        f"{address}/api/jobs/",
+        base_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token),
+        headers={"Authorization": f"Bearer {token}"},
+        marker=f"{temp_dir}/",
+        scratch=temp_dir,
+    )
+    return RayHead(service, address, token)
 
 
 # ----------------------------------------------------------------------------- jobs
