@@ -30,7 +30,8 @@ class EmbedConfig:
         batch_size: images per forward pass.
         read_cpus: CPUs reserved by each read-and-decode task (small, so that decoding can
             always be scheduled next to the actors).
-        read_block_rows: inputs per read task.
+        read_block_rows: inputs per read task, which is also the granularity at which results
+            come back (default: ``batch_size``).
         mixed_precision: autocast the forward pass on GPU (ignored on CPU).
         amp_dtype: ``float16`` or ``bfloat16`` for mixed precision.
         channels_last: channels-last memory format for the network and its input.
@@ -56,7 +57,7 @@ class EmbedConfig:
     threads_per_actor: int | None = None
     batch_size: int = 64
     read_cpus: float = 0.25
-    read_block_rows: int = 256
+    read_block_rows: int | None = None
     mixed_precision: bool = False
     amp_dtype: str = "float16"
     channels_last: bool = False
@@ -77,7 +78,7 @@ class EmbedConfig:
                 raise ValueError(f"{name} is required")
         positive = ("actors", "batch_size", "read_block_rows", "rows_per_part")
         for name in positive:
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.threads_per_actor is not None and self.threads_per_actor < 1:
             raise ValueError(f"threads_per_actor must be at least 1, got {self.threads_per_actor}")
@@ -94,6 +95,11 @@ class EmbedConfig:
             raise ValueError(f"amp_dtype must be float16 or bfloat16, got {self.amp_dtype!r}")
         if self.progress_seconds <= 0:
             raise ValueError(f"progress_seconds must be positive, got {self.progress_seconds}")
+
+    @property
+    def block_rows(self) -> int:
+        """Inputs per read task."""
+        return self.read_block_rows or self.batch_size
 
     @property
     def torch_threads(self) -> int:

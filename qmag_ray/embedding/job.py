@@ -103,7 +103,7 @@ def _check_resources(config: EmbedConfig) -> None:
 def _dataset(config: EmbedConfig, todo: pd.DataFrame, root: str):  # noqa: ANN202 - ray Dataset
     import ray
 
-    step = config.read_block_rows
+    step = config.block_rows
     blocks = [todo.iloc[i : i + step].reset_index(drop=True) for i in range(0, len(todo), step)]
     ds = ray.data.from_pandas(blocks)
     ds = ds.map_batches(
@@ -297,6 +297,7 @@ def _settings(config: EmbedConfig, inputs: Inputs) -> dict[str, Any]:
         "threads_per_actor": config.torch_threads,
         "batch_size": config.batch_size,
         "read_cpus": config.read_cpus,
+        "read_block_rows": config.block_rows,
         "mixed_precision": config.mixed_precision,
         "amp_dtype": config.amp_dtype,
         "channels_last": config.channels_last,
