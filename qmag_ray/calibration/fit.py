@@ -22,7 +22,6 @@ import numpy as np
 
 from qmag_ray.calibration.direct import (
     MAX_TAIL_VALUES,
-    DirectFit,
     DirectSearch,
     direct_search,
     evaluate_candidates,
@@ -187,8 +186,16 @@ def run_calibration(
     logger.info("calibration: alpha=%.6f beta=%.6f (%s line fit)", alpha, beta, method)
     method_extra: dict[str, object] = {}
     if method == "direct":
-        max_q = float(source.max_quality())
-        found = _direct(executor, (alpha, beta), max_q, grid, fmrs, (n_gen, n_imp), direct)
+        # Candidates' tails have the size of the weights' tails: both serve FMR <= fmr_max.
+        found = direct_search(
+            lambda candidates: executor.evaluate_candidates(candidates, k, fmrs),
+            (alpha, beta),
+            float(source.max_quality()),
+            grid.max_ratio,
+            n_gen,
+            direct or DirectSearch(),
+            progress=lambda text: logger.info("calibration: direct %s", text),
+        )
         alpha, beta = found.alpha, found.beta
         method_extra["direct"] = found.record()
         logger.info("calibration: direct alpha=%.6f beta=%.6f", alpha, beta)
@@ -231,28 +238,6 @@ def run_calibration(
             "threshold_convention": "match iff qmagface score >= threshold; FMR <= target",
             **method_extra,
         },
-    )
-
-
-def _direct(
-    executor: Executor,
-    paper: tuple[float, float],
-    max_quality: float,
-    grid: CalibrationGrid,
-    fmrs: np.ndarray,
-    counts: tuple[int, int],
-    settings: DirectSearch | None,
-) -> DirectFit:
-    """The ``direct`` search, every candidate evaluated exactly by ``executor``."""
-    k = tail_size(counts[1], grid.fmr_max)
-    return direct_search(
-        lambda candidates: executor.evaluate_candidates(candidates, k, fmrs),
-        paper,
-        max_quality,
-        grid.max_ratio,
-        counts[0],
-        settings or DirectSearch(),
-        progress=lambda text: logger.info("calibration: direct %s", text),
     )
 
 
