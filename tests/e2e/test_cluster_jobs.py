@@ -36,7 +36,6 @@ from e2e_support import (
     RayHead,
     base_env,
     cli_job_logs,
-    ray_cli,
     run_on_cluster,
     runtime_env_file,
 )
@@ -96,7 +95,8 @@ def put_yaml(uri: str, data: dict) -> str:
 
 
 def test_cluster_refuses_a_submitter_without_its_token(ray_head: RayHead) -> None:
-    """Token authentication is on, as on users' clusters: a wrong token is turned away."""
+    """Token authentication is on, as on users' clusters: a wrong token is turned away (the
+    jobs below are submitted with the right one)."""
     result = subprocess.run(
         [RAY, "job", "list", "--address", ray_head.address],
         env=base_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 64),
@@ -106,8 +106,7 @@ def test_cluster_refuses_a_submitter_without_its_token(ray_head: RayHead) -> Non
         check=False,
     )
     assert result.returncode != 0
-    assert "Invalid authentication token" in result.stdout + result.stderr
-    assert ray_cli(ray_head, "list", "--address", ray_head.address).returncode == 0
+    assert "invalid authentication token" in (result.stdout + result.stderr).lower()
 
 
 @pytest.fixture(scope="module")
@@ -222,6 +221,9 @@ def test_calibrate_job_logs_to_mlflow_and_registers_the_scorer(
     embed_run: tuple[JobRun, str],
     bucket: str,
 ) -> None:
+    """The calibrate job on the embed job's output: alpha and beta fitted in Ray tasks of the
+    cluster, the run recorded in the MLflow server and the scorer registered there, which a
+    consumer then loads from the registry and scores with."""
     from qmag_ray.calibration.result import QMagFaceCalibration
 
     assert embed_run[0].status == "SUCCEEDED", embed_run[0].describe()
@@ -241,7 +243,8 @@ def test_calibrate_job_logs_to_mlflow_and_registers_the_scorer(
     assert "attaching to the cluster of RAY_ADDRESS" in run.logs, run.describe()
 
     written = QMagFaceCalibration.from_file(f"{output}calibration.json")
-    assert written.n_genuine > 0 and written.n_impostor >= 1000
+    # 40 identities x C(6, 2) genuine pairs, 5 impostors per side of each
+    assert (written.n_genuine, written.n_impostor) == (600, 6000)
     (version,) = versions(mlflow_server, "qmagface")
     mlflow_run = client(mlflow_server).get_run(version.run_id)
     assert mlflow_run.info.status == "FINISHED"
@@ -274,6 +277,7 @@ def test_calibrate_job_logs_to_mlflow_and_registers_the_scorer(
         ("bad-key", "unknown field(s) fmr_minimum for CalibrateConfig.grid"),
         ("no-bucket", "not found: s3://qmag-e2e-no-such-bucket/embeddings/ does not exist"),
     ],
+    ids=["bad-key", "no-bucket"],
 )
 def test_failing_job_ends_failed_with_the_reason_and_registers_nothing(
     case: str,
