@@ -325,8 +325,9 @@ class JobRun:
     def describe(self, chars: int = 6000) -> str:
         """The job's id, status and the end of its logs, for assertion messages."""
         return (
-            f"job {self.submission_id}: status {self.status}, `ray job submit` exit code "
-            f"{self.returncode}; end of its output:\n{self.output[-chars:]}"
+            f"job {self.submission_id}: status {self.status} after {self.seconds:.0f}s, "
+            f"`ray job submit` exit code {self.returncode}; end of its output:\n"
+            f"{self.output[-chars:]}"
         )
 
 
@@ -408,10 +409,12 @@ def run_on_cluster(
     try:
         result = ray_cli(head, *args, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
-        ray_cli(head, "stop", "--address", head.address, submission_id)
+        logs = "(not available)"
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            ray_cli(head, "stop", "--address", head.address, submission_id)
+            logs = job_logs(head, submission_id)[-6000:]
         raise RuntimeError(
-            f"job {submission_id} did not finish within {timeout:.0f}s; its logs:\n"
-            f"{job_logs(head, submission_id)[-6000:]}"
+            f"job {submission_id} did not finish within {timeout:.0f}s; its logs:\n{logs}"
         ) from exc
     output = _strip_ansi(result.stdout + result.stderr)
     return JobRun(
