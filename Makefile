@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test lint bench-embed bench-calibrate clean
+.PHONY: install test lint demo clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,3 +31,9 @@ lint: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# The whole system on embedded defaults: synthetic faces, embeddings with the bundled demo model
+# on a local Ray, calibration + held-out evaluation, MLflow (demo-out/mlflow.db), champion alias.
+demo: install
+	rm -rf demo-out
+	PATH="$(abspath $(BIN)):$$PATH" RAY_USAGE_STATS_ENABLED=0 $(BIN)/qmag-ray demo --output demo-out

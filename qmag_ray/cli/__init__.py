@@ -8,4 +8,6 @@ from qmag_ray.cli import calibrate as _calibrate  # noqa: F401  (registers `qmag
 from qmag_ray.cli import evaluate as _evaluate  # noqa: F401  (registers `qmag-ray evaluate`)
 from qmag_ray.cli import recalibrate as _recalibrate  # noqa: F401  (`qmag-ray recalibrate`)
 
+from qmag_ray.cli import demo as _demo  # noqa: F401  (registers `qmag-ray demo`)
+
 __all__ = ["app"]
