@@ -23,7 +23,7 @@ from qmag_ray.embedding import EmbedConfig, run_embed
 from qmag_ray.embeddings import load_embeddings
 from qmag_ray.model import create_backbone, save_checkpoint
 from qmag_ray.synth import SynthSpec, write_dataset
-from qmag_ray.tracking.recalibrate_config import RecalibrateConfig
+from qmag_ray.workflows.recalibrate_config import RecalibrateConfig
 
 DIM_ARCH = "iresnet-demo"
 
@@ -96,8 +96,8 @@ def test_three_recalibrations(ray_cluster: None, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
     from qmag_ray.cli import app
-    from qmag_ray.tracking.recalibrate import TAG_INPUTS, run_recalibration
     from qmag_ray.tracking.registry import CHALLENGER, CHAMPION, alias_version
+    from qmag_ray.workflows.recalibrate import TAG_INPUTS, run_recalibration
 
     torch.manual_seed(0)
     save_checkpoint(create_backbone(DIM_ARCH).eval(), str(tmp_path / "demo.pth"), DIM_ARCH)

@@ -66,7 +66,7 @@ def recalibrate(
 ) -> None:
     """Scheduled recalibration with a champion/challenger gate (idempotent on unchanged data)."""
     from qmag_ray.cli import _support as support
-    from qmag_ray.tracking.recalibrate_config import RecalibrateConfig
+    from qmag_ray.workflows.recalibrate_config import RecalibrateConfig
 
     given: dict[str, Any] = {
         "images": images,
@@ -94,7 +94,7 @@ def recalibrate(
     support.prepare_tracking(cfg.tracking.tracking_uri)
     address = support.connect(ray_address)
     from qmag_ray.embedding.config import EmbedError
-    from qmag_ray.tracking.recalibrate import run_recalibration
+    from qmag_ray.workflows.recalibrate import run_recalibration
 
     try:
         outcome = support.guarded(

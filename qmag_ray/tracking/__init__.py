@@ -4,6 +4,7 @@ Modules: ``uri`` (tracking URI and reachability), ``sanitize`` (no credentials r
 ``runs`` (run logging), ``scorer`` (the pyfunc model) and ``pyfunc_entry`` (its models-from-code
 file), ``registry`` (versions and aliases), ``consumer`` (loading the scorer in services),
 ``gate`` (champion/challenger decision, pure Python), ``promotion`` (the gate applied to the
-registry), ``recalibrate`` with ``recalibrate_config`` and ``recalibrate_inputs`` (scheduled
-recalibration). Nothing is imported here: MLflow loads only when a module that needs it is used.
+registry). Scheduled recalibration, which drives these, is a workflow
+(``qmag_ray.workflows.recalibrate``). Nothing is imported here: MLflow loads only when a module
+that needs it is used.
 """

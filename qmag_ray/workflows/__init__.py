@@ -1,8 +1,10 @@
-"""Workflows behind ``qmag-ray calibrate`` and ``qmag-ray evaluate``: library functions that
-load embeddings and pairs, fit or score, validate and write result files.
+"""Workflows behind ``qmag-ray calibrate``, ``evaluate`` and ``recalibrate``: library functions
+that load embeddings and pairs, fit or score, validate and write result files.
 
-They never read argv or the environment, connect to Ray or record to MLflow: entry points do
-(``qmag_ray.cli``). Public names resolve on first use, so importing this package is cheap.
+They never read argv or the environment or connect to Ray: entry points do (``qmag_ray.cli``).
+Calibrate and evaluate do not record to MLflow either (their commands do); ``recalibrate`` exists
+to drive the registry (challenger, gate, champion) and does so through ``qmag_ray.tracking``.
+Public names resolve on first use, so importing this package is cheap.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ _LAZY = {
     "EvaluationOutcome": "qmag_ray.workflows.evaluate",
     "run_evaluation": "qmag_ray.workflows.evaluate",
     "WorkflowError": "qmag_ray.workflows.sides",
+    "RecalibrateConfig": "qmag_ray.workflows.recalibrate_config",
+    "run_recalibration": "qmag_ray.workflows.recalibrate",
 }
 
 __all__ = list(_LAZY)

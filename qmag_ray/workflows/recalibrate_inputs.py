@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from qmag_ray import storage
-from qmag_ray.tracking.recalibrate_config import RecalibrateConfig
+from qmag_ray.workflows.recalibrate_config import RecalibrateConfig
 
 if TYPE_CHECKING:
     from qmag_ray.embedding.output import EmbedSummary

@@ -27,14 +27,6 @@ from typing import TYPE_CHECKING, Any
 from qmag_ray import storage
 from qmag_ray.tracking.gate import GateDecision
 from qmag_ray.tracking.promotion import Promotion, promote_if_better
-from qmag_ray.tracking.recalibrate_config import RecalibrateConfig
-from qmag_ray.tracking.recalibrate_inputs import (
-    RecalibrationError,
-    check_holdout_model,
-    embed_new_images,
-    inputs_fingerprint,
-    parts_folder,
-)
 from qmag_ray.tracking.registry import (
     CHALLENGER,
     CHAMPION,
@@ -45,6 +37,14 @@ from qmag_ray.tracking.registry import (
     tag_version,
 )
 from qmag_ray.tracking.runs import TrackedRun, tracked_run
+from qmag_ray.workflows.recalibrate_config import RecalibrateConfig
+from qmag_ray.workflows.recalibrate_inputs import (
+    RecalibrationError,
+    check_holdout_model,
+    embed_new_images,
+    inputs_fingerprint,
+    parts_folder,
+)
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
