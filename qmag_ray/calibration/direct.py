@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from qmag_ray.calibration.search import operating_points
-from qmag_ray.calibration.tails import TailSummary, TopK, _chunks
+from qmag_ray.calibration.tails import TailSummary, summarize_blocks
 from qmag_ray.pairs.source import PairBlock
 from qmag_ray.scores import qmagface_score
 
@@ -89,28 +89,7 @@ def summarize_candidates(
 ) -> TailSummary:
     """Stream pair blocks into per-candidate impostor tails (top ``k``) and genuine pairs."""
     candidates = np.asarray(candidates, np.float64).reshape(-1, 2)
-    tops = [TopK(k) for _ in candidates]
-    gen_c: list[np.ndarray] = []
-    gen_q: list[np.ndarray] = []
-    n_imp = 0
-    for block in _chunks(blocks):
-        imp = np.asarray(block.label) == 0
-        cos = np.asarray(block.cosine, np.float64)
-        q = np.asarray(block.quality, np.float64)
-        gen_c.append(cos[~imp])
-        gen_q.append(q[~imp])
-        if imp.any():
-            n_imp += int(imp.sum())
-            cos_i, q_i = cos[imp], q[imp]
-            for candidate, top in zip(candidates, tops, strict=True):
-                top.add(candidate_scores(cos_i, q_i, candidate))
-    summary = TailSummary.empty(candidates, k)
-    summary.n_impostor = n_imp
-    summary.tails = [top.values() for top in tops]
-    if gen_c:
-        summary.genuine_cosine = np.concatenate(gen_c)
-        summary.genuine_quality = np.concatenate(gen_q)
-    return summary
+    return summarize_blocks(blocks, candidates, k, score=candidate_scores)
 
 
 def evaluate_candidates(

@@ -10,8 +10,9 @@ values kept). Memory is the tails plus the genuine pairs, never the number of pa
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -125,8 +126,17 @@ def _chunks(blocks: Iterable[PairBlock]) -> Iterator[PairBlock]:
             yield PairBlock(block.cosine[a:b], block.quality[a:b], block.label[a:b])
 
 
-def summarize_blocks(blocks: Iterable[PairBlock], weights: np.ndarray, k: int) -> TailSummary:
-    """Stream pair blocks into a ``TailSummary``: per-weight impostor tails, genuine pairs."""
+def summarize_blocks(
+    blocks: Iterable[PairBlock],
+    weights: np.ndarray,
+    k: int,
+    score: Callable[[np.ndarray, np.ndarray, Any], np.ndarray] = weighted_logits,
+) -> TailSummary:
+    """Stream pair blocks into a ``TailSummary``: per-weight impostor tails, genuine pairs.
+
+    ``score(cosine, quality, weight)`` gives the impostor scores under one weight (the paper's
+    weighted logits by default); the direct fit passes its own score for ``(alpha, beta)`` rows.
+    """
     weights = np.asarray(weights, np.float64)
     tops = [TopK(k) for _ in weights]
     gen_c: list[np.ndarray] = []
@@ -142,7 +152,7 @@ def summarize_blocks(blocks: Iterable[PairBlock], weights: np.ndarray, k: int) -
             n_imp += int(imp.sum())
             cos_i, q_i = cos[imp], q[imp]
             for w, top in zip(weights, tops, strict=True):
-                top.add(weighted_logits(cos_i, q_i, w))
+                top.add(score(cos_i, q_i, w))
     summary = TailSummary.empty(weights, k)
     summary.n_impostor = n_imp
     summary.tails = [top.values() for top in tops]
