@@ -416,7 +416,7 @@ def test_actor_pool_that_would_starve_decoding_is_refused(
     save_checkpoint(demo_model(), str(tmp_path / "m.pth"), "iresnet-demo")
     base = {"images": str(tmp_path / "imgs"), "model": str(tmp_path / "m.pth")}
     cases = [
-        ({"actors": 2}, r"2 actor\(s\) x 1 CPU plus 0.25 CPU for reading need 2.25 CPUs"),
+        ({"actors": 2}, r"2 actor\(s\) x 1 CPU plus 1 CPU for reading need 3 CPUs"),
         ({"gpus_per_actor": 1.0}, r"need 1 GPUs but the Ray cluster has 0"),
     ]
     for extra, message in cases:

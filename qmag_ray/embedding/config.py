@@ -28,8 +28,10 @@ class EmbedConfig:
         threads_per_actor: torch CPU threads in each actor (default: ``cpus_per_actor``
             rounded up); only matters without a GPU.
         batch_size: images per forward pass.
-        read_cpus: CPUs reserved by each read-and-decode task (small, so that decoding can
-            always be scheduled next to the actors).
+        read_cpus: CPUs reserved by each read-and-decode task. The pool is refused unless
+            ``actors * cpus_per_actor + read_cpus`` fits the cluster, so decoding can always
+            run next to the actors. One CPU per task (decoding is CPU-bound) also keeps the
+            number of worker processes, and their start-up cost, low on small machines.
         read_block_rows: inputs per read task, which is also the granularity at which results
             come back (default: ``batch_size``).
         mixed_precision: autocast the forward pass on GPU (ignored on CPU).
@@ -56,7 +58,7 @@ class EmbedConfig:
     cpus_per_actor: float = 1.0
     threads_per_actor: int | None = None
     batch_size: int = 64
-    read_cpus: float = 0.25
+    read_cpus: float = 1.0
     read_block_rows: int | None = None
     mixed_precision: bool = False
     amp_dtype: str = "float16"

@@ -16,7 +16,10 @@ process and with the same torch threads and batch size:
 3. runs it on M and ``--scale`` x M images and compares the peak memory (proportional set size
    of this process and every Ray process it started, sampled every 0.2 s).
 
-The machine should be otherwise idle: the load average is printed with each figure.
+The machine should be otherwise idle: the load average is printed with each figure. On a
+shared machine the wall-clock ratio is noisy; the CPU efficiency (CPU-seconds per image of the
+bare forward over those of every process of the job) is the load-independent view of the
+job's overhead, most telling with ``--threads 1``.
 """
 
 from __future__ import annotations
@@ -72,6 +75,20 @@ def pss_bytes(pid: int) -> int:
     return 0
 
 
+def tree_cpu_seconds(root: int) -> float:
+    """User + system CPU time of ``root`` and its descendants (and their reaped children)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in process_tree(root):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(x) for x in fields[11:15])  # utime, stime, cutime, cstime
+    return total / tick
+
+
 class PeakMemory:
     """Samples the total PSS of this process tree in a background thread."""
 
@@ -103,16 +120,20 @@ def make_tree(root: Path, n: int, per_identity: int = 50) -> None:
         (folder / f"{k:07d}.jpg").write_bytes(faces[k % 10])
 
 
-def bare_forward(model: torch.nn.Module, batches: list[np.ndarray], threads: int) -> float:
-    """Images/s of the forward pass alone on decoded uint8 batches (input conversion included)."""
+def bare_forward(
+    model: torch.nn.Module, batches: list[np.ndarray], threads: int
+) -> tuple[float, float]:
+    """Images/s and CPU-seconds per image of the forward pass alone on decoded uint8 batches
+    (input conversion included)."""
     torch.set_num_threads(threads)
+    n = sum(len(b) for b in batches)
     with torch.inference_mode():
         model(torch.from_numpy(to_input(batches[0])))  # warm-up
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for batch in batches:
             model(torch.from_numpy(to_input(batch)))
-        elapsed = time.perf_counter() - start
-    return sum(len(b) for b in batches) / elapsed
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return n / elapsed, cpu / n
 
 
 def main() -> None:
@@ -126,7 +147,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray cluster")
-    parser.add_argument("--read-cpus", type=float, default=0.25)
+    parser.add_argument("--read-cpus", type=float, default=1.0)
     parser.add_argument("--bare-images", type=int, default=256, help="images per bare timing")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
@@ -145,7 +166,7 @@ def main() -> None:
         step = args.batch_size
         batches = [decoded[i : i + step] for i in range(0, args.bare_images, step)]
 
-        def job(n: int) -> tuple[float, int]:
+        def job(n: int) -> tuple[float, int, float]:
             tree = work / f"images-{n}"
             if not tree.exists():
                 make_tree(tree, n)
@@ -161,8 +182,10 @@ def main() -> None:
                 batch_size=args.batch_size,
                 read_cpus=args.read_cpus,
             )
+            cpu = tree_cpu_seconds(os.getpid())
             with PeakMemory() as mem:
                 summary = run_embed(cfg)
+            cpu_per_image = (tree_cpu_seconds(os.getpid()) - cpu) / n
             assert summary.embedded == summary.inputs, summary.line()
             t = summary.timings
             steady = (summary.inputs - t["first_result_images"]) / max(
@@ -173,29 +196,36 @@ def main() -> None:
                 f"{summary.wall_seconds:.1f} s wall (checks before Ray work "
                 f"{summary.wall_seconds - t['pipeline_seconds']:.1f} s, first result after "
                 f"{t['first_result_seconds']:.1f} s, then {steady:.2f} images/s); "
-                f"peak memory {mem.peak / 2**20:.0f} MiB; load average {os.getloadavg()[0]:.1f}",
+                f"{cpu_per_image:.3f} CPU-s/image (all processes); peak memory "
+                f"{mem.peak / 2**20:.0f} MiB; load average {os.getloadavg()[0]:.1f}",
                 flush=True,
             )
-            return summary.images_per_second, mem.peak
+            return summary.images_per_second, mem.peak, cpu_per_image
 
         print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
         connect_ray(None, num_cpus=args.cpus)
         peaks: dict[int, int] = {}
         if args.images:
-            bare_before = bare_forward(model, batches, args.threads)
+            bare_before, cpu_before = bare_forward(model, batches, args.threads)
             print(
                 f"bare forward ({args.arch}, {args.threads} threads, batch {args.batch_size}): "
-                f"{bare_before:.2f} images/s",
+                f"{bare_before:.2f} images/s, {cpu_before:.3f} CPU-s/image; load average "
+                f"{os.getloadavg()[0]:.1f}",
                 flush=True,
             )
-            job_rate, peaks[args.images] = job(args.images)
-            bare_after = bare_forward(model, batches, args.threads)
-            print(f"bare forward again: {bare_after:.2f} images/s")
+            job_rate, peaks[args.images], job_cpu = job(args.images)
+            bare_after, cpu_after = bare_forward(model, batches, args.threads)
+            print(
+                f"bare forward again: {bare_after:.2f} images/s, {cpu_after:.3f} CPU-s/image; "
+                f"load average {os.getloadavg()[0]:.1f}"
+            )
             bare = (bare_before + bare_after) / 2
+            bare_cpu = (cpu_before + cpu_after) / 2
             print(
                 f"RATIO job/bare ({args.arch}, N={args.images}, {args.threads} threads, batch "
                 f"{args.batch_size}): {job_rate / bare:.3f} (bare {bare:.2f} images/s, job "
-                f"{job_rate:.2f} images/s)"
+                f"{job_rate:.2f} images/s); CPU efficiency bare/job CPU-s per image "
+                f"{bare_cpu / job_cpu:.3f}"
             )
         if m_images:
             for n in (m_images, m_images * args.scale):
