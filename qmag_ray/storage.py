@@ -77,9 +77,11 @@ def atomic_open(uri: str) -> Iterator[IO[bytes]]:
     """Open ``uri`` for binary writing; the file appears under its name only when complete."""
     fs, path = filesystem(uri)
     parent = posixpath.dirname(path)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
     if protocol(uri) == "file":
+        # Only local folders are created: on object stores "folders" are implicit, and s3fs's
+        # makedirs would create a missing (say, misspelt) bucket instead of failing.
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
         tmp = posixpath.join(parent, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
         try:
             with fs.open(tmp, "wb") as f:

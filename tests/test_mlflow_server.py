@@ -138,6 +138,39 @@ def test_champion_loads_by_alias_in_a_fresh_process(
     assert out["version"] == "1" and out["alpha"] == champion.alpha
 
 
+def test_helper_loads_with_an_explicit_tracking_uri_only(
+    champion: QMagFaceCalibration,
+    mlflow_server: MlflowServer,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Regression: with ``tracking_uri=`` given and no MLFLOW_TRACKING_URI, the ``models:/``
+    download fell back to ``sqlite:///mlflow.db`` in the working directory (creating it) and
+    failed with "Registered Model ... not found"."""
+    script = textwrap.dedent(
+        """
+        import sys
+        from qmag_ray.tracking.consumer import load_scorer
+
+        scorer = load_scorer("models:/qmagface@champion", tracking_uri=sys.argv[1])
+        print(scorer.version, scorer.calibration.alpha)
+        """
+    )
+    env = subprocess_env()
+    env.pop("MLFLOW_TRACKING_URI", None)
+    done = subprocess.run(
+        [str(VENV_BIN / "python"), "-c", script, mlflow_server.uri],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    version, alpha = done.stdout.strip().splitlines()[-1].split()
+    assert version == "1" and float(alpha) == champion.alpha
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 def test_gate_moves_the_alias_only_for_a_better_challenger(server: str) -> None:
     name = "qmagface-gate"
     figures = {}

@@ -125,15 +125,24 @@ def load_scorer(
     import mlflow.artifacts
     import mlflow.pyfunc
 
+    registry_uri = registry_uri or tracking_uri
     resolved, version = resolve_model_uri(
-        model_uri, tracking_uri=tracking_uri, registry_uri=registry_uri or tracking_uri
+        model_uri, tracking_uri=tracking_uri, registry_uri=registry_uri
     )
+    if version is not None and tracking_uri is not None:
+        # MLflow resolves a models:/ URI with its default client, which ignores the tracking
+        # URI given here; ask the named registry for the version's artifact location instead.
+        from mlflow import MlflowClient
+
+        name = resolved.removeprefix("models:/").rsplit("/", 1)[0]
+        named = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
+        resolved = named.get_model_version_download_uri(name, version)
     with tempfile.TemporaryDirectory(prefix="qmag-scorer-") as tmp:
         local = mlflow.artifacts.download_artifacts(
             artifact_uri=resolved,
             dst_path=tmp,
             tracking_uri=tracking_uri,
-            registry_uri=registry_uri or tracking_uri,
+            registry_uri=registry_uri,
         )
         model = mlflow.pyfunc.load_model(local).unwrap_python_model()
     if not isinstance(model, QMagFaceScorerModel) or model.calibration is None:
