@@ -9,6 +9,7 @@ or logs them.
 from __future__ import annotations
 
 import hashlib
+import os
 import posixpath
 import uuid
 from collections.abc import Iterator
@@ -49,6 +50,14 @@ def unstrip(uri: str, fs_path: str) -> str:
     """Turn a protocol-stripped path of ``uri``'s filesystem back into a full URI."""
     proto = protocol(uri)
     return fs_path if proto == "file" else f"{proto}://{fs_path}"
+
+
+def absolute(uri: str) -> str:
+    """``uri`` with a local relative path made absolute (for work shipped to other processes,
+    whose working directory differs); other URIs unchanged."""
+    if protocol(uri) != "file":
+        return uri
+    return os.path.abspath(uri.removeprefix("file://"))
 
 
 def exists(uri: str) -> bool:

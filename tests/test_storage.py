@@ -46,3 +46,14 @@ def test_redact_removes_user_and_password() -> None:
     assert storage.redact("s3://ak:secret@bucket/k") == "s3://bucket/k"
     assert storage.redact("http://u:p@host:5000/x") == "http://host:5000/x"
     assert storage.redact("/local/path") == "/local/path"
+
+
+def test_absolute_makes_local_relative_paths_absolute_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: `qmag-ray train --init-checkpoint rel/path.pth` failed inside Ray Train's
+    workers, whose working directory differs; the trainer now ships absolute local paths."""
+    monkeypatch.chdir(tmp_path)
+    assert storage.absolute("ckpt/model.pth") == str(tmp_path / "ckpt" / "model.pth")
+    assert storage.absolute("/abs/model.pth") == "/abs/model.pth"
+    assert storage.absolute("s3://bucket/model.pth") == "s3://bucket/model.pth"

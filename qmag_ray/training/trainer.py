@@ -7,9 +7,9 @@ is checked before any worker starts, so a wrong path fails in seconds.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -53,9 +53,7 @@ def _validate(config: TrainConfig) -> tuple[int, int]:
 
 
 def _ray_storage(output: str) -> str:
-    if storage.protocol(output) == "file":
-        return os.path.abspath(storage.join(output, "_ray"))
-    return storage.join(output, "_ray")
+    return storage.absolute(storage.join(output, "_ray"))
 
 
 def train(config: TrainConfig, *, run_name: str | None = None) -> TrainResult:
@@ -67,6 +65,15 @@ def train(config: TrainConfig, *, run_name: str | None = None) -> TrainResult:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    # Workers run in other working directories: ship absolute local paths.
+    config = dataclasses.replace(
+        config,
+        data=storage.absolute(config.data),
+        output=storage.absolute(config.output),
+        init_checkpoint=storage.absolute(config.init_checkpoint)
+        if config.init_checkpoint
+        else None,
+    )
     num_classes, num_images = _validate(config)
     logger.info(
         "training %s on %d images of %d identities with %d worker(s)",
