@@ -171,7 +171,7 @@ def main() -> None:
         step = args.batch_size
         batches = [decoded[i : i + step] for i in range(0, args.bare_images, step)]
 
-        def job(n: int) -> tuple[float, int, float]:
+        def job(n: int) -> dict[str, float]:
             tree = work / f"images-{n}"
             if not tree.exists():
                 make_tree(tree, n)
@@ -205,7 +205,12 @@ def main() -> None:
                 f"{mem.peak / 2**20:.0f} MiB; load average {os.getloadavg()[0]:.1f}",
                 flush=True,
             )
-            return summary.images_per_second, mem.peak, cpu_per_image
+            return {
+                "rate": summary.images_per_second,
+                "steady": steady,
+                "peak": mem.peak,
+                "cpu": cpu_per_image,
+            }
 
         print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
         connect_ray(None, num_cpus=args.cpus)
@@ -218,7 +223,8 @@ def main() -> None:
                 f"{os.getloadavg()[0]:.1f}",
                 flush=True,
             )
-            job_rate, peaks[args.images], job_cpu = job(args.images)
+            result = job(args.images)
+            peaks[args.images] = int(result["peak"])
             bare_after, cpu_after = bare_forward(model, batches, args.threads)
             print(
                 f"bare forward again: {bare_after:.2f} images/s, {cpu_after:.3f} CPU-s/image; "
@@ -228,14 +234,15 @@ def main() -> None:
             bare_cpu = (cpu_before + cpu_after) / 2
             print(
                 f"RATIO job/bare ({args.arch}, N={args.images}, {args.threads} threads, batch "
-                f"{args.batch_size}): {job_rate / bare:.3f} (bare {bare:.2f} images/s, job "
-                f"{job_rate:.2f} images/s); CPU efficiency bare/job CPU-s per image "
-                f"{bare_cpu / job_cpu:.3f}"
+                f"{args.batch_size}): {result['rate'] / bare:.3f} (bare {bare:.2f} images/s, "
+                f"job {result['rate']:.2f} images/s); after the first result "
+                f"{result['steady'] / bare:.3f}; CPU efficiency (bare/job CPU-s per image) "
+                f"{bare_cpu / result['cpu']:.3f}"
             )
         if m_images:
             for n in (m_images, m_images * args.scale):
                 if n not in peaks:
-                    peaks[n] = job(n)[1]
+                    peaks[n] = int(job(n)["peak"])
             small, large = peaks[m_images], peaks[m_images * args.scale]
             print(
                 f"MEMORY peak (PSS of driver + Ray processes) at {m_images} images: "
