@@ -75,38 +75,53 @@ def pss_bytes(pid: int) -> int:
     return 0
 
 
-def tree_cpu_seconds(root: int) -> float:
-    """User + system CPU time of ``root`` and its descendants (and their reaped children)."""
+def cpu_by_pid(root: int) -> dict[int, float]:
+    """User + system CPU seconds of ``root`` and each of its descendants."""
     tick = os.sysconf("SC_CLK_TCK")
-    total = 0
+    out = {}
     for pid in process_tree(root):
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += sum(int(x) for x in fields[11:15])  # utime, stime, cutime, cstime
-    return total / tick
+        out[pid] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return out
 
 
 class PeakMemory:
-    """Samples the total PSS of this process tree in a background thread.
+    """Samples the PSS and CPU time of this process tree in a background thread.
 
     Reading PSS walks page tables and costs CPU, so sampling is sparse and the sampler's own
-    CPU time (``cpu_seconds``) is reported so that it can be left out of the job's.
+    CPU time is left out. CPU time is tracked per process, so that processes which exit
+    during the job (task workers) still count up to their last sample.
     """
 
     def __init__(self, interval: float = 2.0) -> None:
-        self.interval, self.peak, self.cpu_seconds = interval, 0, 0.0
+        self.interval, self.peak = interval, 0
+        self._base = cpu_by_pid(os.getpid())
+        self._last = dict(self._base)
+        self._own = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def _sample(self) -> None:
+        total = sum(pss_bytes(p) for p in process_tree(os.getpid()))
+        self.peak = max(self.peak, total)
+        self._last.update(cpu_by_pid(os.getpid()))
+        self._own = time.thread_time()
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            total = sum(pss_bytes(p) for p in process_tree(os.getpid()))
-            self.peak = max(self.peak, total)
-            self.cpu_seconds = time.thread_time()
+            self._sample()
             self._stop.wait(self.interval)
+        self._sample()
+
+    @property
+    def cpu_seconds(self) -> float:
+        """CPU seconds the tree used while sampling, without the sampler's own."""
+        used = sum(t - self._base.get(pid, 0.0) for pid, t in self._last.items())
+        return used - self._own
 
     def __enter__(self) -> PeakMemory:
         self._thread.start()
@@ -187,10 +202,9 @@ def main() -> None:
                 batch_size=args.batch_size,
                 read_cpus=args.read_cpus,
             )
-            cpu = tree_cpu_seconds(os.getpid())
             with PeakMemory() as mem:
                 summary = run_embed(cfg)
-            cpu_per_image = (tree_cpu_seconds(os.getpid()) - cpu - mem.cpu_seconds) / n
+            cpu_per_image = mem.cpu_seconds / n
             assert summary.embedded == summary.inputs, summary.line()
             t = summary.timings
             steady = (summary.inputs - t["first_result_images"]) / max(
