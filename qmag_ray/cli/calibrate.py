@@ -7,14 +7,13 @@ from typing import Annotated, Any
 
 import typer
 
+from qmag_ray.cli import options as opts
 from qmag_ray.cli.app import app
 from qmag_ray.pairs.protocols import PairProtocol
-from qmag_ray.pairs.resolve import Match, Policy
+from qmag_ray.pairs.resolve import Match
 from qmag_ray.workflows.config import PairMode, ValidationMode
 
 logger = logging.getLogger(__name__)
-
-_POLICY = "error (default) or skip (skipped items are counted and reported)"
 
 
 def _pair_mode(generate_pairs: bool, exhaustive: bool) -> PairMode | None:
@@ -142,23 +141,12 @@ def calibrate(
     shards: Annotated[
         int | None, typer.Option(min=0, help="Pair shards (Ray tasks); 0: two per CPU.")
     ] = None,
-    on_missing: Annotated[
-        Policy | None, typer.Option(help=f"Pairs naming images not in the embeddings: {_POLICY}.")
-    ] = None,
-    on_bad: Annotated[
-        Policy | None, typer.Option(help=f"NaN/inf/all-zero embeddings: {_POLICY}.")
-    ] = None,
-    on_self: Annotated[Policy | None, typer.Option(help=f"Self-pairs: {_POLICY}.")] = None,
-    on_duplicate: Annotated[Policy | None, typer.Option(help=f"Repeated pairs: {_POLICY}.")] = None,
-    tracking_uri: Annotated[
-        str | None,
-        typer.Option(
-            help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)."
-        ),
-    ] = None,
-    experiment: Annotated[
-        str | None, typer.Option(help="MLflow experiment (default qmag-ray).")
-    ] = None,
+    on_missing: opts.OnMissing = None,
+    on_bad: opts.OnBad = None,
+    on_self: opts.OnSelf = None,
+    on_duplicate: opts.OnDuplicate = None,
+    tracking_uri: opts.TrackingUri = None,
+    experiment: opts.Experiment = None,
     register_as: Annotated[
         str | None, typer.Option(help="Registered model name of the scorer (default qmagface).")
     ] = None,
@@ -166,10 +154,7 @@ def calibrate(
         bool | None,
         typer.Option("--register/--no-register", help="Register the scorer (default: yes)."),
     ] = None,
-    ray_address: Annotated[
-        str | None,
-        typer.Option(help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)."),
-    ] = None,
+    ray_address: opts.RayAddress = None,
     config: Annotated[
         str | None,
         typer.Option(help="YAML config (see CalibrateConfig); command-line options override it."),

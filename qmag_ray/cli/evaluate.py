@@ -7,13 +7,12 @@ from typing import Annotated, Any
 
 import typer
 
+from qmag_ray.cli import options as opts
 from qmag_ray.cli.app import app
 from qmag_ray.pairs.protocols import PairProtocol
-from qmag_ray.pairs.resolve import Match, Policy
+from qmag_ray.pairs.resolve import Match
 
 logger = logging.getLogger(__name__)
-
-_POLICY = "error (default) or skip (skipped pairs are counted and reported)"
 
 
 @app.command()
@@ -49,28 +48,13 @@ def evaluate(
     edc_fmr: Annotated[
         float | None, typer.Option(help="FMR of the error-versus-discard curve (default 1e-3).")
     ] = None,
-    on_missing: Annotated[
-        Policy | None,
-        typer.Option(help=f"Pairs naming images not in the embeddings: {_POLICY}."),
-    ] = None,
-    on_bad: Annotated[
-        Policy | None, typer.Option(help=f"NaN/inf/all-zero embeddings: {_POLICY}.")
-    ] = None,
-    on_self: Annotated[Policy | None, typer.Option(help=f"Self-pairs: {_POLICY}.")] = None,
-    on_duplicate: Annotated[Policy | None, typer.Option(help=f"Repeated pairs: {_POLICY}.")] = None,
-    tracking_uri: Annotated[
-        str | None,
-        typer.Option(
-            help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)."
-        ),
-    ] = None,
-    experiment: Annotated[
-        str | None, typer.Option(help="MLflow experiment (default qmag-ray).")
-    ] = None,
-    ray_address: Annotated[
-        str | None,
-        typer.Option(help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)."),
-    ] = None,
+    on_missing: opts.OnMissing = None,
+    on_bad: opts.OnBad = None,
+    on_self: opts.OnSelf = None,
+    on_duplicate: opts.OnDuplicate = None,
+    tracking_uri: opts.TrackingUri = None,
+    experiment: opts.Experiment = None,
+    ray_address: opts.RayAddress = None,
     config: Annotated[
         str | None,
         typer.Option(help="YAML config (see EvaluateConfig); command-line options override it."),

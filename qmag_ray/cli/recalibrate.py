@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
+from qmag_ray.cli import options as opts
 from qmag_ray.cli.app import app
 from qmag_ray.pairs.protocols import PairProtocol
 
@@ -50,19 +51,9 @@ def recalibrate(
         float | None,
         typer.Option(help="Gate: FNMR rise over the champion allowed, absolute (default 0)."),
     ] = None,
-    tracking_uri: Annotated[
-        str | None,
-        typer.Option(
-            help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)."
-        ),
-    ] = None,
-    experiment: Annotated[
-        str | None, typer.Option(help="MLflow experiment (default qmag-ray).")
-    ] = None,
-    ray_address: Annotated[
-        str | None,
-        typer.Option(help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)."),
-    ] = None,
+    tracking_uri: opts.TrackingUri = None,
+    experiment: opts.Experiment = None,
+    ray_address: opts.RayAddress = None,
 ) -> None:
     """Scheduled recalibration with a champion/challenger gate (idempotent on unchanged data)."""
     from qmag_ray.cli import _support as support
