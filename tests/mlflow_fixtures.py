@@ -156,12 +156,9 @@ class MlflowServer(NamedTuple):
     root: Path  # holds mlflow.db and artifacts/
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    """A real ``mlflow server`` on 127.0.0.1: SQLite backend, proxied local artifact root."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    args = [
+def mlflow_server_args(root: Path, port: int) -> list[str]:
+    """``mlflow server`` on 127.0.0.1:``port``: SQLite under ``root``, proxied local artifacts."""
+    return [
         str(VENV_BIN / "mlflow"),
         "server",
         "--backend-store-uri",
@@ -175,6 +172,14 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
         "--workers",
         "1",
     ]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """A real ``mlflow server`` on 127.0.0.1: SQLite backend, proxied local artifact root."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    args = mlflow_server_args(root, port)
     uri = f"http://127.0.0.1:{port}"
     env = subprocess_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # no job workers needed
     with running(args, root / "server.log", f"{uri}/health", env):

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from mlflow_fixtures import mlflow_server_args
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent  # not resolved: the venv's own bin directory
@@ -224,20 +225,7 @@ def launch_mlflow(root: Path) -> tuple[Service, str]:
     """``mlflow server`` (SQLite backend, proxied local artifacts) on a free loopback port."""
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    args = [
-        str(VENV_BIN / "mlflow"),
-        "server",
-        "--backend-store-uri",
-        f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination",
-        str(root / "artifacts"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
+    args = mlflow_server_args(root, port)
     return launch("mlflow server", args, root / "server.log", f"{uri}/health", base_env()), uri
 
 
