@@ -22,7 +22,6 @@ import numpy as np
 from qmag_ray import metrics
 from qmag_ray.calibration.result import CalibrationGrid, QMagFaceCalibration
 
-
 #: Below this many false matches an FNMR at FMR is marked as resting on little evidence.
 FEW_FALSE_MATCHES = 10
 
@@ -130,7 +129,8 @@ def check_guard(
         c, q, f = row["cosine_fnmr"], row["qmagface_fnmr"], row["fmr"]
         if c is None or q is None:
             reasons.append(
-                f"NOTE: FMR {fmr_text(f)} cannot be measured on {n_impostor} held-out impostor pairs"
+                f"NOTE: FMR {fmr_text(f)} cannot be measured on {n_impostor} held-out "
+                "impostor pairs"
             )
             continue
         if f * n_impostor < min_false_matches - 1e-9:
@@ -144,8 +144,8 @@ def check_guard(
         worse = q - c > allowed
         failed |= worse
         reasons.append(
-            f"{'FAIL' if worse else 'PASS'}: FMR {fmr_text(f)}: QMagFace FNMR {100 * q:.3f}% vs cosine "
-            f"{100 * c:.3f}% (allowed excess {100 * allowed:.3f} points)"
+            f"{'FAIL' if worse else 'PASS'}: FMR {fmr_text(f)}: QMagFace FNMR {100 * q:.3f}% vs "
+            f"cosine {100 * c:.3f}% (allowed excess {100 * allowed:.3f} points)"
         )
     passed: bool | None = not failed
     if measured == 0:
