@@ -61,13 +61,20 @@ class DecodedFace:
     resized_from: tuple[int, int] | None = None
 
 
-def decode(data: bytes, *, resize: bool = False) -> DecodedFace:
+def decode(
+    data: bytes, *, resize: bool = False, landmarks: np.ndarray | None = None
+) -> DecodedFace:
     """Decode an encoded image into a 112x112 BGR face, reporting conversions and resizing.
+
+    With ``landmarks`` (five points in the file's pixel coordinates) the image, of any size,
+    is aligned onto the ArcFace template instead (``qmag_ray.alignment``).
 
     Raises:
         ImageError: empty, truncated, corrupt or unsupported data, an unsupported pixel
-            format, or a size other than 112x112 when ``resize`` is false.
+            format, a size other than 112x112 when ``resize`` is false and there are no
+            landmarks, or unusable landmarks (``LandmarkError``).
     """
+    align = landmarks is not None
     if len(data) == 0:
         raise ImageError("empty file (0 bytes)")
     try:
@@ -88,7 +95,11 @@ def decode(data: bytes, *, resize: bool = False) -> DecodedFace:
         ) from None
     with img:
         width, height = img.size
-        if (width, height) != (INPUT_SIZE, INPUT_SIZE):
+        if align and width * height > MAX_PIXELS:
+            raise ImageError(
+                f"image is {width}x{height}, too large to align (limit {MAX_PIXELS} pixels)"
+            )
+        if (width, height) != (INPUT_SIZE, INPUT_SIZE) and not align:
             if not resize:
                 raise ImageError(
                     f"image is {width}x{height}, expected {INPUT_SIZE}x{INPUT_SIZE} aligned face; "
@@ -109,6 +120,11 @@ def decode(data: bytes, *, resize: bool = False) -> DecodedFace:
         mode = img.mode
         rgb = _to_rgb(img)
         resized_from = None
+        if align:
+            from qmag_ray.alignment import align_face
+
+            bgr_full = np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8)[:, :, ::-1])
+            return DecodedFace(image=align_face(bgr_full, landmarks), mode=mode)
         if rgb.size != (INPUT_SIZE, INPUT_SIZE):
             resized_from = rgb.size
             rgb = rgb.resize((INPUT_SIZE, INPUT_SIZE), Image.Resampling.BILINEAR)

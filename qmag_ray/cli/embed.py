@@ -112,6 +112,22 @@ def embed(
             "them." + _d("resize"),
         ),
     ] = None,
+    landmarks: Annotated[
+        str | None,
+        typer.Option(
+            help="IJB *_5pts_score.txt (name x1 y1 ... x5 y5 score): align every image onto the "
+            "ArcFace 112x112 template by its five landmarks (a manifest with lm0_x ... lm4_y "
+            "columns aligns without it)." + _d("landmarks"),
+        ),
+    ] = None,
+    flip: Annotated[
+        bool | None,
+        typer.Option(
+            "--flip/--no-flip",
+            help="Flip test-time augmentation: mean of the embeddings of the face and its "
+            "mirror." + _d("flip"),
+        ),
+    ] = None,
     max_failure_fraction: Annotated[
         float | None,
         typer.Option(
@@ -179,6 +195,8 @@ def embed(
         "amp_dtype": amp_dtype,
         "channels_last": channels_last,
         "resize": resize,
+        "landmarks": landmarks,
+        "flip": flip,
         "max_failure_fraction": max_failure_fraction,
         "overwrite": overwrite,
         "wait_for_resources": wait_for_resources,

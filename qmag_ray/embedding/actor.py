@@ -26,6 +26,8 @@ class EmbedActor:
         mixed_precision: autocast the forward pass on GPU.
         amp_dtype: ``float16`` or ``bfloat16``.
         channels_last: channels-last memory format for network and input.
+        flip: flip test-time augmentation: the mean of the embeddings of each face and its
+            mirror image (the mean keeps the norm on the model's quality scale).
     """
 
     def __init__(
@@ -38,6 +40,7 @@ class EmbedActor:
         mixed_precision: bool = False,
         amp_dtype: str = "float16",
         channels_last: bool = False,
+        flip: bool = False,
     ) -> None:
         import torch
 
@@ -55,6 +58,7 @@ class EmbedActor:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
+        self.flip = flip
         self.autocast = mixed_precision and cuda
         self.amp_dtype = getattr(torch, amp_dtype)
         with torch.inference_mode():
@@ -82,7 +86,11 @@ class EmbedActor:
             x = torch.from_numpy(to_input(images)).to(self.device, non_blocking=True)
             x = x.contiguous(memory_format=self.memory_format)
             with torch.inference_mode():
-                emb = self._forward(x).float().cpu().numpy()
+                emb = self._forward(x).float()
+                if self.flip:  # mirror along the width axis of NCHW
+                    mirrored = torch.flip(x, dims=[3]).contiguous(memory_format=self.memory_format)
+                    emb = (emb + self._forward(mirrored).float()) / 2
+                emb = emb.cpu().numpy()
             out[good] = emb
         return {
             "index": np.asarray(batch["index"], dtype=np.int64),

@@ -38,6 +38,11 @@ class EmbedConfig:
         amp_dtype: ``float16`` or ``bfloat16`` for mixed precision.
         channels_last: channels-last memory format for the network and its input.
         resize: resize images that are not 112x112 (bilinear) instead of failing them.
+        landmarks: URI of IJB's ``*_5pts_score.txt`` (``name x1 y1 ... x5 y5 score``): align
+            every image by its five landmarks (a manifest with ``lm0_x ... lm4_y`` columns
+            aligns without it).
+        flip: flip test-time augmentation: the embedding is the mean of the embeddings of the
+            face and its mirror image (the norm stays on the model's quality scale).
         max_failure_fraction: the run fails when more than this fraction of inputs fail.
         overwrite: replace a finished output instead of refusing to touch it.
         wait_for_resources: start even when the Ray cluster does not yet have the CPUs and
@@ -64,6 +69,8 @@ class EmbedConfig:
     amp_dtype: str = "float16"
     channels_last: bool = False
     resize: bool = False
+    landmarks: str | None = None
+    flip: bool = False
     max_failure_fraction: float = 0.01
     overwrite: bool = False
     wait_for_resources: bool = False

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from qmag_ray import storage
+from qmag_ray.alignment import LANDMARK_COLUMNS
 from qmag_ray.embedding.config import EmbedConfig, EmbedError
 from qmag_ray.images import IMAGE_EXTENSIONS, INPUT_SIZE, ImageError, decode
 
@@ -43,14 +44,75 @@ class Inputs:
 
 
 def list_inputs(config: EmbedConfig) -> Inputs:
-    """List the run's inputs from ``config.images`` (a tree) or ``config.manifest``."""
+    """List the run's inputs from ``config.images`` (a tree) or ``config.manifest``.
+
+    With ``config.landmarks`` (IJB ``*_5pts_score.txt``) the table gets the landmark columns
+    ``lm0_x ... lm4_y``, NaN for images the file does not list (a per-image failure later).
+    """
     if config.images:
-        return list_tree(config.images)
-    assert config.manifest is not None
-    root = config.images_root or storage.unstrip(
-        config.manifest, posixpath.dirname(storage.filesystem(config.manifest)[1])
+        inputs = list_tree(config.images)
+    else:
+        assert config.manifest is not None
+        root = config.images_root or storage.unstrip(
+            config.manifest, posixpath.dirname(storage.filesystem(config.manifest)[1])
+        )
+        inputs = Inputs(table=read_manifest(config.manifest), root=root)
+    if config.landmarks:
+        table = attach_landmarks(inputs.table, read_landmark_file(config.landmarks))
+        inputs = Inputs(table=table, root=inputs.root, ignored=inputs.ignored)
+    return inputs
+
+
+def has_landmarks(table: pd.DataFrame) -> bool:
+    """Whether the inputs carry the five landmark columns (the run aligns)."""
+    return all(c in table.columns for c in LANDMARK_COLUMNS)
+
+
+def read_landmark_file(uri: str) -> pd.DataFrame:
+    """IJB's ``*_name_5pts_score.txt``: ``name x1 y1 ... x5 y5 score`` per line (space-separated).
+
+    Returns a frame of ``name`` and the landmark columns; a name listed twice is an error.
+    """
+    where = storage.redact(uri)
+    try:
+        text = storage.read_bytes(uri).decode("utf-8-sig")
+    except FileNotFoundError:
+        raise EmbedError(f"landmarks file not found: {where}") from None
+    import io
+
+    try:
+        frame = pd.read_csv(io.StringIO(text), sep=r"\s+", header=None, dtype=str)
+    except pd.errors.EmptyDataError:
+        raise EmbedError(f"landmarks file {where} is empty") from None
+    if frame.shape[1] not in (11, 12):
+        raise EmbedError(
+            f"landmarks file {where}: expected 'name x1 y1 ... x5 y5 [score]' (11 or 12 fields "
+            f"per line), got {frame.shape[1]}"
+        )
+    out = pd.DataFrame({"name": frame[0].astype(str).str.replace("\\", "/", regex=False)})
+    for k, col in enumerate(LANDMARK_COLUMNS):
+        values = pd.to_numeric(frame[k + 1], errors="coerce")
+        if values.isna().any():
+            line = int(np.flatnonzero(values.isna().to_numpy())[0]) + 1
+            raise EmbedError(f"landmarks file {where}:{line}: {col} is not a number")
+        out[col] = values.to_numpy(np.float64)
+    dup = out["name"].duplicated()
+    if dup.any():
+        raise EmbedError(f"landmarks file {where} lists {out['name'][dup].iloc[0]!r} twice")
+    return out
+
+
+def attach_landmarks(table: pd.DataFrame, landmarks: pd.DataFrame) -> pd.DataFrame:
+    """Landmark columns for each input: by exact path, else by file name (IJB names files)."""
+    by_name = landmarks.set_index("name")
+    keys = table["path"].where(
+        table["path"].isin(by_name.index), table["path"].map(posixpath.basename)
     )
-    return Inputs(table=read_manifest(config.manifest), root=root)
+    picked = by_name.reindex(keys.to_numpy())
+    out = table.copy()
+    for col in LANDMARK_COLUMNS:
+        out[col] = picked[col].to_numpy(np.float64)
+    return out
 
 
 def _hidden(rel: str) -> bool:
@@ -111,6 +173,14 @@ def read_manifest(uri: str) -> pd.DataFrame:
     else:
         identities = [None] * len(paths)
     table = pd.DataFrame({"path": paths, "identity": pd.Series(identities, dtype=object)})
+    present = [c for c in LANDMARK_COLUMNS if c in frame.columns]
+    if present and len(present) < len(LANDMARK_COLUMNS):
+        absent = [c for c in LANDMARK_COLUMNS if c not in frame.columns]
+        raise EmbedError(f"manifest {where} has landmark columns but lacks {', '.join(absent)}")
+    for col in present:  # empty cells are NaN: that image fails with a landmark error
+        table[col] = pd.to_numeric(frame[col].replace("", np.nan), errors="coerce").to_numpy(
+            np.float64
+        )
     dup = table["path"].duplicated(keep=False)
     if dup.any():
         examples = ", ".join(sorted(set(table.loc[dup, "path"]))[:5])
@@ -154,13 +224,18 @@ def _read_one(fs, path: str) -> bytes | BaseException:  # noqa: ANN001 - any fss
         return exc
 
 
-def read_and_decode(batch: dict[str, np.ndarray], *, root: str, resize: bool) -> dict:
+def read_and_decode(
+    batch: dict[str, np.ndarray], *, root: str, resize: bool, align: bool = False
+) -> dict:
     """Read and decode one batch of inputs (a Ray Data ``map_batches`` function).
 
     Args:
-        batch: ``index`` (int64) and ``path`` (relative paths).
+        batch: ``index`` (int64) and ``path`` (relative paths); with ``align`` also the
+            landmark columns ``lm0_x ... lm4_y``.
         root: URI the paths are relative to.
         resize: resize faces that are not 112x112 instead of failing them.
+        align: warp each image onto the ArcFace template by its landmarks (any image size;
+            bad landmarks are a per-image failure).
 
     Returns:
         ``index``, ``image`` (uint8 N x 112 x 112 x 3, BGR; zeros where it failed), ``error``
@@ -179,12 +254,17 @@ def read_and_decode(batch: dict[str, np.ndarray], *, root: str, resize: bool) ->
     images = np.zeros((n, INPUT_SIZE, INPUT_SIZE, 3), dtype=np.uint8)
     errors = np.full(n, "", dtype=object)
     resized = np.full(n, "", dtype=object)
+    points = (
+        np.stack([np.asarray(batch[c], np.float64) for c in LANDMARK_COLUMNS], axis=1)
+        if align
+        else None
+    )
     for i, blob in enumerate(blobs):
         if isinstance(blob, BaseException):
             errors[i] = _read_error(blob, storage.redact(storage.unstrip(root, fs_paths[i])))
             continue
         try:
-            face = decode(blob, resize=resize)
+            face = decode(blob, resize=resize, landmarks=None if points is None else points[i])
         except ImageError as exc:
             errors[i] = str(exc)
             continue

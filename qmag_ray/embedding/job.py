@@ -20,8 +20,9 @@ import numpy as np
 import pandas as pd
 
 from qmag_ray import storage
+from qmag_ray.alignment import ALIGNMENT, LANDMARK_COLUMNS
 from qmag_ray.embedding.config import EmbedConfig, EmbedError
-from qmag_ray.embedding.inputs import Inputs, list_inputs
+from qmag_ray.embedding.inputs import Inputs, has_landmarks, list_inputs
 from qmag_ray.embedding.output import (
     FAILURES_SCHEMA,
     EmbedSummary,
@@ -93,6 +94,7 @@ def run_embed(config: EmbedConfig, *, connect: Callable[[], Any] | None = None) 
             ", ".join(inputs.ignored[:3]),
         )
     layout = OutputLayout(config.output)
+    align = has_landmarks(table)
     fingerprint = {
         "model_sha256": model_sha,
         "arch": arch,
@@ -100,11 +102,17 @@ def run_embed(config: EmbedConfig, *, connect: Callable[[], Any] | None = None) 
         "resize": config.resize,
         "images_root": storage.redact(inputs.root),
     }
+    if align or config.flip:  # only then, so outputs of earlier versions still resume
+        fingerprint["alignment"] = ALIGNMENT if align else None
+        fingerprint["flip"] = config.flip
     done = prepare(layout, fingerprint, set(table["path"]), overwrite=config.overwrite)
     todo_mask = ~table["path"].isin(done).to_numpy()
     todo = pd.DataFrame(
         {"index": np.flatnonzero(todo_mask).astype(np.int64), "path": table["path"][todo_mask]}
     )
+    if align:
+        for col in LANDMARK_COLUMNS:
+            todo[col] = table[col].to_numpy(np.float64)[todo_mask]
     logger.info(
         "embedding %d images (%d inputs, %d already done) from %s with %s (%d-d) on %d actor(s)",
         len(todo),
@@ -188,6 +196,9 @@ def _settings(config: EmbedConfig, inputs: Inputs) -> dict[str, Any]:
         "amp_dtype": config.amp_dtype,
         "channels_last": config.channels_last,
         "resize": config.resize,
+        "alignment": ALIGNMENT if has_landmarks(inputs.table) else None,
+        "landmarks": storage.redact(config.landmarks) if config.landmarks else None,
+        "flip": config.flip,
         "max_failure_fraction": config.max_failure_fraction,
         "wait_for_resources": config.wait_for_resources,
     }

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from qmag_ray import storage
+from qmag_ray.alignment import LANDMARK_COLUMNS
 from qmag_ray.embedding.actor import EmbedActor
 from qmag_ray.embedding.config import EmbedConfig, EmbedError
 from qmag_ray.embedding.inputs import Inputs, read_and_decode
@@ -113,7 +114,11 @@ def build_dataset(config: EmbedConfig, todo: pd.DataFrame, root: str):  # noqa: 
     ds = ray.data.from_pandas(blocks)
     ds = ds.map_batches(
         read_and_decode,
-        fn_kwargs={"root": root, "resize": config.resize},
+        fn_kwargs={
+            "root": root,
+            "resize": config.resize,
+            "align": all(c in todo.columns for c in LANDMARK_COLUMNS),
+        },
         batch_size=None,
         batch_format="numpy",
         num_cpus=config.read_cpus,
@@ -127,6 +132,7 @@ def build_dataset(config: EmbedConfig, todo: pd.DataFrame, root: str):  # noqa: 
             "mixed_precision": config.mixed_precision,
             "amp_dtype": config.amp_dtype,
             "channels_last": config.channels_last,
+            "flip": config.flip,
         },
         compute=ray.data.ActorPoolStrategy(size=config.actors),
         num_cpus=config.cpus_per_actor,

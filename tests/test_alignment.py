@@ -1,0 +1,198 @@
+"""Five-point alignment onto the ArcFace template, in decoding and in the embedding job.
+
+The reference is written here: Umeyama's closed-form similarity (plain numpy) and a plain
+bilinear sampler with a black border. Faces are synthetic renderings placed into real-sized
+loose crops (300x250) by a known similarity transform that also moves their landmarks.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from qmag_ray.alignment import LandmarkError, align_face, similarity_transform
+from qmag_ray.embedding import EmbedConfig, EmbedError, run_embed
+from qmag_ray.embedding.inputs import read_and_decode, read_landmark_file, read_manifest
+from qmag_ray.images import decode, to_input
+from qmag_ray.model import create_backbone, save_checkpoint
+from qmag_ray.synth import make_identity, make_image
+
+# ArcFace 112x112 template, typed in again from its publication (not imported)
+TEMPLATE = np.array(
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655],
+     [70.7299, 92.2041]]
+)  # fmt: skip
+
+
+def umeyama(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Umeyama (1991): the similarity x -> s R x + t of least squared error, as a 2x3 matrix."""
+    mu_s, mu_d = src.mean(0), dst.mean(0)
+    a, b = src - mu_s, dst - mu_d
+    u, d, vt = np.linalg.svd(b.T @ a / len(src))
+    sign = np.eye(2)
+    if np.linalg.det(u) * np.linalg.det(vt) < 0:
+        sign[1, 1] = -1
+    rot = u @ sign @ vt
+    scale = np.trace(np.diag(d) @ sign) / a.var(0).sum()
+    return np.c_[scale * rot, mu_d - scale * rot @ mu_s]
+
+
+def warp(image: np.ndarray, forward: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """out[y, x] = bilinear sample of ``image`` at forward^-1 (x, y); black outside it."""
+    inv = np.linalg.inv(np.vstack([forward, [0, 0, 1]]))[:2]
+    ys, xs = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float64)
+    sx = inv[0, 0] * xs + inv[0, 1] * ys + inv[0, 2]
+    sy = inv[1, 0] * xs + inv[1, 1] * ys + inv[1, 2]
+    h, w = image.shape[:2]
+    x0, y0 = np.floor(sx).astype(int), np.floor(sy).astype(int)
+    fx, fy = (sx - x0)[..., None], (sy - y0)[..., None]
+
+    def px(yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+        inside = ((yy >= 0) & (yy < h) & (xx >= 0) & (xx < w))[..., None]
+        return image[np.clip(yy, 0, h - 1), np.clip(xx, 0, w - 1)].astype(np.float64) * inside
+
+    top = px(y0, x0) * (1 - fx) + px(y0, x0 + 1) * fx
+    bottom = px(y0 + 1, x0) * (1 - fx) + px(y0 + 1, x0 + 1) * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def loose_crop(seed: int, angle: float, scale: float, shift: tuple[float, float]):
+    """(300x250 BGR crop, its five landmarks, the 112x112 face it holds)."""
+    _, rgb = make_image(make_identity(seed, 0), seed, 0, 0, max_d=0.0)
+    face = np.ascontiguousarray(rgb[:, :, ::-1])
+    c, s = np.cos(np.radians(angle)) * scale, np.sin(np.radians(angle)) * scale
+    forward = np.array([[c, -s, shift[0]], [s, c, shift[1]]])
+    crop = np.clip(np.rint(warp(face, forward, (300, 250))), 0, 255).astype(np.uint8)
+    landmarks = TEMPLATE @ forward[:, :2].T + forward[:, 2]
+    return crop, landmarks, face
+
+
+def encode(bgr: np.ndarray, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(bgr[:, :, ::-1]).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+CASES = [(1, 12.0, 1.6, (60.0, 40.0)), (2, -25.0, 1.35, (40.0, 110.0)), (3, 3.0, 1.8, (25.0, 40.0))]
+
+
+@pytest.mark.parametrize(("seed", "angle", "scale", "shift"), CASES)
+def test_alignment_equals_the_reference_within_one_grey_level(seed, angle, scale, shift) -> None:
+    import cv2
+
+    crop, lm, face = loose_crop(seed, angle, scale, shift)
+    noisy = lm + np.random.default_rng(seed).normal(0, 1.5, lm.shape)  # a detector's noise
+    np.testing.assert_allclose(similarity_transform(noisy), umeyama(noisy, TEMPLATE), atol=1e-9)
+    ref_matrix = umeyama(noisy, TEMPLATE)
+    # a camera-like crop (the renderings' edges are sharper than a photograph's): within one
+    # grey level everywhere
+    soft = cv2.GaussianBlur(crop, (0, 0), 1.0)
+    ours = align_face(soft, noisy).astype(np.int16)
+    ref = np.clip(np.rint(warp(soft, ref_matrix, (112, 112))), 0, 255).astype(np.int16)
+    assert np.abs(ours - ref).max() <= 1
+    # the raw rendering, with steps of up to ~100 grey levels between neighbouring pixels:
+    # OpenCV computes sample positions in 1/32-pixel fixed point, which moves a value on such
+    # an edge by up to a few grey levels; all but a handful of values are within one
+    ours = align_face(crop, noisy).astype(np.int16)
+    ref = np.clip(np.rint(warp(crop, ref_matrix, (112, 112))), 0, 255).astype(np.int16)
+    diff = np.abs(ours - ref)
+    assert (diff <= 1).mean() >= 0.999 and diff.max() <= 3
+    # exact landmarks bring the original face back (up to two resamplings)
+    back = align_face(crop, lm).astype(np.float64)
+    inner = (slice(8, 104), slice(8, 104))
+    assert np.abs(back[inner] - face[inner]).mean() < 4.0
+
+
+def test_decode_aligns_any_size_and_bad_landmarks_fail_per_image(tmp_path: Path) -> None:
+    crop, lm, _ = loose_crop(4, 8.0, 1.7, (50.0, 50.0))
+    out = decode(encode(crop), landmarks=lm)
+    assert out.image.shape == (112, 112, 3)
+    np.testing.assert_array_equal(out.image, align_face(crop, lm))
+    bad = {
+        "nan": np.where(np.arange(10).reshape(5, 2) == 3, np.nan, lm),
+        "outside": lm + [[400.0, 0.0]],
+        "coincident": np.repeat(lm[:1], 5, axis=0),
+        "collinear": np.c_[np.linspace(10, 100, 5), np.full(5, 80.0)],
+    }
+    for points in bad.values():
+        with pytest.raises(LandmarkError):
+            decode(encode(crop), landmarks=points)
+    names = ["good.png", *[f"{k}.png" for k in bad]]
+    for name in names:
+        (tmp_path / name).write_bytes(encode(crop))
+    points = np.stack([lm, *bad.values()]).reshape(len(names), 10)
+    batch = {"index": np.arange(len(names)), "path": np.array(names, dtype=object)}
+    batch.update({f"lm{i // 2}_{'xy'[i % 2]}": points[:, i] for i in range(10)})
+    res = read_and_decode(batch, root=str(tmp_path), resize=False, align=True)
+    assert res["error"][0] == ""
+    assert "NaN" in res["error"][1] and "outside" in res["error"][2]
+    assert "degenerate" in res["error"][3] and "degenerate" in res["error"][4]
+
+
+def test_landmark_inputs_ijb_file_and_manifest_columns(tmp_path: Path) -> None:
+    (tmp_path / "ijbc_name_5pts_score.txt").write_text(
+        "1.jpg 1 2 3 4 5 6 7 8 9 10 0.99\n2.jpg 11 12 13 14 15 16 17 18 19 20 0.5\n"
+    )
+    lm = read_landmark_file(str(tmp_path / "ijbc_name_5pts_score.txt"))
+    assert list(lm["name"]) == ["1.jpg", "2.jpg"] and lm["lm4_y"].tolist() == [10.0, 20.0]
+    (tmp_path / "bad_5pts_score.txt").write_text("1.jpg 1 2 3\n")
+    with pytest.raises(EmbedError, match="11 or 12 fields"):
+        read_landmark_file(str(tmp_path / "bad_5pts_score.txt"))
+    cols = ",".join(f"lm{i}_{a}" for i in range(5) for a in "xy")
+    (tmp_path / "m.csv").write_text(f"path,identity,{cols}\na.png,x,{','.join(['1'] * 10)}\n")
+    table = read_manifest(str(tmp_path / "m.csv"))
+    assert table["lm2_x"].tolist() == [1.0]
+    (tmp_path / "half.csv").write_text("path,lm0_x\na.png,1\n")
+    with pytest.raises(EmbedError, match="lacks lm0_y"):
+        read_manifest(str(tmp_path / "half.csv"))
+
+
+@pytest.mark.ray
+def test_embed_job_aligns_by_landmarks_file_with_flip(ray_cluster: None, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = create_backbone("iresnet-demo").eval()
+    ckpt = tmp_path / "demo.pth"
+    save_checkpoint(model, str(ckpt))
+    images = tmp_path / "loose_crop"
+    images.mkdir()
+    lines, crops = [], {}
+    for k, (seed, angle, scale, shift) in enumerate(CASES):
+        crop, lm, _ = loose_crop(seed, angle, scale, shift)
+        (images / f"{k + 1}.jpg").write_bytes(encode(crop, "PNG"))
+        crops[f"{k + 1}.jpg"] = (crop, lm)
+        lines.append(f"{k + 1}.jpg " + " ".join(f"{v:.4f}" for v in lm.ravel()) + " 0.9")
+    (images / "4.jpg").write_bytes(encode(crops["1.jpg"][0], "PNG"))  # not in the file
+    (tmp_path / "ijbc_name_5pts_score.txt").write_text("\n".join(lines) + "\n")
+    cfg = EmbedConfig(
+        images=str(images),
+        model=str(ckpt),
+        arch="iresnet-demo",
+        output=str(tmp_path / "out"),
+        landmarks=str(tmp_path / "ijbc_name_5pts_score.txt"),
+        flip=True,
+        max_failure_fraction=0.5,
+        batch_size=4,
+    )
+    summary = run_embed(cfg)
+    assert (summary.embedded, summary.failed) == (3, 1)
+    doc = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert doc["settings"]["flip"] is True and "ArcFace" in doc["settings"]["alignment"]
+    emb = pq.read_table(tmp_path / "out" / "embeddings").to_pandas().set_index("path")
+    fails = pq.read_table(tmp_path / "out" / "failures").to_pandas()
+    assert list(fails["path"]) == ["4.jpg"] and "NaN" in fails["error"].iloc[0]
+    for name, (crop, lm) in crops.items():
+        face = decode(encode(crop, "PNG"), landmarks=lm).image  # landmarks as written (4 dp)
+        x = torch.from_numpy(to_input(face[None]))
+        with torch.inference_mode():
+            ref = (model(x) + model(torch.flip(x, dims=[3]))) / 2
+        got = np.asarray(emb.loc[name, "embedding"])
+        np.testing.assert_allclose(got, ref.numpy()[0], rtol=1e-4, atol=1e-5)
+    assert pd.notna(emb["quality"]).all()
