@@ -142,8 +142,11 @@ def test_links_out_of_the_root_and_suspicious_decodes_are_failures_never_reads(
     assert (summary.inputs, summary.embedded, summary.failed) == (14, 7, 7)
 
     def rows(folder: str) -> list[dict]:
-        return [r for p in sorted((out / folder).rglob("*.parquet")) for r in
-                pq.read_table(p).to_pylist()]
+        return [
+            r
+            for p in sorted((out / folder).rglob("*.parquet"))
+            for r in pq.read_table(p).to_pylist()
+        ]
 
     embedded = rows("embeddings")
     assert sorted(r["path"] for r in embedded) == sorted(good)
@@ -181,7 +184,9 @@ def test_manifest_paths_spelt_three_ways_are_one_file_and_refused(
         arch="iresnet-demo",
         output=str(out),
     )
-    with pytest.raises(EmbedError, match=r"3 rows with repeated paths after normalisation.*a/f\.jpg"):
+    with pytest.raises(
+        EmbedError, match=r"3 rows with repeated paths after normalisation.*a/f\.jpg"
+    ):
         run_embed(cfg)
     assert not list(out.rglob("*.parquet"))
     assert not (out / "summary.json").exists()
