@@ -79,6 +79,8 @@ def evaluate(
     on_bad: opts.OnBad = None,
     on_self: opts.OnSelf = None,
     on_duplicate: opts.OnDuplicate = None,
+    templates: opts.Templates = None,
+    pooling: opts.PoolingRule = None,
     tracking_uri: opts.TrackingUri = None,
     experiment: opts.Experiment = None,
     ray_address: opts.RayAddress = None,
@@ -106,6 +108,8 @@ def evaluate(
         "on_bad": on_bad,
         "on_self": on_self,
         "on_duplicate": on_duplicate,
+        "templates": templates,
+        "pooling": pooling,
         "tracking.tracking_uri": tracking_uri,
         "tracking.experiment": experiment,
         "quality.column": quality_column,
@@ -123,6 +127,7 @@ def evaluate(
         pairs=cfg.pairs,
         calibration=cfg.calibration,
         **{"--quality-file": cfg.quality.file, "--group-file": cfg.report.group_file},
+        templates=cfg.templates,
     )
     uri = support.prepare_tracking(cfg.tracking.tracking_uri)
     address = support.connect(ray_address)

@@ -28,12 +28,13 @@ from qmag_ray import metrics, storage
 from qmag_ray.calibration.result import QMagFaceCalibration
 from qmag_ray.embeddings import load_embeddings
 from qmag_ray.pairs.listed import ListedPairSource
+from qmag_ray.pairs.templates import Pooling
 from qmag_ray.quality.columns import QualityColumnError, with_quality
 from qmag_ray.workflows import reporting
 from qmag_ray.workflows.config import EvaluateConfig
 from qmag_ray.workflows.extra_reports import ExtraReports, write_extra_reports
 from qmag_ray.workflows.provenance import embedding_provenance
-from qmag_ray.workflows.sides import WorkflowError, read_listed
+from qmag_ray.workflows.sides import WorkflowError, read_listed, templates_table
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class EvaluationOutcome:
     pairs: dict[str, Any]
     params: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+    tar_at_far: dict[str, Any] | None = None
     extra: ExtraReports | None = None
 
     def tracking_metrics(self) -> dict[str, float]:
@@ -66,6 +68,12 @@ class EvaluationOutcome:
             if self.extra.quality is not None:
                 for name, curve in self.extra.quality.curves.items():
                     out[f"quality_edc.{name}.pauc"] = curve.pauc
+        if self.tar_at_far is not None:
+            for conv in ("iso", "nearest"):
+                for name, row in self.tar_at_far[conv].items():
+                    for key, value in row.items():
+                        if value is not None:
+                            out[f"{name}.tar_at_far_{key}.{conv}"] = float(value)
         return out
 
     def summary(self) -> str:
@@ -77,6 +85,8 @@ class EvaluationOutcome:
             "",
             metrics.format_table(self.report),
         ]
+        if self.tar_at_far is not None:
+            lines += ["", metrics.format_tar_table(self.tar_at_far)]
         if self.extra is not None:
             for block in self.extra.text:
                 lines += ["", block]
@@ -137,6 +147,7 @@ def run_evaluation(config: EvaluateConfig, *, use_ray: bool = True) -> Evaluatio
             f"is {cfg.quality.column!r}: alpha and beta are on that quality's scale; evaluate "
             f"with --quality-column {expected_quality} or calibrate on {cfg.quality.column!r}"
         )
+    table, pooled = templates_table(table, cfg)
     expected_dim = cal.extra.get("embedding_dim")
     if expected_dim is not None and int(expected_dim) != table.dim:
         raise WorkflowError(
@@ -146,6 +157,11 @@ def run_evaluation(config: EvaluateConfig, *, use_ray: bool = True) -> Evaluatio
     resolved, protocol = read_listed(table, cfg.pairs, cfg.protocol, cfg)
     report_ = resolved.report
     notes = [qinfo.note()] if qinfo.note() else []
+    if pooled is not None and pooled.missing_images:
+        notes.append(
+            f"{pooled.missing_images} image(s) of the template table are not in the embeddings "
+            "and were left out of their templates"
+        )
     if report_.skipped:
         notes.append(
             f"{report_.skipped} of {report_.total} pairs skipped ({report_.summary()}); "
@@ -159,6 +175,9 @@ def run_evaluation(config: EvaluateConfig, *, use_ray: bool = True) -> Evaluatio
     cos, q, y = reporting.pair_arrays(source, use_ray=use_ray)
     rep = reporting.report(cos, q, y, cal, edc_fmr=cfg.edc_fmr)
     qmag = cal.score(cos, q)
+    tar = None
+    if pooled is not None:
+        tar = metrics.tar_table({"cosine": cos, "qmagface": qmag}, y)
     pairs_info = {
         "uri": storage.redact(cfg.pairs),
         "protocol": protocol,
@@ -182,6 +201,14 @@ def run_evaluation(config: EvaluateConfig, *, use_ray: bool = True) -> Evaluatio
             "fingerprint": cal.fingerprint,
         },
         "report": rep,
+        "tar_at_far": tar,
+        "templates": None
+        if pooled is None
+        else {
+            "uri": storage.redact(cfg.templates or ""),
+            "pooling": Pooling(cfg.pooling).value,
+            **pooled.to_dict(),
+        },
         "at_calibration_thresholds": at_operating_thresholds(cal, qmag, y),
         "notes": notes,
     }
@@ -217,4 +244,7 @@ def run_evaluation(config: EvaluateConfig, *, use_ray: bool = True) -> Evaluatio
         "quality_file": storage.redact(cfg.quality.file) if cfg.quality.file else None,
         "bootstrap_replicates": cfg.report.bootstrap,
     }
-    return EvaluationOutcome(cal, cfg.output, files, rep, pairs_info, params, notes, extra)
+    if pooled is not None:
+        params["templates"] = doc["templates"]["uri"]
+        params["pooling"] = doc["templates"]["pooling"]
+    return EvaluationOutcome(cal, cfg.output, files, rep, pairs_info, params, notes, tar, extra)

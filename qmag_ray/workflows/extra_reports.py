@@ -119,7 +119,17 @@ def write_extra_reports(
     )
     out.files["plots/det.png"] = det
     # quality evaluation: every compared measure on the same pairs
-    per_row = _measures(cfg, table, base_table)
+    pooled = bool(getattr(cfg, "templates", None))
+    if pooled and (cfg.quality.compare or rep.groups):
+        out.notes.append(
+            "templates: the quality evaluation uses the templates' pooled quality only and no "
+            "group report is made (per-image columns do not apply to templates)"
+        )
+    per_row = (
+        {cfg.quality.column: table.quality.astype(np.float64)}
+        if pooled
+        else _measures(cfg, table, base_table)
+    )
     pair_q = {n: np.minimum(v[idx_a], v[idx_b]) for n, v in per_row.items()}
     usable = np.logical_and.reduce([np.isfinite(v) for v in pair_q.values()])
     if not usable.all():
@@ -145,7 +155,7 @@ def write_extra_reports(
             storage.join(plots_dir, "quality_edc.png"), qe.to_dict()
         )
         out.text.append(qe.format_table())
-    for column in rep.groups:
+    for column in () if pooled else rep.groups:
         values, source = image_values(
             table, cfg.embeddings, column, rep.group_file, flag="--group-column"
         )
