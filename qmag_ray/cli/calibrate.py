@@ -75,7 +75,13 @@ def calibrate(
         Match | None, typer.Option(help="Match pair names to paths exactly or by path suffix.")
     ] = None,
     n_fmr: Annotated[int | None, typer.Option(min=2, help="FMR grid points (default 50).")] = None,
-    fmr_min: Annotated[float | None, typer.Option(help="Smallest grid FMR (default 1e-5).")] = None,
+    fmr_min: Annotated[
+        float | None,
+        typer.Option(
+            help="Smallest grid FMR (default 1e-5, raised with a note to what the impostor "
+            "pairs measure, 1/N, when they cannot measure 1e-5; a given value is kept or refused)."
+        ),
+    ] = None,
     fmr_max: Annotated[float | None, typer.Option(help="Largest grid FMR (default 1e-2).")] = None,
     n_weights: Annotated[
         int | None, typer.Option(min=1, help="Candidate quality weights (default 20).")

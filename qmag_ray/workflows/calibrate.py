@@ -245,6 +245,8 @@ def run_calibration(config: CalibrateConfig, *, use_ray: bool = True) -> Calibra
         sides.fit.source.num_shards(),
     )
     cal = _fit(sides.fit, cfg, use_ray)
+    if cal.extra.get("grid_note"):
+        notes.append(cal.extra["grid_note"])
     logger.info("fitted alpha=%.6f beta=%.6f; measuring in-sample metrics", cal.alpha, cal.beta)
     fit_arrays = _metric_arrays(sides.fit, cfg, use_ray)
     in_sample = reporting.report(*fit_arrays, cal)
