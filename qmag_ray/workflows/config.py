@@ -340,3 +340,61 @@ def _check_templates(
             f"templates were given with the image protocol {proto.value}; use protocol ijbb, "
             "ijbc or generic (a CSV a, b, label naming templates)"
         )
+
+
+@dataclass(frozen=True)
+class IdentifyConfig:
+    """Everything ``run_identification`` needs.
+
+    Attributes:
+        embeddings: the embeddings (embed job output, ``embeddings/`` folder or a Parquet file).
+        output: folder or URI for metrics.json and candidates.parquet.
+        gallery, probes: CSV/Parquet lists ``path, identity[, subset]`` (or template lists
+            ``path, template[, media], identity``; IJB's 1:N CSVs); exclusive with ``layout``.
+        layout: ``scface`` or ``tinyface``: gallery and probes found among the embeddings'
+            paths as the release lays them out.
+        prefix, match: how list paths map onto the embeddings' ``path`` column.
+        calibration, alpha, beta: the QMagFace scorer (a calibration.json, or alpha and beta).
+        pooling: pooling rule of template lists.
+        shards: gallery shards (Ray tasks); 0 picks two per CPU of the cluster.
+        on_missing: listed images not in the embeddings (or unusable): error or skip (counted).
+        on_unlabelled: probes without an identity: error or skip (counted). Probes whose
+            identity is not enrolled are the open-set non-mated searches, never skipped.
+    """
+
+    embeddings: str = ""
+    output: str = ""
+    gallery: str | None = None
+    probes: str | None = None
+    layout: str | None = None
+    prefix: str = ""
+    match: Match = Match.EXACT
+    calibration: str | None = None
+    alpha: float | None = None
+    beta: float | None = None
+    pooling: Pooling = Pooling.QUALITY
+    shards: int = 0
+    on_missing: Policy = Policy.ERROR
+    on_unlabelled: Policy = Policy.ERROR
+
+    def __post_init__(self) -> None:
+        for name in ("embeddings", "output"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} is required")
+        if self.layout is not None:
+            if self.layout not in ("scface", "tinyface"):
+                raise ValueError(f"layout must be scface or tinyface, got {self.layout!r}")
+            if self.gallery or self.probes:
+                raise ValueError("give either layout or gallery and probes lists, not both")
+        elif not (self.gallery and self.probes):
+            raise ValueError("give gallery and probes (CSV lists) or a layout (scface, tinyface)")
+        given = (self.alpha is not None, self.beta is not None)
+        if self.calibration and any(given):
+            raise ValueError("give either calibration (a calibration.json) or alpha and beta")
+        if not self.calibration and not all(given):
+            raise ValueError(
+                "QMagFace ranking needs a scorer: give calibration (a calibration.json) or both "
+                "alpha and beta"
+            )
+        if self.shards < 0:
+            raise ValueError(f"shards must be >= 0 (0: automatic), got {self.shards}")
