@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from typing import Any
 
@@ -26,11 +27,17 @@ STALL_SECONDS = 30.0
 
 
 class Progress:
-    """Counts results, logs a progress line every ``interval`` seconds, times the pipeline."""
+    """Counts results, logs a progress line every ``interval`` seconds, times the pipeline.
+
+    While the pipeline runs a daemon thread also logs the line when no result arrived for an
+    interval, so that a stalled store (``store: retrying ...``) shows while the tasks wait.
+    """
 
     def __init__(self, total: int, interval: float, monitor: Any = None) -> None:
         self.total, self.interval = total, interval
         self.monitor = monitor
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
         self.begin()
         self.first: float | None = None
         self.first_images = 0
@@ -42,7 +49,22 @@ class Progress:
         """Start the clock (when the pipeline starts)."""
         self.start = self.last = time.perf_counter()
 
+    def __enter__(self) -> Progress:
+        threading.Thread(target=self._beat, name="qmag-progress", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.update(0, 0)
+
     def update(self, embedded: int, failed: int, *, force: bool = False) -> None:
+        with self._lock:
+            self._update(embedded, failed, force)
+
+    def _update(self, embedded: int, failed: int, force: bool) -> None:
         now = time.perf_counter()
         if self.first is None and embedded + failed:
             self.first, self.first_images = now, embedded + failed
@@ -218,12 +240,14 @@ def run_pipeline(
     progress.begin()
     ds = build_dataset(config, todo_refs, root, spec, monitor)
     try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
-            embedded, failed = counts.add(batch)
-            if counts.resized and progress.resized == 0:
-                logger.info("resizing images that are not 112x112 (--resize)")
-            progress.resized = counts.resized
-            progress.update(embedded, failed)
+        with progress:
+            batches = ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1)
+            for batch in batches:
+                embedded, failed = counts.add(batch)
+                if counts.resized and progress.resized == 0:
+                    logger.info("resizing images that are not 112x112 (--resize)")
+                progress.resized = counts.resized
+                progress.update(embedded, failed)
     except Exception as exc:
         raise EmbedError(
             f"the embedding pipeline failed ({type(exc).__name__}: {_first_line(exc)}); what was "
