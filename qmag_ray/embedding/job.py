@@ -128,8 +128,11 @@ def run_embed(config: EmbedConfig, *, connect: Callable[[], Any] | None = None) 
         progress = Progress(todo, config.progress_seconds, monitor)
         progress.connect_seconds = connect_seconds
         counts = None
-        if todo_refs:
-            counts = run_pipeline(config, todo_refs, source.root, spec, progress, monitor)
+        try:
+            if todo_refs:
+                counts = run_pipeline(config, todo_refs, source.root, spec, progress, monitor)
+        finally:
+            ray.kill(monitor)
         checks = tasks.check_shards(config, listings, layout.root, model_sha)
         summary = _summary(
             config,

@@ -50,6 +50,20 @@ def make_tree(root: Path, n: int, per_identity: int = 50) -> None:
         os.link(sources[k % 10], folder / f"{k:07d}.bmp")
 
 
+def _init(ray) -> None:  # noqa: ANN001
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=512 * 2**20,
+        logging_level="WARNING",
+        runtime_env={
+            "env_vars": {"PYTHONPATH": str(HERE), "RAY_USAGE_STATS_ENABLED": "0"},
+            "worker_process_setup_hook": "tiny_backbone.register",
+        },
+    )
+
+
 def child(args: argparse.Namespace) -> None:
     """One driver: run the job, print its figures as JSON."""
     import ray
@@ -60,16 +74,14 @@ def child(args: argparse.Namespace) -> None:
     tiny_backbone.register()
     from qmag_ray.embedding import EmbedConfig, run_embed
 
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        object_store_memory=512 * 2**20,
-        logging_level="WARNING",
-        runtime_env={
-            "env_vars": {"PYTHONPATH": str(HERE), "RAY_USAGE_STATS_ENABLED": "0"},
-            "worker_process_setup_hook": "tiny_backbone.register",
-        },
-    )
+    for attempt in range(3):  # a loaded machine can miss Ray's 30 s raylet start-up window
+        try:
+            _init(ray)
+            break
+        except Exception:
+            if attempt == 2:
+                raise
+            ray.shutdown()
     cfg = EmbedConfig(
         images=args.images,
         model=args.model,
