@@ -22,6 +22,8 @@ def register() -> None:
 
         def __init__(self, embedding_size: int) -> None:
             super().__init__()
+            self.embedding_size = embedding_size
+            self.input_size = 112
             self.conv1 = nn.Conv2d(3, 4, kernel_size=8, stride=8)
             self.fc = nn.Linear(4, embedding_size)
 
