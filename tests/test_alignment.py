@@ -20,7 +20,12 @@ from PIL import Image
 
 from qmag_ray.alignment import LandmarkError, align_face, similarity_transform
 from qmag_ray.embedding import EmbedConfig, EmbedError, run_embed
-from qmag_ray.embedding.inputs import read_and_decode, read_landmark_file, read_manifest
+from qmag_ray.embedding.inputs import (
+    LandmarkTable,
+    manifest_landmarks,
+    read_and_decode,
+    read_landmark_file,
+)
 from qmag_ray.images import decode, to_input
 from qmag_ray.model import create_backbone, save_checkpoint
 from qmag_ray.synth import make_identity, make_image
@@ -128,13 +133,26 @@ def test_decode_aligns_any_size_and_bad_landmarks_fail_per_image(tmp_path: Path)
     names = ["good.png", *[f"{k}.png" for k in bad]]
     for name in names:
         (tmp_path / name).write_bytes(encode(crop))
-    points = np.stack([lm, *bad.values()]).reshape(len(names), 10)
-    batch = {"index": np.arange(len(names)), "path": np.array(names, dtype=object)}
-    batch.update({f"lm{i // 2}_{'xy'[i % 2]}": points[:, i] for i in range(10)})
-    res = read_and_decode(batch, root=str(tmp_path), resize=False, align=True)
+    names.append("unlisted.png")
+    (tmp_path / "unlisted.png").write_bytes(encode(crop))
+    points = np.stack([lm, *bad.values()]).reshape(len(names) - 1, 10)
+    frame = pd.DataFrame({"path": names[:-1]})
+    for i in range(10):
+        frame[f"lm{i // 2}_{'xy'[i % 2]}"] = points[:, i]
+    n = len(names)
+    batch = {
+        "shard": np.zeros(n, np.int64),
+        "pos": np.arange(n),
+        "path": np.array(names, dtype=object),
+        "identity": np.full(n, None, dtype=object),
+    }
+    table = LandmarkTable.from_frame(frame)
+    res = read_and_decode(batch, root=str(tmp_path), resize=False, landmarks=table)
     assert res["error"][0] == ""
+    np.testing.assert_array_equal(res["image"][0], align_face(crop, lm))
     assert "NaN" in res["error"][1] and "outside" in res["error"][2]
     assert "degenerate" in res["error"][3] and "degenerate" in res["error"][4]
+    assert "NaN" in res["error"][5]  # an image the landmarks do not list
 
 
 def test_landmark_inputs_ijb_file_and_manifest_columns(tmp_path: Path) -> None:
@@ -142,17 +160,22 @@ def test_landmark_inputs_ijb_file_and_manifest_columns(tmp_path: Path) -> None:
         "1.jpg 1 2 3 4 5 6 7 8 9 10 0.99\n2.jpg 11 12 13 14 15 16 17 18 19 20 0.5\n"
     )
     lm = read_landmark_file(str(tmp_path / "ijbc_name_5pts_score.txt"))
-    assert list(lm["name"]) == ["1.jpg", "2.jpg"] and lm["lm4_y"].tolist() == [10.0, 20.0]
+    assert list(lm["path"]) == ["1.jpg", "2.jpg"] and lm["lm4_y"].tolist() == [10.0, 20.0]
+    # IJB names files; the embed job's paths may carry folders: matched by file name
+    points = LandmarkTable.from_frame(lm).lookup(["loose_crop/2.jpg", "1.jpg", "3.jpg"])
+    assert points[0, 0] == 11.0 and points[1, 0] == 1.0 and np.isnan(points[2]).all()
     (tmp_path / "bad_5pts_score.txt").write_text("1.jpg 1 2 3\n")
     with pytest.raises(EmbedError, match="11 or 12 fields"):
         read_landmark_file(str(tmp_path / "bad_5pts_score.txt"))
     cols = ",".join(f"lm{i}_{a}" for i in range(5) for a in "xy")
     (tmp_path / "m.csv").write_text(f"path,identity,{cols}\na.png,x,{','.join(['1'] * 10)}\n")
-    table = read_manifest(str(tmp_path / "m.csv"))
-    assert table["lm2_x"].tolist() == [1.0]
+    table = manifest_landmarks(str(tmp_path / "m.csv"))
+    assert table["lm2_x"].tolist() == [1.0] and list(table["path"]) == ["a.png"]
     (tmp_path / "half.csv").write_text("path,lm0_x\na.png,1\n")
     with pytest.raises(EmbedError, match="lacks lm0_y"):
-        read_manifest(str(tmp_path / "half.csv"))
+        manifest_landmarks(str(tmp_path / "half.csv"))
+    (tmp_path / "none.csv").write_text("path\na.png\n")
+    assert manifest_landmarks(str(tmp_path / "none.csv")) is None
 
 
 @pytest.mark.ray

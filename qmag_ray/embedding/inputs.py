@@ -1,7 +1,9 @@
-"""The inputs of an embedding run: listing them on the driver, reading and decoding them in tasks.
+"""The inputs of an embedding run: reading and decoding them in tasks (and small listings).
 
-Inputs are a table of ``path`` (relative to the images root, with ``/``) and ``identity``
-(``None`` when unknown), from a folder tree ``<identity>/<file>`` or from a manifest.
+Inputs are rows of ``path`` (relative to the images root, with ``/``) and ``identity``
+(``None`` when unknown), from a folder tree ``<identity>/<file>`` or from a manifest; the
+embedding job lists them in Ray tasks (:mod:`qmag_ray.embedding.listing`), while
+:func:`list_tree` and :func:`read_manifest` list small sets in one process (training data).
 :func:`read_and_decode` is the per-batch function the Ray Data read stage runs: it never raises
 for a bad file; the file becomes a row with an error message instead.
 """
@@ -9,9 +11,11 @@ for a bad file; the file becomes a row with an error message instead.
 from __future__ import annotations
 
 import logging
+import os
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -19,6 +23,8 @@ import pandas as pd
 from qmag_ray import storage
 from qmag_ray.alignment import LANDMARK_COLUMNS
 from qmag_ray.embedding.config import EmbedConfig, EmbedError
+from qmag_ray.embedding.listing import LINK_OUTSIDE, _inside, normalise_path
+from qmag_ray.embedding.retry import READ_ATTEMPTS, is_transient, store_options, with_retries
 from qmag_ray.images import IMAGE_EXTENSIONS, INPUT_SIZE, ImageError, decode
 
 logger = logging.getLogger(__name__)
@@ -41,78 +47,6 @@ class Inputs:
     table: pd.DataFrame
     root: str
     ignored: list[str] = field(default_factory=list)
-
-
-def list_inputs(config: EmbedConfig) -> Inputs:
-    """List the run's inputs from ``config.images`` (a tree) or ``config.manifest``.
-
-    With ``config.landmarks`` (IJB ``*_5pts_score.txt``) the table gets the landmark columns
-    ``lm0_x ... lm4_y``, NaN for images the file does not list (a per-image failure later).
-    """
-    if config.images:
-        inputs = list_tree(config.images)
-    else:
-        assert config.manifest is not None
-        root = config.images_root or storage.unstrip(
-            config.manifest, posixpath.dirname(storage.filesystem(config.manifest)[1])
-        )
-        inputs = Inputs(table=read_manifest(config.manifest), root=root)
-    if config.landmarks:
-        table = attach_landmarks(inputs.table, read_landmark_file(config.landmarks))
-        inputs = Inputs(table=table, root=inputs.root, ignored=inputs.ignored)
-    return inputs
-
-
-def has_landmarks(table: pd.DataFrame) -> bool:
-    """Whether the inputs carry the five landmark columns (the run aligns)."""
-    return all(c in table.columns for c in LANDMARK_COLUMNS)
-
-
-def read_landmark_file(uri: str) -> pd.DataFrame:
-    """IJB's ``*_name_5pts_score.txt``: ``name x1 y1 ... x5 y5 score`` per line (space-separated).
-
-    Returns a frame of ``name`` and the landmark columns; a name listed twice is an error.
-    """
-    where = storage.redact(uri)
-    try:
-        text = storage.read_bytes(uri).decode("utf-8-sig")
-    except FileNotFoundError:
-        raise EmbedError(f"landmarks file not found: {where}") from None
-    import io
-
-    try:
-        frame = pd.read_csv(io.StringIO(text), sep=r"\s+", header=None, dtype=str)
-    except pd.errors.EmptyDataError:
-        raise EmbedError(f"landmarks file {where} is empty") from None
-    if frame.shape[1] not in (11, 12):
-        raise EmbedError(
-            f"landmarks file {where}: expected 'name x1 y1 ... x5 y5 [score]' (11 or 12 fields "
-            f"per line), got {frame.shape[1]}"
-        )
-    out = pd.DataFrame({"name": frame[0].astype(str).str.replace("\\", "/", regex=False)})
-    for k, col in enumerate(LANDMARK_COLUMNS):
-        values = pd.to_numeric(frame[k + 1], errors="coerce")
-        if values.isna().any():
-            line = int(np.flatnonzero(values.isna().to_numpy())[0]) + 1
-            raise EmbedError(f"landmarks file {where}:{line}: {col} is not a number")
-        out[col] = values.to_numpy(np.float64)
-    dup = out["name"].duplicated()
-    if dup.any():
-        raise EmbedError(f"landmarks file {where} lists {out['name'][dup].iloc[0]!r} twice")
-    return out
-
-
-def attach_landmarks(table: pd.DataFrame, landmarks: pd.DataFrame) -> pd.DataFrame:
-    """Landmark columns for each input: by exact path, else by file name (IJB names files)."""
-    by_name = landmarks.set_index("name")
-    keys = table["path"].where(
-        table["path"].isin(by_name.index), table["path"].map(posixpath.basename)
-    )
-    picked = by_name.reindex(keys.to_numpy())
-    out = table.copy()
-    for col in LANDMARK_COLUMNS:
-        out[col] = picked[col].to_numpy(np.float64)
-    return out
 
 
 def _hidden(rel: str) -> bool:
@@ -164,7 +98,7 @@ def read_manifest(uri: str) -> pd.DataFrame:
         raise EmbedError(
             f"manifest {where} has no 'path' column (columns: {', '.join(map(str, frame.columns))})"
         )
-    paths = [_clean_path(p, where, i) for i, p in enumerate(frame["path"].tolist())]
+    paths = [normalise_path(p, where, i) for i, p in enumerate(frame["path"].tolist())]
     if "identity" in frame.columns:
         identities = [
             None if v is None or (isinstance(v, float) and np.isnan(v)) or str(v) == "" else str(v)
@@ -173,14 +107,6 @@ def read_manifest(uri: str) -> pd.DataFrame:
     else:
         identities = [None] * len(paths)
     table = pd.DataFrame({"path": paths, "identity": pd.Series(identities, dtype=object)})
-    present = [c for c in LANDMARK_COLUMNS if c in frame.columns]
-    if present and len(present) < len(LANDMARK_COLUMNS):
-        absent = [c for c in LANDMARK_COLUMNS if c not in frame.columns]
-        raise EmbedError(f"manifest {where} has landmark columns but lacks {', '.join(absent)}")
-    for col in present:  # empty cells are NaN: that image fails with a landmark error
-        table[col] = pd.to_numeric(frame[col].replace("", np.nan), errors="coerce").to_numpy(
-            np.float64
-        )
     dup = table["path"].duplicated(keep=False)
     if dup.any():
         examples = ", ".join(sorted(set(table.loc[dup, "path"]))[:5])
@@ -193,18 +119,111 @@ def read_manifest(uri: str) -> pd.DataFrame:
     return table
 
 
-def _clean_path(value: object, where: str, row: int) -> str:
-    if value is None or (isinstance(value, float) and np.isnan(value)) or str(value) == "":
-        raise EmbedError(f"manifest {where} row {row + 2}: empty path")
-    text = str(value).replace("\\", "/")
-    while text.startswith("./"):
-        text = text[2:]
-    if text.startswith("/") or "://" in text or ".." in text.split("/"):
+@dataclass(frozen=True, eq=False)
+class LandmarkTable:
+    """Five landmarks per image path (sorted paths, (n, 10) float64 points), for the decode
+    tasks; an image it does not list gets NaN points, which fail as bad landmarks."""
+
+    path: np.ndarray
+    points: np.ndarray
+
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame) -> LandmarkTable:
+        order = np.argsort(frame["path"].to_numpy(dtype=str), kind="stable")
+        paths = frame["path"].to_numpy(dtype=str)[order]
+        points = frame[list(LANDMARK_COLUMNS)].to_numpy(np.float64)[order]
+        return cls(paths, points)
+
+    def lookup(self, paths: list[str]) -> np.ndarray:
+        """(len(paths), 10) points: by exact path, else by file name; NaN where not listed."""
+        out = np.full((len(paths), 10), np.nan)
+        for i, p in enumerate(paths):
+            for key in (p, posixpath.basename(p)):
+                k = int(np.searchsorted(self.path, key))
+                if k < len(self.path) and self.path[k] == key:
+                    out[i] = self.points[k]
+                    break
+        return out
+
+    def __len__(self) -> int:
+        return len(self.path)
+
+
+def read_landmark_file(uri: str) -> pd.DataFrame:
+    """IJB's ``*_name_5pts_score.txt``: ``name x1 y1 ... x5 y5 [score]`` per line.
+
+    Returns a frame of ``path`` (the name) and the landmark columns; a name listed twice is an
+    error.
+    """
+    import io
+
+    where = storage.redact(uri)
+    try:
+        text = storage.read_bytes(uri).decode("utf-8-sig")
+    except FileNotFoundError:
+        raise EmbedError(f"landmarks file not found: {where} (--landmarks)") from None
+    try:
+        frame = pd.read_csv(io.StringIO(text), sep=r"\s+", header=None, dtype=str)
+    except pd.errors.EmptyDataError:
+        raise EmbedError(f"landmarks file {where} is empty (--landmarks)") from None
+    if frame.shape[1] not in (11, 12):
         raise EmbedError(
-            f"manifest {where} row {row + 2}: path {text!r} must be relative to the images root "
-            "(no leading '/', no scheme, no '..')"
+            f"landmarks file {where}: expected 'name x1 y1 ... x5 y5 [score]' (11 or 12 fields "
+            f"per line), got {frame.shape[1]} (--landmarks)"
         )
-    return text
+    out = pd.DataFrame({"path": frame[0].astype(str).str.replace("\\", "/", regex=False)})
+    for k, col in enumerate(LANDMARK_COLUMNS):
+        values = pd.to_numeric(frame[k + 1], errors="coerce")
+        if values.isna().any():
+            line = int(np.flatnonzero(values.isna().to_numpy())[0]) + 1
+            raise EmbedError(f"landmarks file {where}:{line}: {col} is not a number")
+        out[col] = values.to_numpy(np.float64)
+    dup = out["path"].duplicated()
+    if dup.any():
+        raise EmbedError(f"landmarks file {where} lists {out['path'][dup].iloc[0]!r} twice")
+    return out
+
+
+def manifest_landmarks(uri: str) -> pd.DataFrame | None:
+    """The manifest's ``path`` and ``lm0_x ... lm4_y`` columns (None when it has none)."""
+    where = storage.redact(uri)
+    fs, path = storage.filesystem(uri)
+    lower = path.lower()
+    with fs.open(path, "rb") as f:
+        if lower.endswith((".parquet", ".pq")):
+            import pyarrow.parquet as pq
+
+            names = pq.read_schema(f).names
+            f.seek(0)
+            wanted = [c for c in ("path", *LANDMARK_COLUMNS) if c in names]
+            frame = pq.read_table(f, columns=wanted).to_pandas()
+        else:
+            compression = "gzip" if lower.endswith(".gz") else None
+            frame = pd.read_csv(f, dtype=str, keep_default_na=False, compression=compression)
+    present = [c for c in LANDMARK_COLUMNS if c in frame.columns]
+    if not present:
+        return None
+    if len(present) < len(LANDMARK_COLUMNS):
+        absent = [c for c in LANDMARK_COLUMNS if c not in frame.columns]
+        raise EmbedError(f"manifest {where} has landmark columns but lacks {', '.join(absent)}")
+    out = pd.DataFrame(
+        {"path": [normalise_path(p, where, i) for i, p in enumerate(frame["path"].tolist())]}
+    )
+    for col in LANDMARK_COLUMNS:  # empty cells are NaN: that image fails with a landmark error
+        out[col] = pd.to_numeric(frame[col].replace("", np.nan), errors="coerce").to_numpy(
+            np.float64
+        )
+    return out
+
+
+def load_landmarks(config: EmbedConfig) -> LandmarkTable | None:
+    """The run's landmarks (``--landmarks`` file, else the manifest's columns), or None."""
+    if config.landmarks:
+        return LandmarkTable.from_frame(read_landmark_file(config.landmarks))
+    if config.manifest:
+        frame = manifest_landmarks(config.manifest)
+        return None if frame is None else LandmarkTable.from_frame(frame)
+    return None
 
 
 def _read_error(exc: BaseException, uri: str) -> str:
@@ -217,51 +236,78 @@ def _read_error(exc: BaseException, uri: str) -> str:
     return f"cannot read {uri}: {type(exc).__name__}: {exc}"
 
 
-def _read_one(fs, path: str) -> bytes | BaseException:  # noqa: ANN001 - any fsspec filesystem
+def _read_one(fs, path: str, what: str, monitor: Any) -> bytes | BaseException:  # noqa: ANN001
     try:
-        return bytes(fs.cat_file(path))
+        return with_retries(lambda: bytes(fs.cat_file(path)), what=what, monitor=monitor)
     except Exception as exc:  # recorded per file, never raised: the run goes on
         return exc
 
 
 def read_and_decode(
-    batch: dict[str, np.ndarray], *, root: str, resize: bool, align: bool = False
+    batch: dict[str, np.ndarray],
+    *,
+    root: str,
+    resize: bool,
+    monitor: Any = None,
+    landmarks: LandmarkTable | None = None,
 ) -> dict:
     """Read and decode one batch of inputs (a Ray Data ``map_batches`` function).
 
     Args:
-        batch: ``index`` (int64) and ``path`` (relative paths); with ``align`` also the
-            landmark columns ``lm0_x ... lm4_y``.
+        batch: ``shard``, ``pos``, ``path`` (relative), ``identity`` and ``listed_error``
+            (a reason found while listing, e.g. a link leaving the root: such rows are not read).
         root: URI the paths are relative to.
         resize: resize faces that are not 112x112 instead of failing them.
-        align: warp each image onto the ArcFace template by its landmarks (any image size;
-            bad landmarks are a per-image failure).
+        monitor: a :class:`~qmag_ray.embedding.retry.StoreMonitor` handle told of retries.
+        landmarks: five landmarks per path: each image, of any size, is aligned onto the
+            ArcFace template (an image without usable landmarks is a per-image failure).
 
     Returns:
-        ``index``, ``image`` (uint8 N x 112 x 112 x 3, BGR; zeros where it failed), ``error``
-        (empty string when the image is good) and ``resized_from`` (``WxH`` or empty).
+        The input columns plus ``index`` (= ``pos``), ``image`` (uint8 N x 112 x 112 x 3, BGR;
+        zeros where it failed), ``error`` (empty string when the image is good), ``transient``
+        (the store could not be reached: retried by the next run) and ``resized_from``.
     """
-    fs, root_path = storage.filesystem(root)
+    local = storage.protocol(root) == "file"
+    fs, root_path = storage.filesystem(root, **store_options(root))
     root_path = root_path.rstrip("/")
+    real_root = os.path.realpath(root_path) if local else ""
     rels = [str(p) for p in batch["path"]]
-    fs_paths = [f"{root_path}/{rel}" for rel in rels]
-    if storage.protocol(root) == "file" or len(fs_paths) == 1:
-        blobs = [_read_one(fs, p) for p in fs_paths]
-    else:
-        with ThreadPoolExecutor(max_workers=min(REMOTE_READ_THREADS, len(fs_paths))) as pool:
-            blobs = list(pool.map(lambda p: _read_one(fs, p), fs_paths))
+    listed = [str(e) if e is not None else "" for e in batch.get("listed_error", [""] * len(rels))]
     n = len(rels)
-    images = np.zeros((n, INPUT_SIZE, INPUT_SIZE, 3), dtype=np.uint8)
     errors = np.full(n, "", dtype=object)
+    transient = np.zeros(n, dtype=bool)
+    todo = []
+    for i, rel in enumerate(rels):
+        full = f"{root_path}/{rel}"
+        if listed[i]:
+            errors[i] = listed[i]
+        elif local and not _inside(os.path.realpath(full), real_root):
+            errors[i] = LINK_OUTSIDE  # checked again at read time: never read
+        else:
+            todo.append(i)
+    what = [storage.redact(storage.unstrip(root, f"{root_path}/{rels[i]}")) for i in todo]
+    paths = [f"{root_path}/{rels[i]}" for i in todo]
+    if local or len(paths) <= 1:
+        blobs = [_read_one(fs, p, w, monitor) for p, w in zip(paths, what, strict=True)]
+    else:
+        with ThreadPoolExecutor(max_workers=min(REMOTE_READ_THREADS, len(paths))) as pool:
+            blobs = list(
+                pool.map(
+                    lambda pw: _read_one(fs, pw[0], pw[1], monitor), zip(paths, what, strict=True)
+                )
+            )
+    images = np.zeros((n, INPUT_SIZE, INPUT_SIZE, 3), dtype=np.uint8)
     resized = np.full(n, "", dtype=object)
-    points = (
-        np.stack([np.asarray(batch[c], np.float64) for c in LANDMARK_COLUMNS], axis=1)
-        if align
-        else None
-    )
-    for i, blob in enumerate(blobs):
+    points = None if landmarks is None else landmarks.lookup(rels)
+    for i, w, blob in zip(todo, what, blobs, strict=True):
         if isinstance(blob, BaseException):
-            errors[i] = _read_error(blob, storage.redact(storage.unstrip(root, fs_paths[i])))
+            transient[i] = is_transient(blob)
+            errors[i] = _read_error(blob, w)
+            if transient[i]:
+                errors[i] = (
+                    f"store unreachable after {READ_ATTEMPTS} attempts ({errors[i]}); "
+                    "run the same command again to retry"
+                )
             continue
         try:
             face = decode(blob, resize=resize, landmarks=None if points is None else points[i])
@@ -271,9 +317,15 @@ def read_and_decode(
         images[i] = face.image
         if face.resized_from is not None:
             resized[i] = f"{face.resized_from[0]}x{face.resized_from[1]}"
+    pos = np.asarray(batch["pos"], dtype=np.int64)
     return {
-        "index": np.asarray(batch["index"], dtype=np.int64),
+        "index": pos,
+        "shard": np.asarray(batch["shard"], dtype=np.int64),
+        "pos": pos,
+        "path": np.asarray(rels, dtype=object),
+        "identity": np.asarray(batch["identity"], dtype=object),
         "image": images,
         "error": errors,
+        "transient": transient,
         "resized_from": resized,
     }

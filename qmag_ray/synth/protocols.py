@@ -132,14 +132,15 @@ def _impostors(
     """``n`` distinct unordered template pairs of different subjects."""
     if n == 0:
         return np.empty((0, 2), dtype=np.int64)
-    out = np.empty((0, 2), dtype=np.int64)
-    while len(out) < n:
+    keys = np.empty(0, dtype=np.int64)
+    while len(keys) < n:
         a = rng.integers(0, n_templates, 2 * n)
         b = rng.integers(0, n_templates, 2 * n)
         ok = subject[a] != subject[b]
         lo, hi = np.minimum(a[ok], b[ok]), np.maximum(a[ok], b[ok])
-        out = np.unique(np.concatenate([out, np.stack([lo, hi], axis=1)]), axis=0)
-    return out[rng.permutation(len(out))[:n]]
+        keys = np.unique(np.concatenate([keys, lo * np.int64(n_templates) + hi]))
+    keys = keys[rng.permutation(len(keys))[:n]]
+    return np.stack([keys // n_templates, keys % n_templates], axis=1)
 
 
 def write_ijb_like(data: IJBLike, output: str, prefix: str = "ijbc") -> dict[str, str]:
