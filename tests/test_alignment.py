@@ -183,7 +183,7 @@ def test_embed_job_aligns_by_landmarks_file_with_flip(ray_cluster: None, tmp_pat
     torch.manual_seed(0)
     model = create_backbone("iresnet-demo").eval()
     ckpt = tmp_path / "demo.pth"
-    save_checkpoint(model, str(ckpt))
+    save_checkpoint(model, str(ckpt), "iresnet-demo")
     images = tmp_path / "loose_crop"
     images.mkdir()
     lines, crops = [], {}
@@ -212,7 +212,8 @@ def test_embed_job_aligns_by_landmarks_file_with_flip(ray_cluster: None, tmp_pat
     fails = pq.read_table(tmp_path / "out" / "failures").to_pandas()
     assert list(fails["path"]) == ["4.jpg"] and "NaN" in fails["error"].iloc[0]
     for name, (crop, lm) in crops.items():
-        face = decode(encode(crop, "PNG"), landmarks=lm).image  # landmarks as written (4 dp)
+        written = np.array([float(f"{v:.4f}") for v in lm.ravel()])  # as in the file
+        face = decode(encode(crop, "PNG"), landmarks=written).image
         x = torch.from_numpy(to_input(face[None]))
         with torch.inference_mode():
             ref = (model(x) + model(torch.flip(x, dims=[3]))) / 2

@@ -323,7 +323,10 @@ def read_and_decode(
         "shard": np.asarray(batch["shard"], dtype=np.int64),
         "pos": pos,
         "path": np.asarray(rels, dtype=object),
-        "identity": np.asarray(batch["identity"], dtype=object),
+        # a column of only nulls (files directly under the root) reaches numpy as NaN floats
+        "identity": np.array(
+            [x if isinstance(x, str) else None for x in batch["identity"]], dtype=object
+        ),
         "image": images,
         "error": errors,
         "transient": transient,

@@ -95,7 +95,11 @@ def write_parts(
     shard = np.asarray(batch["shard"], dtype=np.int64)
     pos = np.asarray(batch["pos"], dtype=np.int64)
     paths = np.asarray(batch["path"], dtype=object)
-    identities = np.asarray(batch["identity"], dtype=object)
+    # a block whose identities are all null (files directly under the root, as IJB's
+    # loose_crop/) reaches numpy as NaN floats: they are unknown identities
+    identities = np.array(
+        [x if isinstance(x, str) else None for x in batch["identity"]], dtype=object
+    )
     transient = np.asarray(batch["transient"], dtype=bool)
     resized = np.asarray(batch["resized_from"], dtype=object) != ""
     errors = np.asarray(errors, dtype=object).copy()
