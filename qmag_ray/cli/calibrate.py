@@ -220,6 +220,8 @@ def calibrate(
         templates=cfg.templates,
         validation_embeddings=cfg.validation.embeddings,
     )
+    support.require_pairs("pairs", cfg.pairs, cfg.protocol)
+    support.require_pairs("validation_pairs", cfg.validation.pairs, cfg.validation.protocol)
     uri = support.prepare_tracking(cfg.tracking.tracking_uri)
     address = support.connect(ray_address)
     from qmag_ray.workflows.calibrate import run_calibration

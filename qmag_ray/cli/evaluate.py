@@ -94,6 +94,8 @@ def evaluate(
         calibration=cfg.calibration,
         templates=cfg.templates,
     )
+    if not cfg.templates:
+        support.require_pairs("pairs", cfg.pairs, cfg.protocol)
     uri = support.prepare_tracking(cfg.tracking.tracking_uri)
     address = support.connect(ray_address)
     from qmag_ray.workflows.evaluate import run_evaluation
