@@ -89,17 +89,22 @@ class SafeStream(io.TextIOBase):
         if self._quiet:
             lines = text.splitlines(keepends=True)
             text = "".join(ln for ln in lines if not any(p.search(ln) for p in QUIET_PATTERNS))
-        if text:
+        if text and not getattr(self._inner, "closed", False):
             self._inner.write(redact_text(text))
 
     def flush(self) -> None:
         if self._pending:
             pending, self._pending = self._pending, ""
             self._emit(pending)
-        self._inner.flush()
+        if not getattr(self._inner, "closed", False):
+            self._inner.flush()
 
-    def isatty(self) -> bool:
-        return self._inner.isatty()
+    def isatty(self) -> bool:  # libraries that kept a reference may ask after it closed
+        return not getattr(self._inner, "closed", False) and self._inner.isatty()
+
+    @property
+    def closed(self) -> bool:  # type: ignore[override]
+        return bool(getattr(self._inner, "closed", False))
 
     def fileno(self) -> int:
         return self._inner.fileno()
