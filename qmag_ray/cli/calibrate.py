@@ -147,6 +147,8 @@ def calibrate(
     shards: Annotated[
         int | None, typer.Option(min=0, help="Pair shards (Ray tasks); 0: two per CPU.")
     ] = None,
+    quality_column: opts.QualityColumn = None,
+    quality_file: opts.QualityFile = None,
     on_missing: opts.OnMissing = None,
     on_bad: opts.OnBad = None,
     on_self: opts.OnSelf = None,
@@ -209,6 +211,8 @@ def calibrate(
         "pooling": pooling,
         "tracking.tracking_uri": tracking_uri,
         "tracking.experiment": experiment,
+        "quality.column": quality_column,
+        "quality.file": quality_file,
         "tracking.register_as": register_as,
         "tracking.register": register,
     }
@@ -219,6 +223,7 @@ def calibrate(
         validation_pairs=cfg.validation.pairs,
         templates=cfg.templates,
         validation_embeddings=cfg.validation.embeddings,
+        **{"--quality-file": cfg.quality.file},
     )
     support.require_pairs("pairs", cfg.pairs, cfg.protocol)
     support.require_pairs("validation_pairs", cfg.validation.pairs, cfg.validation.protocol)
