@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from mlflow_fixtures import MlflowServer, mlflow_server  # noqa: F401
 from typer.testing import CliRunner
 
 from qmag_ray.cli import app
@@ -165,3 +166,55 @@ def test_safe_stream_redacts_split_writes_drops_ray_noise_and_masks_env_secrets(
     loud = SafeStream(loud_sink, quiet=False)
     loud.write("Token authentication is enabled for this Ray cluster.\n")
     assert "Token authentication" in loud_sink.getvalue()
+
+
+@pytest.mark.ray
+@pytest.mark.mlflow
+def test_a_password_in_the_tracking_uri_appears_nowhere(
+    ray_cluster: None,
+    mlflow_server: MlflowServer,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """calibrate against a real ``mlflow server`` whose URI carries user:password@: the
+    password is in no output (MLflow's "View run at" line included), no MLflow field or file,
+    no result file and no Ray log (the command attaches to the session's Ray cluster)."""
+    import ray
+    from workflow_data import HELPFUL, synthetic_table, write_table
+
+    password = "pw-7Qx93kLmZ"
+    host = mlflow_server.uri.removeprefix("http://")
+    emb = write_table(synthetic_table(60, 5, 16, **HELPFUL), tmp_path / "emb")
+    gcs = ray.get_runtime_context().gcs_address
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    result = qmag(
+        [
+            "calibrate",
+            "--embeddings",
+            emb,
+            "--output",
+            str(tmp_path / "cal"),
+            "--fmr-min",
+            "1e-2",
+            "--fmr-max",
+            "1e-1",
+            "--n-fmr",
+            "5",
+            "--tracking-uri",
+            f"http://admin:{password}@{host}",
+            "--ray-address",
+            gcs,
+        ],
+        bare_env(),
+        tmp_path,
+    )
+    text = result.stdout + result.stderr
+    assert result.returncode == 0, text
+    assert "View run" in text and f"at: http://{host}/#/experiments/" in text
+    assert password not in text and "admin:" not in text
+    leaked = [
+        str(p)
+        for root in (mlflow_server.root, tmp_path / "cal", session / "logs")
+        for p in root.rglob("*")
+        if p.is_file() and password.encode() in p.read_bytes()
+    ]
+    assert leaked == []
