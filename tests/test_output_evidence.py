@@ -80,3 +80,20 @@ def test_a_label_sorted_generic_list_is_warned_about() -> None:
     mixed = np.random.default_rng(1).permutation(sorted_y)
     assert sorted_by_label_note(mixed, "generic") is None
     assert sorted_by_label_note(sorted_y, "lfw") is None  # benchmark files define their folds
+
+
+def test_report_table_states_the_false_matches_of_each_fnmr() -> None:
+    from qmag_ray import metrics
+
+    rng = np.random.default_rng(0)
+    y = np.r_[np.ones(300, int), np.zeros(3000, int)]
+    s = rng.normal(size=3300) + 2 * y
+    table = metrics.format_table(metrics.verification_report(s, s, y, rng.uniform(10, 30, 3300)))
+    rows = {ln.split(" [")[0]: ln for ln in table.splitlines() if ln.startswith("FNMR % @ FMR")}
+    # by hand: 3000 impostors x 1e-1, 1e-2, 1e-3 = 300, 30, 3 false matches; 1e-4 unmeasured
+    assert "[300 false matches]" in rows["FNMR % @ FMR 1e-01"]
+    assert "[30 false matches]" in rows["FNMR % @ FMR 1e-02"]
+    assert "[3* false matches]" in rows["FNMR % @ FMR 1e-03"]
+    unmeasured = [ln for ln in table.splitlines() if ln.startswith("FNMR % @ FMR 1e-04")]
+    assert len(unmeasured) == 1 and "false matches" not in unmeasured[0]
+    assert table.splitlines()[-1] == "* fewer than 10 false matches: that FNMR is a rough figure"

@@ -215,6 +215,16 @@ def test_run_blocks_work_as_written(
                 result = CliRunner().invoke(app, cmd.argv[1:])
                 tail = "\n".join(result.output.strip().splitlines()[-8:])
                 assert result.exit_code == 0, f"{cmd.where()} exited {result.exit_code}:\n{tail}"
+        # The defaults on this small set: the grid floor is raised, and MLflow says so.
+        from mlflow import MlflowClient
+
+        client = MlflowClient()
+        runs = client.search_runs(
+            [client.get_experiment_by_name("qmag-ray").experiment_id],
+            "tags.`qmag_ray.kind` = 'calibrate'",
+            order_by=["attributes.start_time ASC"],
+        )
+        assert runs[0].data.tags["qmag_ray.grid_note"].startswith("grid FMR floor raised from")
 
 
 def test_the_checks_point_at_the_readme_line_of_a_broken_command() -> None:

@@ -264,6 +264,8 @@ def _record(outcome: Any, cfg: Any, address: str) -> None:
         "qmag_ray.data_fingerprint": cal.fingerprint,
         "qmag_ray.method": cal.method,
     }
+    if cal.extra.get("grid_note"):  # the raised grid floor (also in calibration.json)
+        tags["qmag_ray.grid_note"] = cal.extra["grid_note"]
     compared = outcome.validation.get("methods")
     if compared and compared.get("guard"):
         tags["qmag_ray.methods_guard"] = ", ".join(

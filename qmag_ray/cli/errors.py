@@ -42,6 +42,11 @@ QUIET_PATTERNS = (
     re.compile(r"Token authentication is enabled for this Ray cluster"),
     re.compile(r"has constructor arguments in the object store and max_restarts > 0"),
     re.compile(r"Progress will be logged because stdout is a non-interactive terminal"),
+    # MLflow's own INFO lines (it sets up its logger when first imported) and registry chatter
+    # that the command's "registry: ..." line already says.
+    re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d INFO mlflow\."),
+    re.compile(r"^Successfully registered model '"),
+    re.compile(r"^Created version '\d+' of model '"),
 )
 
 
