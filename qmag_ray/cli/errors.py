@@ -42,6 +42,7 @@ QUIET_PATTERNS = (
     re.compile(r"Token authentication is enabled for this Ray cluster"),
     re.compile(r"has constructor arguments in the object store and max_restarts > 0"),
     re.compile(r"Progress will be logged because stdout is a non-interactive terminal"),
+    re.compile(r"Progress bars disabled\. To enable, set"),  # we disabled them (--verbose)
     # MLflow's own INFO lines (it sets up its logger when first imported) and registry chatter
     # that the command's "registry: ..." line already says.
     re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d INFO mlflow\."),
