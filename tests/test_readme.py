@@ -181,7 +181,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _write_pairs(root: Path) -> None:
-    """``pairs.csv``: every genuine pair and 4x as many impostors of ``out/emb``, shuffled."""
+    """``pairs.csv``: every genuine pair and 60% of the impostor pairs of ``out/emb``, shuffled."""
     from qmag_ray.embeddings import load_embeddings
 
     table = load_embeddings(str(root / "out" / "emb"))
@@ -191,7 +191,7 @@ def _write_pairs(root: Path) -> None:
     for i in range(n):
         for j in range(i + 1, n):
             same = table.identity[i] == table.identity[j]
-            if same or rng.random() < 0.08:
+            if same or rng.random() < 0.6:
                 rows.append((table.path[i], table.path[j], int(same)))
     frame = pd.DataFrame(rows, columns=["a", "b", "label"]).sample(frac=1, random_state=0)
     frame.to_csv(root / "pairs.csv", index=False)
