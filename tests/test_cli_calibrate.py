@@ -274,7 +274,8 @@ def test_bad_inputs_fail_before_any_computation(tmp_path: Path) -> None:
     code, text = invoke(
         ["evaluate", "--embeddings", embeddings, "--pairs", "p.txt", "--output", "o"]
     )
-    assert code == 2 and "calibration" in text and "alpha and beta" in text
+    assert code == 2 and "calibration (--calibration)" in text
+    assert "alpha (--alpha) and beta (--beta)" in text
 
     server = f"http://127.0.0.1:{free_port()}"
     code, text = invoke(

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qmag_ray import storage
-from qmag_ray.embedding.config import EmbedError
+from qmag_ray.embedding.config import EmbedInputError
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def read_done_paths(layout: OutputLayout) -> set[str]:
             with fs.open(path, "rb") as f:
                 column = pq.read_table(f, columns=["path"]).column("path").to_pylist()
         except Exception as exc:
-            raise EmbedError(
+            raise EmbedInputError(
                 f"cannot read existing part {storage.redact(uri)} ({exc}); "
                 "pass --overwrite to start the output afresh"
             ) from None
@@ -124,7 +124,7 @@ def prepare(
     if storage.exists(layout.summary):
         if not overwrite:
             status = _summary_status(layout)
-            raise EmbedError(
+            raise EmbedInputError(
                 f"{where} already holds a finished embedding run (summary.json, status "
                 f"{status}); pass --overwrite to replace it, or choose another --output"
             )
@@ -138,14 +138,14 @@ def prepare(
         changed = sorted(k for k in fingerprint if previous.get(k) != fingerprint[k])
         if changed:
             details = "; ".join(f"{k}: {previous.get(k)!r} -> {fingerprint[k]!r}" for k in changed)
-            raise EmbedError(
+            raise EmbedInputError(
                 f"{where} holds an interrupted run with different settings ({details}); "
                 "pass --overwrite to start again, or choose another --output"
             )
         done = read_done_paths(layout)
         stray = done - input_paths
         if stray:
-            raise EmbedError(
+            raise EmbedInputError(
                 f"{where} holds embeddings for {len(stray)} paths that are not among the inputs "
                 f"(e.g. {', '.join(sorted(stray)[:3])}); pass --overwrite or choose another "
                 "--output"
@@ -158,7 +158,7 @@ def prepare(
             len(done),
         )
     elif list_parts(layout.embeddings) or list_parts(layout.failures):
-        raise EmbedError(
+        raise EmbedInputError(
             f"{where} holds embedding parts but no run marker, so it cannot be resumed safely; "
             "pass --overwrite or choose another --output"
         )

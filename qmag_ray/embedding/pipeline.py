@@ -17,7 +17,7 @@ import pandas as pd
 
 from qmag_ray import storage
 from qmag_ray.embedding.actor import EmbedActor
-from qmag_ray.embedding.config import EmbedConfig, EmbedError
+from qmag_ray.embedding.config import EmbedConfig, EmbedError, EmbedInputError
 from qmag_ray.embedding.inputs import Inputs, read_and_decode
 from qmag_ray.embedding.output import PartWriter, embedding_batch, failure_batch
 
@@ -99,7 +99,7 @@ def check_resources(config: EmbedConfig) -> None:
         for problem in problems:
             logger.warning("%s; waiting for the autoscaler (--wait-for-resources)", problem)
         return
-    raise EmbedError(
+    raise EmbedInputError(
         "; ".join(problems)
         + " (on an autoscaling cluster pass --wait-for-resources to wait for new nodes)"
     )
@@ -125,7 +125,7 @@ def build_dataset(config: EmbedConfig, todo: pd.DataFrame, root: str):  # noqa: 
             "use_gpu": config.gpus_per_actor > 0,
             "threads": config.torch_threads,
             "mixed_precision": config.mixed_precision,
-            "amp_dtype": config.amp_dtype,
+            "amp_dtype": config.amp_dtype.value,
             "channels_last": config.channels_last,
         },
         compute=ray.data.ActorPoolStrategy(size=config.actors),

@@ -26,6 +26,7 @@ from typing import Any
 from qmag_ray import metrics, storage
 from qmag_ray.calibration.fit import METHODS, calibrate
 from qmag_ray.calibration.result import QMagFaceCalibration
+from qmag_ray.config import to_plain
 from qmag_ray.embeddings import load_embeddings
 from qmag_ray.workflows import reporting
 from qmag_ray.workflows.config import CalibrateConfig, PairMode
@@ -197,7 +198,7 @@ def _compare_methods(
 
 
 def _params(cfg: CalibrateConfig, sides: Sides, shards: int) -> dict[str, Any]:
-    data = dataclasses.asdict(cfg)
+    data = to_plain(cfg)
     data.pop("tracking")
     data["pair_mode"] = cfg.resolved_pair_mode.value
     data["shards"] = shards

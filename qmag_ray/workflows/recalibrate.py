@@ -25,6 +25,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from qmag_ray import storage
+from qmag_ray.config import to_plain
 from qmag_ray.tracking.gate import GateDecision
 from qmag_ray.tracking.promotion import Promotion, promote_if_better
 from qmag_ray.tracking.registry import (
@@ -102,22 +103,11 @@ def _evaluate(
 ) -> EvaluationOutcome:
     from qmag_ray.workflows.config import EvaluateConfig
     from qmag_ray.workflows.evaluate import run_evaluation
+    from qmag_ray.workflows.recalibrate_config import HoldoutConfig
 
-    h = cfg.holdout
-    assert h is not None
+    holdout = {f.name: getattr(cfg.holdout, f.name) for f in dataclasses.fields(HoldoutConfig)}
     return run_evaluation(
-        EvaluateConfig(
-            embeddings=h.embeddings,
-            pairs=h.pairs,
-            output=output,
-            protocol=h.protocol,
-            prefix=h.prefix,
-            match=h.match,
-            calibration=calibration_uri,
-            edc_fmr=h.edc_fmr,
-            on_missing=h.on_missing,
-        ),
-        use_ray=use_ray,
+        EvaluateConfig(**holdout, output=output, calibration=calibration_uri), use_ray=use_ray
     )
 
 
@@ -131,7 +121,7 @@ def _log_files(run: TrackedRun, files: dict[str, str], prefix: str) -> None:
 
 
 def _params(cfg: RecalibrateConfig) -> dict[str, Any]:
-    data = dataclasses.asdict(cfg)
+    data = to_plain(cfg)
     data.pop("tracking")
     return data
 
@@ -147,7 +137,7 @@ def run_recalibration(
     """
     from qmag_ray.embeddings import load_embeddings
     from qmag_ray.workflows.calibrate import run_calibration
-    from qmag_ray.workflows.config import CalibrateConfig
+    from qmag_ray.workflows.config import CalibrateConfig, CalibrationSettings
 
     out = storage.join(cfg.output, _stamp())
     name = cfg.register_as
@@ -178,17 +168,14 @@ def run_recalibration(
                 "unchanged", fingerprint, run.run_id, out, embed, existing_version=version
             )
 
+        shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(CalibrationSettings)}
         calibrated = run_calibration(
             CalibrateConfig(
+                **shared,
+                pair_mode=cfg.resolved_pair_mode,
                 embeddings=parts,
                 output=storage.join(out, "calibration"),
-                pair_mode=cfg.pair_mode,
-                generate=cfg.generate,
-                exhaustive=cfg.exhaustive,
-                grid=cfg.grid,
-                method=cfg.method,
-                validation=cfg.validation,
-                shards=cfg.shards,
+                on_bad=cfg.on_bad,
             ),
             use_ray=use_ray,
         )
