@@ -25,12 +25,27 @@ def fmr_key(fmr: float) -> str:
     return f"{fmr:.0e}"
 
 
+#: The paper's smallest grid FMR: the floor of a grid whose ``fmr_min`` is not given.
+PAPER_FMR_MIN = 1e-5
+
+
 @settings
 class CalibrationGrid(Settings):
-    """The search grid of spec section 3; every value settable, the paper's as defaults."""
+    """The search grid of spec section 3; every value settable, the paper's as defaults.
+
+    ``fmr_min=None`` (the default) means the paper's 1e-5 *unless the data cannot measure it*:
+    calibration then raises the floor to the smallest FMR its impostor pairs support and says
+    so (``qmag_ray.calibration.fit.resolve_grid``). A given ``fmr_min`` is kept or refused.
+    """
 
     n_fmr: int = option(50, "FMR grid points (log-spaced; at least 2 to fit a line).", ge=2)
-    fmr_min: float = option(1e-5, "Smallest FMR of the grid.", gt=0, lt=1)
+    fmr_min: float | None = option(
+        None,
+        "Smallest FMR of the grid (default: the paper's 1e-5, raised with a note to what the "
+        "impostor pairs can measure; a given value that they cannot measure is an error).",
+        gt=0,
+        lt=1,
+    )
     fmr_max: float = option(1e-2, "Largest FMR of the grid.", gt=0, lt=1)
     n_weights: int = option(20, "Candidate quality weights per FMR.", ge=1)
     max_ratio: float = option(
@@ -38,15 +53,20 @@ class CalibrationGrid(Settings):
     )
 
     def check(self) -> None:
-        if not self.fmr_min < self.fmr_max:
+        if not self.floor < self.fmr_max:
             raise ValueError(
-                f"the grid needs `fmr_min` < `fmr_max`, got fmr_min={self.fmr_min}, "
+                f"the grid needs `fmr_min` < `fmr_max`, got fmr_min={self.floor}, "
                 f"fmr_max={self.fmr_max}"
             )
 
+    @property
+    def floor(self) -> float:
+        """The smallest FMR: ``fmr_min``, or the paper's 1e-5 when it is not given."""
+        return PAPER_FMR_MIN if self.fmr_min is None else float(self.fmr_min)
+
     def fmrs(self) -> np.ndarray:
-        """The FMR values, log-spaced from fmr_min to fmr_max."""
-        return np.logspace(math.log10(self.fmr_min), math.log10(self.fmr_max), self.n_fmr)
+        """The FMR values, log-spaced from the floor to fmr_max."""
+        return np.logspace(math.log10(self.floor), math.log10(self.fmr_max), self.n_fmr)
 
     def weights(self, max_quality: float) -> np.ndarray:
         """The candidate weights, linear in [-m, m] with m = max_ratio / max_quality."""

@@ -45,6 +45,7 @@ def calibrate(
         embeddings=cfg.embeddings,
         pairs=cfg.pairs,
         validation_pairs=cfg.validation.pairs,
+        templates=cfg.templates,
         validation_embeddings=cfg.validation.embeddings,
     )
     uri = support.prepare_tracking(cfg.tracking.tracking_uri)

@@ -8,6 +8,7 @@ from enum import Enum
 from qmag_ray.config import Settings, option, section, settings
 from qmag_ray.pairs.protocols import PairProtocol
 from qmag_ray.pairs.resolve import Match, Policy
+from qmag_ray.pairs.templates import Pooling
 
 _POLICY = "error or skip (skipped items are counted and reported)"
 
@@ -47,7 +48,27 @@ class EmbeddingPolicy(Settings):
 
 
 @settings
-class PairListSettings(EmbeddingPolicy):
+class PathMatching(Settings):
+    """How names in a list (pairs, gallery, probes) map onto the embeddings' ``path``."""
+
+    prefix: str = option("", "Prefix joined onto listed names to form embedding paths.")
+    match: Match = option(
+        Match.EXACT, "Match listed names to embedding paths exactly or by suffix."
+    )
+
+
+@settings
+class TemplatePooling(Settings):
+    """How image embeddings are pooled into templates."""
+
+    pooling: Pooling = option(
+        Pooling.QUALITY,
+        "Template pooling, per media then per template: quality (quality-weighted) or mean.",
+    )
+
+
+@settings
+class PairListSettings(EmbeddingPolicy, PathMatching, TemplatePooling):
     """A pair list, how its names map onto the embeddings' ``path`` column, what to skip."""
 
     pairs: str | None = option(
@@ -56,13 +77,33 @@ class PairListSettings(EmbeddingPolicy):
     protocol: PairProtocol | None = option(
         None, "Format of the pair list (default: guessed from the file name)."
     )
-    prefix: str = option("", "Prefix joined onto pair names to form embedding paths.")
-    match: Match = option(Match.EXACT, "Match pair names to embedding paths exactly or by suffix.")
+    templates: str | None = option(
+        None,
+        "Template table (IJB *_face_tid_mid.txt, or CSV path, template, media): pool the "
+        "embeddings into templates; --pairs then names templates.",
+    )
     on_missing: Policy = option(
         Policy.ERROR, f"Pairs naming images not in the embeddings: {_POLICY}."
     )
     on_self: Policy = option(Policy.ERROR, f"Self-pairs (an image paired with itself): {_POLICY}.")
     on_duplicate: Policy = option(Policy.ERROR, f"Repeated pairs: {_POLICY}.")
+
+    def check(self) -> None:
+        proto = self.protocol
+        if proto is not None and proto.is_template and not self.templates:
+            raise ValueError(
+                f"protocol {proto.value} compares templates: give `templates` (the "
+                "*_face_tid_mid.txt or a CSV path, template, media)"
+            )
+        if (
+            self.templates
+            and proto is not None
+            and not (proto.is_template or proto is PairProtocol.GENERIC)
+        ):
+            raise ValueError(
+                f"`templates` were given with the image protocol {proto.value}; use protocol "
+                "ijbb, ijbc or generic (a CSV a, b, label naming templates)"
+            )
 
 
 @settings

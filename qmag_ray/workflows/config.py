@@ -29,6 +29,7 @@ from qmag_ray.calibration.fit import METHODS, CalibrationMethod
 from qmag_ray.calibration.result import CalibrationGrid
 from qmag_ray.config import Settings, option, section, settings
 from qmag_ray.pairs.protocols import PairProtocol
+from qmag_ray.pairs.resolve import Policy
 from qmag_ray.pairs.settings import (
     EmbeddingPolicy,
     ExhaustiveConfig,
@@ -36,7 +37,10 @@ from qmag_ray.pairs.settings import (
     PairGeneration,
     PairListSettings,
     PairMode,
+    PathMatching,
+    TemplatePooling,
 )
+from qmag_ray.search.sets import Layout
 from qmag_ray.tracking.settings import CalibrateTrackingConfig, TrackingConfig
 
 __all__ = [
@@ -47,11 +51,14 @@ __all__ = [
     "CalibrationSettings",
     "EmbeddingPolicy",
     "EvaluateConfig",
+    "EmbeddingsInput",
     "EvaluationSettings",
     "ExhaustiveConfig",
     "GenerateConfig",
+    "IdentifyConfig",
     "PairInputs",
     "PairMode",
+    "ScorerSettings",
     "TrackingConfig",
     "ValidationConfig",
     "ValidationMode",
@@ -150,13 +157,18 @@ class EvaluationSettings(Settings):
 
 
 @settings
-class PairInputs(PairListSettings):
-    """Embeddings and a pair list over them."""
+class EmbeddingsInput(Settings):
+    """The embeddings a command reads."""
 
     embeddings: str = option(
         help="Embeddings: an embed job's output folder, its embeddings/ or a Parquet file.",
         min_length=1,
     )
+
+
+@settings
+class PairInputs(PairListSettings, EmbeddingsInput):
+    """Embeddings and a pair list over them."""
 
 
 @settings
@@ -172,6 +184,8 @@ class CalibrateConfig(PairInputs, CalibrationSettings):
 
     def check(self) -> None:
         mode = self.resolved_pair_mode
+        if self.templates and mode is not PairMode.LISTED:
+            raise ValueError("`templates` need a template pair list (`pairs`), not generated pairs")
         if mode is PairMode.LISTED and not self.pairs:
             raise ValueError("`pair_mode` listed needs `pairs` (a pair list URI)")
         if mode is not PairMode.LISTED and self.pairs:
@@ -188,23 +202,16 @@ class CalibrateConfig(PairInputs, CalibrationSettings):
 
 
 @settings
-class EvaluateConfig(PairInputs, EvaluationSettings):
-    """Everything ``run_evaluation`` needs: the pairs (required), the scorer, the output.
+class ScorerSettings(Settings):
+    """The QMagFace scorer to apply: a calibration file, or alpha and beta given directly."""
 
-    A benchmark list with images missing from the embeddings fails unless ``on_missing: skip``.
-    """
-
-    output: str = option(help="Folder or URI for metrics.json and plots.", min_length=1)
     calibration: str | None = option(
         None, "calibration.json of a calibrate run (or give --alpha and --beta)."
     )
     alpha: float | None = option(None, "QMagFace alpha (with --beta, instead of --calibration).")
     beta: float | None = option(None, "QMagFace beta (with --alpha, instead of --calibration).")
-    tracking: TrackingConfig = section(TrackingConfig, "MLflow tracking.")
 
     def check(self) -> None:
-        if not self.pairs:
-            raise ValueError("`pairs` is required: the pair list to evaluate")
         given = (self.alpha is not None, self.beta is not None)
         if self.calibration and any(given):
             raise ValueError(
@@ -213,4 +220,62 @@ class EvaluateConfig(PairInputs, EvaluationSettings):
         if not self.calibration and not all(given):
             raise ValueError(
                 "give `calibration` (a calibration.json URI) or both `alpha` and `beta`"
+            )
+
+
+@settings
+class EvaluateConfig(PairInputs, ScorerSettings, EvaluationSettings):
+    """Everything ``run_evaluation`` needs: the pairs (required), the scorer, the output.
+
+    A benchmark list with images missing from the embeddings fails unless ``on_missing: skip``.
+    """
+
+    output: str = option(help="Folder or URI for metrics.json and plots.", min_length=1)
+    tracking: TrackingConfig = section(TrackingConfig, "MLflow tracking.")
+
+    def check(self) -> None:
+        if not self.pairs:
+            raise ValueError("`pairs` is required: the pair list to evaluate")
+
+
+@settings
+class IdentifyConfig(EmbeddingsInput, PathMatching, ScorerSettings, TemplatePooling):
+    """Everything ``run_identification`` needs.
+
+    Gallery and probes are CSV/Parquet lists ``path, identity[, subset]`` (or template lists
+    ``path, template[, media], identity``; IJB's 1:N CSVs), or found among the embeddings'
+    paths as a release lays them out (``layout``). Probes whose identity is not enrolled are
+    the open-set non-mated searches, never skipped.
+    """
+
+    output: str = option(
+        help="Folder or URI for metrics.json and candidates.parquet.", min_length=1
+    )
+    gallery: str | None = option(
+        None,
+        "Gallery list: CSV path, identity (empty identity = distractor), or a template list "
+        "path, template[, media], identity (IJB 1:N CSVs too).",
+    )
+    probes: str | None = option(
+        None, "Probe list: CSV path, identity[, subset] (or a template list)."
+    )
+    layout: Layout | None = option(
+        None, "Find gallery and probes in the embeddings' paths: scface or tinyface."
+    )
+    shards: int = option(0, "Gallery shards (Ray tasks); 0: two per CPU of the cluster.", ge=0)
+    on_missing: Policy = option(
+        Policy.ERROR,
+        "Listed images not in the embeddings (or unusable): error or skip (counted).",
+    )
+    on_unlabelled: Policy = option(
+        Policy.ERROR, "Probes without an identity: error or skip (counted)."
+    )
+
+    def check(self) -> None:
+        if self.layout is not None:
+            if self.gallery or self.probes:
+                raise ValueError("give either `layout` or `gallery` and `probes`, not both")
+        elif not (self.gallery and self.probes):
+            raise ValueError(
+                "give `gallery` and `probes` (CSV lists) or a `layout` (scface, tinyface)"
             )
