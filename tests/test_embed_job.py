@@ -136,9 +136,9 @@ def test_manifest_csv_and_parquet_and_their_errors(tmp_path: Path) -> None:
 
 
 def test_config_needs_exactly_one_input_and_checks_values(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="exactly one of images"):
+    with pytest.raises(ValueError, match="exactly one of .images."):
         EmbedConfig(model="m", arch="a", output="o")
-    with pytest.raises(ValueError, match="exactly one of images"):
+    with pytest.raises(ValueError, match="exactly one of .images."):
         EmbedConfig(images="i", manifest="m", model="m", arch="a", output="o")
     with pytest.raises(ValueError, match="max_failure_fraction"):
         EmbedConfig(images="i", model="m", arch="a", output="o", max_failure_fraction=2.0)
