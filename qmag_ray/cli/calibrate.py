@@ -59,22 +59,16 @@ def calibrate(
         _record(outcome, cfg, address)
 
 
-def verdict_name(passed: bool | None) -> str:
-    """The guard verdict as a tag value."""
-    return {True: "passed", False: "failed", None: "not_evaluated"}[passed]
-
-
 def _record(outcome: Any, cfg: Any, address: str) -> None:
     """Log the run (params, metrics, artifacts, tags) and register the scorer if allowed."""
     from qmag_ray.cli._support import log_files
-    from qmag_ray.tracking.registry import register_scorer
+    from qmag_ray.tracking import policy
     from qmag_ray.tracking.runs import tracked_run
 
     cal = outcome.calibration
     guard = outcome.validation["guard"]
-    verdict = verdict_name(guard["passed"])
     tags = {
-        "qmag_ray.guard": verdict,
+        "qmag_ray.guard": policy.guard_verdict(outcome.guard_passed),
         "qmag_ray.guard_reasons": "\n".join(guard["reasons"]),
         "qmag_ray.validation": outcome.validation["mode"],
         "qmag_ray.data_fingerprint": cal.fingerprint,
@@ -83,7 +77,7 @@ def _record(outcome: Any, cfg: Any, address: str) -> None:
     compared = outcome.validation.get("methods")
     if compared and compared.get("guard"):
         tags["qmag_ray.methods_guard"] = ", ".join(
-            f"{m}: {verdict_name(compared['guard'][m])}" for m in compared["methods"]
+            f"{m}: {policy.guard_verdict(compared['guard'][m])}" for m in compared["methods"]
         )
     with tracked_run(
         kind="calibrate", experiment=cfg.tracking.experiment, ray_address=address, tags=tags
@@ -95,24 +89,30 @@ def _record(outcome: Any, cfg: Any, address: str) -> None:
         run.log_metrics({k: v for k, v in outcome.tracking_metrics().items() if k not in done})
         log_files(run, outcome.files, skip=("calibration.json", "grid_table.csv"))
         typer.echo(f"mlflow: run {run.run_id} in experiment {cfg.tracking.experiment!r}")
-        if not cfg.tracking.register:
-            typer.echo("registry: not registered (--no-register)")
-        elif guard["passed"] is False:
-            typer.echo(
-                f"registry: NOT registered as a champion candidate: on held-out pairs the fitted "
-                f"scorer (method {cal.method}) is worse than plain cosine (guard failed; see the "
-                "table above). The run and its calibration.json are recorded for inspection."
-            )
+        registration = policy.register(
+            cal,
+            model_name=cfg.tracking.register_as,
+            run_id=run.run_id,
+            kind="calibrate",
+            guard_passed=outcome.guard_passed,
+            enabled=cfg.tracking.register,
+        )
+        registration = policy.calibrate_aliases(
+            registration, outcome.guard_passed, cfg.tracking.alias
+        )
+        for line in registration.lines():
+            typer.echo(line)
+        if not registration.registered and outcome.guard_passed is False:
             passing = [m for m, ok in (compared or {}).get("guard", {}).items() if ok]
             if passing:
                 typer.echo(f"registry: method(s) passing the guard here: {', '.join(passing)}")
-            run.set_tags({"qmag_ray.registered": "false (guard failed)"})
-        else:
-            version = register_scorer(
-                cal,
-                model_name=cfg.tracking.register_as,
-                tags={"qmag_ray.guard": verdict, "qmag_ray.run_id": run.run_id},
-            )
-            run.set_tags({"qmag_ray.registered": f"{cfg.tracking.register_as}/{version.version}"})
-            caveat = "" if guard["passed"] else " (not checked on held-out pairs)"
-            typer.echo(f"registry: {cfg.tracking.register_as} version {version.version}{caveat}")
+        run.set_tags(
+            {
+                "qmag_ray.registered": (
+                    f"{registration.model_name}/{registration.version}"
+                    if registration.registered
+                    else f"false ({registration.reason.split(':')[0]})"
+                ),
+                "qmag_ray.aliases": ", ".join(registration.aliases) or "none",
+            }
+        )
