@@ -158,6 +158,10 @@ class OptionSpec:
         return self.type is bool
 
     @property
+    def is_sequence(self) -> bool:
+        return typing.get_origin(self.type) in (list, tuple)
+
+    @property
     def is_mapping(self) -> bool:
         return self.type is dict or typing.get_origin(self.type) is dict
 
@@ -179,9 +183,14 @@ def _default_of(info: Any) -> tuple[bool, Any]:
 
 
 def option_specs(
-    cls: type, *, _key: str = "", _prefix: str = "", _panel: str = "Options"
+    cls: type, *, _key: str = "", _prefix: str = "", _outer: str = "", _panel: str = "Options"
 ) -> list[OptionSpec]:
-    """Every leaf setting of ``cls`` (sections flattened), in declaration order."""
+    """Every leaf setting of ``cls`` (sections flattened), in declaration order.
+
+    A field's flag is the section prefixes + its name; a field that names its flag keeps the
+    prefixes of the enclosing sections but not its own section's (``holdout.quality.compare``
+    with flag ``edc-quality`` is ``--holdout-edc-quality``).
+    """
     hints = typing.get_type_hints(cls)
     out: list[OptionSpec] = []
     for name, info in cls.__pydantic_fields__.items():  # type: ignore[attr-defined]
@@ -191,9 +200,11 @@ def option_specs(
         if is_settings(tp):
             prefix = _prefix + meta.get("prefix", "")
             panel = f"{key}: {(info.description or '').split(':')[0].rstrip('.')}"
-            out += option_specs(tp, _key=f"{key}.", _prefix=prefix, _panel=panel)
+            out += option_specs(tp, _key=f"{key}.", _prefix=prefix, _outer=_prefix, _panel=panel)
             continue
-        flag = "--" + (meta.get("flag") or _prefix + name.replace("_", "-"))
+        flag = "--" + (
+            _outer + meta["flag"] if meta.get("flag") else _prefix + name.replace("_", "-")
+        )
         required, default = _default_of(info)
         param = flag[2:].replace("-", "_")
         text = info.description or ""
@@ -227,6 +238,8 @@ def format_default(value: Any) -> str:
         return f"{value:g}"
     if isinstance(value, dict):
         return ", ".join(f"{k}={v}" for k, v in value.items()) or "none"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(v) for v in value) or "none"
     return str(value)
 
 

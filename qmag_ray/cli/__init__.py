@@ -1,6 +1,7 @@
 """Command-line entry point: ``qmag-ray <command>``. Each command is a module of this package."""
 
 from qmag_ray.cli import calibrate as _calibrate  # noqa: F401  (registers `qmag-ray calibrate`)
+from qmag_ray.cli import compare as _compare  # noqa: F401  (registers `qmag-ray compare`)
 from qmag_ray.cli import demo as _demo  # noqa: F401  (registers `qmag-ray demo`)
 from qmag_ray.cli import embed as _embed  # noqa: F401  (registers `qmag-ray embed`)
 from qmag_ray.cli import evaluate as _evaluate  # noqa: F401  (registers `qmag-ray evaluate`)

@@ -47,6 +47,7 @@ def calibrate(
         validation_pairs=cfg.validation.pairs,
         templates=cfg.templates,
         validation_embeddings=cfg.validation.embeddings,
+        **{"--quality-file": cfg.quality.file},
     )
     uri = support.prepare_tracking(cfg.tracking.tracking_uri)
     address = support.connect(ray_address)

@@ -21,7 +21,13 @@ def evaluate(given: GivenSettings, ray_address: opts.RayAddress = None) -> None:
     from qmag_ray.cli import _support as support
 
     cfg = given.load()
-    support.require_exists(embeddings=cfg.embeddings, pairs=cfg.pairs, calibration=cfg.calibration)
+    support.require_exists(
+        embeddings=cfg.embeddings,
+        pairs=cfg.pairs,
+        calibration=cfg.calibration,
+        **{"--quality-file": cfg.quality.file, "--group-file": cfg.report.group_file},
+        templates=cfg.templates,
+    )
     uri = support.prepare_tracking(cfg.tracking.tracking_uri)
     address = support.connect(ray_address)
     from qmag_ray.workflows.evaluate import run_evaluation

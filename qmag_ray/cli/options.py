@@ -11,6 +11,12 @@ from typing import Annotated
 
 import typer
 
+from qmag_ray.cli.settings_command import setting_option
+from qmag_ray.tracking.settings import TrackingConfig
+
+#: ``--tracking-uri`` of ``TrackingConfig`` (for commands without a settings model).
+TrackingUri = setting_option(TrackingConfig, "tracking_uri")
+
 RayAddress = Annotated[
     str | None,
     typer.Option(help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)."),

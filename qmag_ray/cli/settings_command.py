@@ -40,7 +40,7 @@ def help_text(spec: OptionSpec) -> str:
         return f"{text} {REQUIRED_MARK}"
     if spec.is_bool:
         return f"{text} (default: {'--' if spec.default else '--no-'}{spec.flag[2:]})"
-    if spec.default is None or spec.default == "" or spec.default == {}:
+    if spec.default is None or spec.default in ("", {}, (), []):
         return text
     return f"{text} (default: {format_default(spec.default)})"
 
@@ -51,6 +51,9 @@ def _annotation(spec: OptionSpec) -> Any:
         decls = f"{spec.flag}/--no-{spec.flag[2:]}"
         info = typer.Option(decls, help=help_text(spec), rich_help_panel=panel)
         return Annotated[bool | None, info]
+    if spec.is_sequence:
+        info = typer.Option(spec.flag, help=help_text(spec), rich_help_panel=panel)
+        return Annotated[list[str] | None, info]
     if spec.is_mapping:
         info = typer.Option(
             spec.flag, help=help_text(spec), metavar="KEY=VALUE", rich_help_panel=panel
@@ -71,6 +74,15 @@ def _mapping(spec: OptionSpec, items: list[str]) -> dict[str, Any]:
             fail(f"{spec.flag} {item!r}: expected KEY=VALUE (YAML key {spec.key})")
         out[key.strip()] = load_yaml(raw)
     return out
+
+
+def setting_option(model: type, key: str) -> Any:
+    """The option of one setting of ``model`` (flag, type, help from the model), for a command
+    that takes a few settings without a whole model (``tracking_uri: TrackingUri = None``)."""
+    for spec in option_specs(model):
+        if spec.key == key:
+            return _annotation(spec)
+    raise KeyError(f"{model.__name__} has no setting {key!r}")
 
 
 @dataclass(frozen=True)
@@ -130,7 +142,7 @@ def settings_command(
             values: dict[str, Any] = {}
             for spec in specs:
                 value = kwargs.pop(spec.param, None)
-                if value is None or (spec.is_mapping and not value):
+                if value is None or ((spec.is_mapping or spec.is_sequence) and not value):
                     continue
                 values[spec.key] = _mapping(spec, value) if spec.is_mapping else to_plain(value)
             return fn(GivenSettings(model, config, values), **kwargs)
@@ -152,4 +164,11 @@ def declared_default(help_line: str) -> str | None:
     return help_line.rsplit(marker, 1)[1].split(")", 1)[0]
 
 
-__all__ = ["COMMAND_MODELS", "GivenSettings", "declared_default", "help_text", "settings_command"]
+__all__ = [
+    "COMMAND_MODELS",
+    "GivenSettings",
+    "setting_option",
+    "declared_default",
+    "help_text",
+    "settings_command",
+]

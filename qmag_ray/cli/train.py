@@ -32,6 +32,7 @@ def train(given: GivenSettings, ray_address: opts.RayAddress = None) -> None:
         f"checkpoint: {storage.redact(result.checkpoint)} (epoch {result.epoch}); "
         f"last loss {final.get('loss', float('nan')):.3f}, accuracy {final.get('acc', 0.0):.3f}, "
         f"mean norm {final.get('norm', 0.0):.1f}"
+        + (f"; resumed {result.resumes} time(s) after a lost worker" if result.resumes else "")
     )
     if tracking:
         from qmag_ray.training.mlflow_log import log_training

@@ -69,6 +69,9 @@ class TrainConfig(Settings):
     num_workers: int = option(1, "Ray Train workers.", ge=1)
     use_gpu: bool = option(False, "One GPU per worker.", flag="gpu")
     cpus_per_worker: int = option(1, "CPUs (torch threads) per worker.", ge=1)
+    max_failures: int = option(
+        2, "Restarts after a lost worker, each resuming from the last saved epoch.", ge=0
+    )
     init_checkpoint: str | None = option(
         None, "Fine-tune from this checkpoint (any MagFace layout)."
     )

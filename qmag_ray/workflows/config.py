@@ -58,6 +58,9 @@ __all__ = [
     "IdentifyConfig",
     "PairInputs",
     "PairMode",
+    "QualityChoice",
+    "QualitySettings",
+    "ReportSettings",
     "ScorerSettings",
     "TrackingConfig",
     "ValidationConfig",
@@ -127,6 +130,68 @@ class ValidationConfig(Settings):
 
 
 @settings
+class QualityChoice(Settings):
+    """Which per-image quality the QMagFace score uses (alpha and beta are on its scale)."""
+
+    column: str = option(
+        "quality",
+        "Per-image quality QMagFace uses: 'quality' (the MagFace norm), another column of the "
+        "embeddings (e.g. serfiq) or of --quality-file.",
+        min_length=1,
+    )
+    file: str | None = option(
+        None,
+        "CSV/Parquet file with 'path' (as in the embeddings) and the --quality-column; images "
+        "without a value count as missing images.",
+    )
+
+
+@settings
+class QualitySettings(QualityChoice):
+    """The quality used, and which measures the quality evaluation compares."""
+
+    compare: tuple[str, ...] = option(
+        (),
+        "Quality measures compared in the error-versus-discard evaluation (repeat the option; "
+        "columns of the embeddings or --quality-file; default: --quality-column).",
+        flag="edc-quality",
+    )
+    edc_limit: float = option(
+        0.5, "Largest share of genuine pairs discarded on the EDC curves.", gt=0, le=1
+    )
+    pauc_limit: float = option(
+        0.2, "The partial area under each EDC curve is taken up to this share.", gt=0, le=1
+    )
+
+    def check(self) -> None:
+        if not self.pauc_limit <= self.edc_limit:
+            raise ValueError(
+                f"need `pauc_limit` <= `edc_limit`, got {self.pauc_limit} and {self.edc_limit}"
+            )
+
+
+@settings
+class ReportSettings(Settings):
+    """What an evaluation writes beside metrics.json."""
+
+    score_files: bool = option(True, "Write per-pair score files (bob.bio CSV) under scores/.")
+    bootstrap: int = option(
+        1000, "Identity-bootstrap replicates for FNMR@FMR/EER intervals (0: none).", ge=0
+    )
+    level: float = option(
+        0.95, "Confidence level of the bootstrap intervals.", flag="bootstrap-level", gt=0, lt=1
+    )
+    seed: int = option(0, "Seed of the bootstrap.", flag="bootstrap-seed")
+    groups: tuple[str, ...] = option(
+        (),
+        "Report per group of this column (repeatable; a column of the embeddings or "
+        "--group-file): quality, FNMR and FMR at the global threshold, max/min ratio.",
+        flag="group-column",
+    )
+    group_file: str | None = option(None, "CSV/Parquet file with 'path' and the --group-column(s).")
+
+
+@settings
 class CalibrationSettings(PairGeneration):
     """How alpha and beta are fitted and checked (shared by calibrate and recalibrate)."""
 
@@ -145,6 +210,9 @@ class CalibrationSettings(PairGeneration):
     direct: DirectSearch = section(DirectSearch, "The direct method's search.", prefix="direct-")
     validation: ValidationConfig = section(ValidationConfig, "Held-out check and guard.")
     shards: int = option(0, "Pair shards (Ray tasks); 0: two per CPU of the cluster.", ge=0)
+    quality: QualityChoice = section(
+        QualityChoice, "The per-image quality alpha and beta are fitted on.", prefix="quality-"
+    )
 
 
 @settings
@@ -154,6 +222,10 @@ class EvaluationSettings(Settings):
     edc_fmr: float = option(
         1e-3, "FMR at which the error-versus-discard curve is measured.", gt=0, lt=1
     )
+    quality: QualitySettings = section(
+        QualitySettings, "The quality used and the quality evaluation.", prefix="quality-"
+    )
+    report: ReportSettings = section(ReportSettings, "Score files, bootstrap, groups.")
 
 
 @settings

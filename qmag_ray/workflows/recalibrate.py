@@ -175,10 +175,10 @@ def run_recalibration(
             )
 
         shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(CalibrationSettings)}
+        shared["pair_mode"] = cfg.resolved_pair_mode  # auto: generated from identities
         calibrated = run_calibration(
             CalibrateConfig(
                 **shared,
-                pair_mode=cfg.resolved_pair_mode,
                 embeddings=parts,
                 output=storage.join(out, "calibration"),
                 on_bad=cfg.on_bad,
