@@ -124,14 +124,14 @@ def test_calibrate_records_the_run_and_registers_the_scorer(
     code, text = invoke([*base, "--output", str(tmp_path / "o2"), "--register-as", "faces"])
     assert code == 0, text
     assert "registry: faces version 2" in text and "--alias champion" in text
-    assert client.get_model_version_by_alias("faces", "champion").version == "1"
+    assert str(client.get_model_version_by_alias("faces", "champion").version) == "1"
     code, text = invoke(
         [*base, "--output", str(tmp_path / "o3"), "--register-as", "faces", "--alias", "staging"]
     )
     assert code == 0, text
     assert "registry: models:/faces@staging -> version 3" in text
-    assert client.get_model_version_by_alias("faces", "staging").version == "3"
-    assert client.get_model_version_by_alias("faces", "champion").version == "1"
+    assert str(client.get_model_version_by_alias("faces", "staging").version) == "3"
+    assert str(client.get_model_version_by_alias("faces", "champion").version) == "1"
 
 
 @pytest.mark.ray
