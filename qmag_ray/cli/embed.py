@@ -20,12 +20,14 @@ def embed(given: GivenSettings, ray_address: opts.RayAddress = None) -> None:
     from qmag_ray.cli._support import RUN_FAILED_EXIT, USER_ERROR_EXIT, fail
     from qmag_ray.embedding import EmbedError, run_embed
     from qmag_ray.embedding.config import EmbedInputError
+    from qmag_ray.lease import LeaseHeldError
     from qmag_ray.runtime import connect_ray
 
     cfg = given.load()
     try:
         summary = run_embed(cfg, connect=lambda: connect_ray(ray_address))
-    except (ValueError, FileNotFoundError, EmbedInputError) as exc:  # CheckpointError...
+    except (ValueError, FileNotFoundError, EmbedInputError, LeaseHeldError) as exc:
+        # CheckpointError, refused inputs or output, another run writing this output
         logger.debug("embed refused", exc_info=True)
         fail(str(exc), USER_ERROR_EXIT)
     except EmbedError as exc:  # started, then failed (too many failures, lost results)

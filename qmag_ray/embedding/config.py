@@ -79,13 +79,24 @@ class EmbedResources(Settings):
         "autoscaler adds nodes); otherwise such a run is refused at once.",
     )
     rows_per_part: int = option(
-        10_000, "Embeddings per Parquet part file (bounds the driver's memory).", ge=1
+        10_000,
+        "No longer used: the model actors write one part per batch (accepted so that older "
+        "configs still run).",
+        ge=1,
     )
     progress_seconds: float = option(10.0, "Seconds between progress lines.", gt=0)
+    resources: dict[str, float] | None = option(
+        None,
+        "Custom Ray resources every task and actor of the run requires, NAME=AMOUNT "
+        "(repeatable; e.g. embed_node=0.01 keeps the work on the nodes that declare it).",
+    )
 
     def check(self) -> None:
         if self.cpus_per_actor == 0 and self.gpus_per_actor == 0:
             raise ValueError("an actor needs `cpus_per_actor` > 0 when it has no GPU")
+        for name, amount in (self.resources or {}).items():
+            if not amount > 0:
+                raise ValueError(f"`resources` {name} must be a positive number, got {amount!r}")
 
     @property
     def block_rows(self) -> int:
