@@ -29,6 +29,17 @@ app = typer.Typer(
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"qmag-ray {version('qmag-ray')}")
+        except PackageNotFoundError:  # a source tree that is not installed
+            typer.echo("qmag-ray (not installed)")
+        raise typer.Exit()
+
+
 @app.callback()
 def main(
     verbose: bool = typer.Option(
@@ -36,6 +47,13 @@ def main(
     ),
     debug: bool = typer.Option(
         False, "--debug", help="Show the traceback of an error (also QMAG_RAY_DEBUG=1)."
+    ),
+    version: bool = typer.Option(
+        False,
+        "--version",
+        callback=_version,
+        is_eager=True,
+        help="Print the installed qmag-ray version and exit.",
     ),
 ) -> None:
     """Set up logging for every command."""

@@ -142,9 +142,17 @@ def demo(
     from qmag_ray.workflows.validation import format_held_out
 
     out = Path(output).resolve()
+    earlier = sorted((out / "calibration").glob("run-*")) if out.exists() else []
     out.mkdir(parents=True, exist_ok=True)
-    images, embeddings, calibration = out / "images", out / "embeddings", out / "calibration"
+    images, embeddings = out / "images", out / "embeddings"
+    # A new folder per run: earlier runs (and their MLflow runs and versions) are kept.
+    calibration = out / "calibration" / time.strftime("run-%Y%m%d-%H%M%S")
     tracking_uri = f"sqlite:///{out / 'mlflow.db'}"
+    if earlier:
+        typer.echo(
+            f"keeping {len(earlier)} earlier run(s) in {out / 'calibration'} and "
+            f"{out / 'mlflow.db'}; this run writes {calibration} (delete {out} to start over)"
+        )
     logs = None if verbose() else out / "logs"
 
     def log(name: str) -> Path | None:
@@ -215,6 +223,8 @@ def demo(
             tracking_uri,
             "--register-as",
             register_as,
+            "--alias",
+            "champion",
         ],
         log("calibrate"),
     )
@@ -230,19 +240,20 @@ def demo(
         typer.echo(f"note: {note}")
 
     _step(4, "champion alias")
-    from qmag_ray.tracking.registry import client, set_alias
+    from qmag_ray.tracking.registry import CHAMPION, alias_version
     from qmag_ray.tracking.uri import configure_tracking
 
     configure_tracking(tracking_uri)
-    versions = client().search_model_versions(f"name = '{register_as}'")
-    if not versions:
-        typer.secho("no scorer was registered (see the guard above): no champion set", fg="yellow")
+    champion = alias_version(register_as, CHAMPION)
+    newest = json.loads((calibration / "calibration.json").read_text())
+    if champion is None or champion.tags.get("qmag_ray.data_fingerprint") != newest.get(
+        "fingerprint"
+    ):
+        typer.secho("this run's scorer was not registered (see the guard above)", fg="yellow")
         raise typer.Exit(1)
-    newest = max(versions, key=lambda v: int(v.version))
     with _logged(log("calibrate")):
-        set_alias(register_as, "champion", str(newest.version))
         rho, n = norm_degradation_spearman(str(embeddings), str(images / "manifest.parquet"))
-    typer.echo(f"      models:/{register_as}@champion -> version {newest.version}")
+    typer.echo(f"      models:/{register_as}@{CHAMPION} -> version {champion.version}")
 
     typer.echo(
         f"quality check: Spearman(embedding norm, degradation) = {rho:.3f} over {n} images of "
