@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from methods_data import WIDE_NORMS, quality_faces
-from sklearn.metrics import roc_curve
+from oracle import oracle_fit
 from test_calibration import synthetic
 from workflow_data import write_table
 
@@ -24,7 +24,6 @@ from qmag_ray import fit_qmagface, metrics
 from qmag_ray.calibration.direct import DirectSearch, objective
 from qmag_ray.calibration.fit import LocalExecutor
 from qmag_ray.calibration.result import CalibrationGrid, QMagFaceCalibration
-from qmag_ray.calibration.search import weighted_logits
 from qmag_ray.config import load_config
 from qmag_ray.embeddings import load_embeddings
 from qmag_ray.pairs.generate import generate_pairs, identity_split
@@ -38,27 +37,6 @@ GRID = CalibrationGrid(n_fmr=12, fmr_min=1e-3)
 GRID_ARGS = {"grid.fmr_min": 1e-3, "grid.n_fmr": 12}
 
 
-def raw_reference(
-    cosine: np.ndarray, quality: np.ndarray, label: np.ndarray, grid: CalibrationGrid
-) -> tuple[float, float, np.ndarray]:
-    """The ``raw`` method plainly: one scikit-learn ROC per weight on ``w * q + s``."""
-    weights, fmrs = grid.weights(float(quality.max())), grid.fmrs()
-    thr = np.full((len(weights), len(fmrs)), np.nan)
-    fnmr = np.ones((len(weights), len(fmrs)))
-    for i, w in enumerate(weights):
-        fpr, tpr, t = roc_curve(label, weighted_logits(cosine, quality, w), drop_intermediate=False)
-        fpr, tpr, t = fpr[1:], tpr[1:], t[1:]
-        for j, f in enumerate(fmrs):
-            below = fpr < f  # strictly below, as the published search
-            if below.any():
-                best = int(np.argmin(1.0 - tpr[below]))  # first = highest threshold on ties
-                thr[i, j], fnmr[i, j] = t[best], 1.0 - tpr[best]
-    best = np.argmin(fnmr, axis=0)
-    t_opt = thr[best, np.arange(len(fmrs))]
-    beta, intercept = np.polyfit(t_opt, weights[best], 1)
-    return float(-intercept), float(beta), t_opt
-
-
 @pytest.mark.parametrize("rounded", [False, True])
 def test_raw_method_equals_a_plain_slow_reference(rounded: bool) -> None:
     cos, q, y = side_arrays_small()
@@ -66,9 +44,10 @@ def test_raw_method_equals_a_plain_slow_reference(rounded: bool) -> None:
         cos, q = np.round(cos, 3), np.round(q)
     grid = CalibrationGrid(n_fmr=15, fmr_min=1e-3, n_weights=9)
     raw = fit_qmagface(cos, q, y, grid=grid, method="raw")
-    alpha, beta, t_opt = raw_reference(cos, q, y, grid)
-    assert (raw.alpha, raw.beta) == (alpha, beta)
-    assert raw.optimal_thresholds == t_opt.tolist()
+    # The oracle (one scikit-learn ROC per weight on w * q + s, nothing from qmag_ray).
+    want = oracle_fit(cos, q, y, n_fmr=15, fmr_min=1e-3, n_weights=9, raw=True)
+    assert (raw.alpha, raw.beta) == (want["alpha"], want["beta"])
+    assert raw.optimal_thresholds == want["optimal_thresholds"].tolist()
     assert raw.method == "raw"
     # Raw thresholds are raw scores (mostly below 0.5), not sigmoid values (all above 0.5).
     paper = fit_qmagface(cos, q, y, grid=grid)
