@@ -1,0 +1,191 @@
+"""The output lease: one writer per output on local disks and on a real S3-compatible server.
+
+Racing writers are separate processes released together by a shared start file; a dead holder
+is a real process killed with SIGKILL. Expectations are counted by hand: of N racers exactly
+one holds the lease.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from qmag_ray import lease
+
+RACER = r"""
+import json, os, sys, time
+from qmag_ray import lease
+uri, go, hold = sys.argv[1], sys.argv[2], float(sys.argv[3])
+while not os.path.exists(go):
+    time.sleep(0.005)
+try:
+    held = lease.acquire(uri, purpose="racer", ttl_s=60)
+except lease.LeaseHeldError as exc:
+    print(json.dumps({"pid": os.getpid(), "won": False, "message": str(exc)}), flush=True)
+    sys.exit(0)
+print(json.dumps({"pid": os.getpid(), "won": True}), flush=True)
+time.sleep(hold)
+held.release()
+"""
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+
+def race(uri: str, tmp_path: Path, n: int, hold: float = 3.0) -> list[dict]:
+    go = tmp_path / f"go-{time.monotonic_ns()}"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACER, uri, str(go), str(hold)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=_env(),
+        )
+        for _ in range(n)
+    ]
+    time.sleep(1.0)  # let them import; the race itself starts at the file
+    go.touch()
+    results = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+def test_second_writer_is_refused_naming_the_holder(tmp_path: Path) -> None:
+    out = str(tmp_path / "out")
+    with lease.acquire(out, purpose="calibrate") as held:
+        assert held.held
+        with pytest.raises(lease.LeaseHeldError) as info:
+            lease.acquire(out, purpose="calibrate")
+        message = str(info.value)
+        assert f"pid {os.getpid()}" in message and "calibrate" in message
+        assert out in message
+        holder = lease.read_holder(out)
+        assert holder is not None and holder.token == held.record.token
+    assert lease.read_holder(out) is None  # released: removed
+    lease.acquire(out, purpose="again").release()
+
+
+def test_heartbeat_renews_and_a_takeover_is_noticed(tmp_path: Path) -> None:
+    out = str(tmp_path / "out")
+    held = lease.acquire(out, purpose="calibrate", ttl_s=30, heartbeat_s=0.05)
+    first = held.record.heartbeat_utc
+    deadline = time.monotonic() + 60
+    while lease.read_holder(out).heartbeat_utc == first and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert lease.read_holder(out).heartbeat_utc > first
+    held.check()
+    # Someone else's lease replaces ours (as a takeover would): the holder must notice.
+    path = tmp_path / "out" / lease.LEASE_NAME
+    other = {**json.loads(path.read_bytes()), "token": "someone-else"}
+    path.write_text(json.dumps(other))
+    deadline = time.monotonic() + 60
+    while held.held and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with pytest.raises(lease.LeaseLostError, match="taken over"):
+        held.check()
+    held.release()
+    assert json.loads(path.read_bytes())["token"] == "someone-else"  # not removed: not ours
+
+
+def test_dead_holder_is_taken_over(tmp_path: Path) -> None:
+    out = str(tmp_path / "out")
+    code = (
+        "import sys, time\nfrom qmag_ray import lease\n"
+        "lease.acquire(sys.argv[1], purpose='doomed', ttl_s=3600)\n"
+        "print('held', flush=True)\ntime.sleep(600)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, out], stdout=subprocess.PIPE, text=True, env=_env()
+    )
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        with pytest.raises(lease.LeaseHeldError, match=f"pid {proc.pid}"):
+            lease.acquire(out, purpose="second")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    # Its heartbeat is fresh (ttl one hour) but its process is gone on this host: stale.
+    with lease.acquire(out, purpose="second") as held:
+        assert lease.read_holder(out).token == held.record.token
+
+
+def test_expired_lease_of_another_host_is_taken_over(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    old = time.time() - 500
+    record = {
+        "token": "t-old",
+        "purpose": "embed",
+        "user": "x",
+        "host": "some-other-host",
+        "pid": 1,
+        "pid_start": "1",
+        "created_utc": old,
+        "heartbeat_utc": old,
+        "ttl_s": 120.0,
+    }
+    (out / lease.LEASE_NAME).write_text(json.dumps(record))
+    fresh = {**record, "heartbeat_utc": time.time()}
+    (tmp_path / "fresh").mkdir()
+    (tmp_path / "fresh" / lease.LEASE_NAME).write_text(json.dumps(fresh))
+    with pytest.raises(lease.LeaseHeldError, match="embed by x on host some-other-host"):
+        lease.acquire(str(tmp_path / "fresh"), purpose="calibrate")
+    with lease.acquire(str(out), purpose="calibrate") as held:
+        assert lease.read_holder(str(out)).token == held.record.token != "t-old"
+
+
+@pytest.mark.slow
+def test_racing_processes_local_exactly_one_wins(tmp_path: Path) -> None:
+    results = race(str(tmp_path / "out"), tmp_path, n=6)
+    winners = [r for r in results if r["won"]]
+    assert len(winners) == 1, results
+    for loser in results:
+        if not loser["won"]:
+            assert f"pid {winners[0]['pid']}" in loser["message"]
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_racing_processes_s3_exactly_one_wins(s3_bucket: str, tmp_path: Path) -> None:
+    uri = f"{s3_bucket}/runs/out/"
+    results = race(uri, tmp_path, n=6)
+    winners = [r for r in results if r["won"]]
+    assert len(winners) == 1, results
+    assert all(f"pid {winners[0]['pid']}" in r["message"] for r in results if not r["won"])
+    assert lease.read_holder(uri) is None  # the winner released it
+
+
+@pytest.mark.s3
+def test_s3_refuse_takeover_and_lost(s3_bucket: str) -> None:
+    uri = f"{s3_bucket}/calib"
+    held = lease.acquire(uri, purpose="recalibrate", ttl_s=30, heartbeat_s=3600)
+    with pytest.raises(lease.LeaseHeldError, match="recalibrate"):
+        lease.acquire(uri, purpose="recalibrate")
+    held.renew()  # conditional on the ETag it wrote
+    held.check()
+    # Expire it by hand (a heartbeat in the past), then a second writer takes it over.
+    import fsspec
+
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    path = f"{uri.removeprefix('s3://')}/{lease.LEASE_NAME}"
+    record = json.loads(fs.cat_file(path))
+    fs.pipe_file(path, json.dumps({**record, "heartbeat_utc": time.time() - 3600}).encode())
+    taker = lease.acquire(uri, purpose="recalibrate")
+    held.renew()
+    with pytest.raises(lease.LeaseLostError):
+        held.check()
+    held.release()  # must not remove the taker's lease
+    assert lease.read_holder(uri).token == taker.record.token
+    taker.release()
+    assert lease.read_holder(uri) is None
