@@ -3,8 +3,8 @@
 - Cutting the pairs into any number of shards and blocks, and shuffling them, changes neither
   alpha, beta nor the operating thresholds, and the result equals the plain oracle
   (``oracle.py``, nothing from ``qmag_ray``).
-- The highest impostor scores kept shard by shard and merged are exactly the top of the full
-  sort, whatever the order and the cut.
+- The impostor order statistics found by histogram passes over shards merged in any order
+  are exactly those of the full sort, whatever the order of the pairs, the cut and the budget.
 
 Examples are few and small (no Ray), deterministic (``derandomize``) and without deadline.
 """
@@ -18,12 +18,20 @@ from hypothesis import strategies as st
 from oracle import oracle_fit
 
 from qmag_ray.calibration.fit import calibrate
+from qmag_ray.calibration.orderstats import (
+    PassPlan,
+    PassResult,
+    ScoreRows,
+    empty_result,
+    merge_into,
+    order_statistics,
+    scan_blocks,
+)
 from qmag_ray.calibration.result import CalibrationGrid
-from qmag_ray.calibration.tails import TailSummary, merge_into, summarize_blocks
 from qmag_ray.pairs.source import ArrayPairSource
 
 FAST = settings(
-    max_examples=25,
+    max_examples=15,
     deadline=None,
     derandomize=True,
     database=None,
@@ -89,13 +97,16 @@ def test_shards_blocks_and_pair_order_do_not_change_the_fit(
 @given(
     seed=st.integers(0, 2**32 - 1),
     n=st.integers(1, 4_000),
-    k=st.integers(1, 300),
     shards=st.integers(1, 8),
     block=st.integers(1, 1_000),
     decimals=st.sampled_from([None, 1, 2]),
+    budget=st.sampled_from(
+        [{}, {"hist_cells": 64, "collect_values": 16}, {"hist_cells": 16, "collect_values": 0}]
+    ),
+    n_ranks=st.integers(1, 12),
 )
-def test_merged_shard_tails_are_the_top_of_the_full_sort(
-    seed: int, n: int, k: int, shards: int, block: int, decimals: int | None
+def test_merged_shard_passes_give_the_order_statistics_of_the_full_sort(
+    seed: int, n: int, shards: int, block: int, decimals: int | None, budget: dict, n_ranks: int
 ) -> None:
     rng = np.random.default_rng(seed)
     cos = rng.normal(0.0, 0.3, n)
@@ -103,16 +114,25 @@ def test_merged_shard_tails_are_the_top_of_the_full_sort(
     if decimals is not None:  # many ties
         cos, q = np.round(cos, decimals), np.round(q)
     y = (rng.random(n) < 0.2).astype(np.int8)
+    y[0] = 0
+    imp = y == 0
+    n_imp = int(imp.sum())
     weights = np.array([-0.02, 0.0, 0.015])
+    ranks = np.unique(rng.integers(1, n_imp + 1, n_ranks))
     order = rng.permutation(n)
     source = ArrayPairSource(cos[order], q[order], y[order], shards=shards, block_size=block)
-    merged = TailSummary.empty(weights, k)
-    for index in rng.permutation(source.num_shards()):  # shards arrive in any order
-        merge_into(merged, summarize_blocks(source.shard_blocks(int(index)), weights, k))
-    imp = y == 0
-    assert merged.n_impostor == int(imp.sum())
-    for w, tail in zip(weights, merged.tails, strict=True):
-        full = np.sort(w * q[imp] + cos[imp])  # the whole sort, plainly
-        np.testing.assert_array_equal(np.sort(tail), full[len(full) - min(k, len(full)) :])
-    np.testing.assert_array_equal(np.sort(merged.genuine_cosine), np.sort(cos[~imp]))
-    np.testing.assert_array_equal(np.sort(merged.genuine_quality), np.sort(q[~imp]))
+    shard_order = rng.permutation(source.num_shards())
+
+    def run_pass(plan: PassPlan) -> PassResult:
+        total = empty_result(plan)
+        for index in shard_order:  # shards arrive in any order
+            merge_into(total, scan_blocks(source.shard_blocks(int(index)), plan))
+        return total
+
+    rows = ScoreRows("logit", weights, float(q.max()))
+    got = order_statistics(run_pass, rows, ranks, n_imp, **budget)
+    for r, w in enumerate(weights):
+        desc = np.sort(w * q[imp] + cos[imp])[::-1]  # the whole sort, plainly
+        np.testing.assert_array_equal(got.values[r], desc[ranks - 1])
+    np.testing.assert_array_equal(np.sort(got.first.genuine_cosine), np.sort(cos[~imp]))
+    np.testing.assert_array_equal(np.sort(got.first.genuine_quality), np.sort(q[~imp]))
