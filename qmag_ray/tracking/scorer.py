@@ -38,6 +38,11 @@ class ScoringError(ValueError):
     """Input the scorer cannot score; the message names the column and row."""
 
 
+def expected_quality(calibration: QMagFaceCalibration) -> str:
+    """The per-image quality the calibration was fitted on (``quality``: the MagFace norm)."""
+    return str(calibration.extra.get("quality_column", "quality"))
+
+
 def _check_finite(name: str, values: np.ndarray) -> None:
     bad = ~np.isfinite(values)
     if bad.any():
@@ -179,6 +184,11 @@ def score_frame(
             f"{', '.join(EMBEDDING_COLUMNS)} or {', '.join(SCORE_COLUMNS)} "
             f"(got: {', '.join(map(str, frame.columns)) or 'no columns'})"
         )
+    if has_embeddings and expected_quality(calibration) != "quality":
+        raise ScoringError(
+            f"this scorer was fitted on the quality {expected_quality(calibration)!r}, not on "
+            "the embedding norm: give cosine, quality_a and quality_b with that quality"
+        )
     if has_embeddings:
         a, b = (_column_matrix(frame, name) for name in EMBEDDING_COLUMNS)
         if not len(frame):
@@ -208,14 +218,23 @@ class QMagFaceScorerModel(mlflow.pyfunc.PythonModel):
         if self.calibration is None:
             raise MlflowException("the scorer's calibration was not loaded (load_context)")
         fmr = (params or {}).get("fmr", DEFAULT_FMR)
+        asked = (params or {}).get("quality")
+        if asked is not None and str(asked) != expected_quality(self.calibration):
+            raise MlflowException(
+                f"params quality={asked!r} but this scorer expects the quality "
+                f"{expected_quality(self.calibration)!r} in quality_a/quality_b",
+                error_code=INVALID_PARAMETER_VALUE,
+            )
         try:
             return score_frame(self.calibration, model_input, fmr=fmr)
         except ScoringError as exc:  # a 400 answer over REST, with the message
             raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
 
 
-def scorer_signature() -> ModelSignature:
-    """Inputs (either form, all columns optional), outputs, and the ``fmr`` parameter."""
+def scorer_signature(quality: str = "quality") -> ModelSignature:
+    """Inputs (either form, all columns optional), outputs, and the parameters: ``fmr`` and
+    ``quality``, whose default names the per-image quality ``quality_a``/``quality_b`` must be
+    (``quality``: the MagFace norm; the embedding form computes it)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
     from mlflow.types.schema import Array
@@ -228,7 +247,12 @@ def scorer_signature() -> ModelSignature:
         [ColSpec(DataType.double, name) for name in ("score", "cosine", "quality")]
         + [ColSpec(DataType.boolean, "match")]
     )
-    params = ParamSchema([ParamSpec("fmr", DataType.double, DEFAULT_FMR)])
+    params = ParamSchema(
+        [
+            ParamSpec("fmr", DataType.double, DEFAULT_FMR),
+            ParamSpec("quality", DataType.string, quality),
+        ]
+    )
     return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
 
@@ -260,7 +284,7 @@ def log_scorer(
             name=name,
             python_model=str(ENTRY_FILE),
             artifacts={CALIBRATION_ARTIFACT: str(path)},
-            signature=scorer_signature(),
+            signature=scorer_signature(expected_quality(calibration)),
             input_example=input_example(),
             pip_requirements=[f"qmag-ray=={__version__}", f"mlflow=={mlflow.__version__}"],
             registered_model_name=registered_model_name,
