@@ -115,3 +115,16 @@ def oracle_fit(
         "thresholds": thr,
         "fnmr_table": fnmr,
     }
+
+
+def oracle_fnmr_at_fmr(scores: np.ndarray, label: np.ndarray, fmrs) -> np.ndarray:
+    """ISO/IEC 19795-1 FNMR at FMR <= f (match iff score >= t) from scikit-learn's ROC; NaN
+    where fewer than one false match is possible (f < 1 / N_impostor)."""
+    label = np.asarray(label)
+    n_imp = int((label == 0).sum())
+    fpr, tpr, _ = roc_curve(label, np.asarray(scores, np.float64), drop_intermediate=False)
+    out = []
+    for f in np.atleast_1d(fmrs):
+        ok = fpr <= f
+        out.append(float(np.min(1.0 - tpr[ok])) if f * n_imp >= 1 - 1e-9 else np.nan)
+    return np.array(out)

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import need_shared
 from model_oracle import (
     LAYERS,
     backbone_from_checkpoint,
@@ -33,21 +33,16 @@ from qmag_ray.model import create_backbone, load_backbone
 ROOT = Path(__file__).resolve().parents[1]
 ASSET = ROOT / "qmag_ray" / "assets" / "demo_iresnet.pth"
 GOLDEN = json.loads((Path(__file__).parent / "data" / "golden_demo_embeddings.json").read_text())
-TOY = ROOT.parent / "shared" / "data" / "magface_toy"
 REGENERATE = "regenerate with `.venv/bin/python tests/data/make_golden_embeddings.py`"
 
 
 def toy_faces() -> dict[str, bytes]:
-    """The ten toy faces; skip (locally) or fail (CI=true) when ../shared is absent."""
-    if not TOY.is_dir():
-        reason = f"../shared is absent: the toy faces are expected at {TOY}"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    faces = {name: (TOY / name).read_bytes() for name in GOLDEN["faces"]}
+    """The ten toy faces (skips without ../shared, fails under CI=true: ``need_shared``)."""
+    toy = need_shared("magface_toy")
+    faces = {name: (toy / name).read_bytes() for name in GOLDEN["faces"]}
     for name, blob in faces.items():
         assert hashlib.sha256(blob).hexdigest() == GOLDEN["faces"][name]["sha256"], (
-            f"{TOY / name} is not the face the golden embeddings were made from"
+            f"{toy / name} is not the face the golden embeddings were made from"
         )
     return faces
 
