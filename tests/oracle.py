@@ -128,3 +128,22 @@ def oracle_fnmr_at_fmr(scores: np.ndarray, label: np.ndarray, fmrs) -> np.ndarra
         ok = fpr <= f
         out.append(float(np.min(1.0 - tpr[ok])) if f * n_imp >= 1 - 1e-9 else np.nan)
     return np.array(out)
+
+
+def oracle_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine of two embedding arrays, written out."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return (a * b).sum(axis=1) / (np.sqrt((a * a).sum(axis=1)) * np.sqrt((b * b).sum(axis=1)))
+
+
+def oracle_qmagface(cosine: np.ndarray, quality: np.ndarray, alpha: float, beta: float):
+    """Spec section 2: ``min(0, beta * s - alpha) * q + s`` (q: the lower of the two norms)."""
+    s = np.asarray(cosine, np.float64)
+    return np.minimum(0.0, beta * s - alpha) * np.asarray(quality, np.float64) + s
+
+
+def oracle_pair_scores(a: np.ndarray, b: np.ndarray, alpha: float, beta: float) -> np.ndarray:
+    """QMagFace scores of row-wise pairs of unnormalised embeddings."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    q = np.minimum(np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1))
+    return oracle_qmagface(oracle_cosine(a, b), q, alpha, beta)

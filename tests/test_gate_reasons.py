@@ -133,3 +133,25 @@ def test_invalid_gate_settings_name_the_key(kwargs: dict, message: str) -> None:
 def test_bounds_themselves_are_valid_settings() -> None:
     GateConfig(max_fnmr=0.0, max_fnmr_increase=0.0, max_fnmr_increase_relative=0.0)
     GateConfig(max_fnmr=1.0, max_regression={AUC: 0, EER: 0.5})
+
+
+def test_a_failed_fnmr_comparison_says_fail() -> None:
+    decision = decide({KEY: 0.75}, {KEY: 0.5}, GateConfig())
+    assert decision.reasons == [f"FAIL: {KEY} challenger 0.75 vs champion 0.5 (allowed increase 0)"]
+    assert not decision.promote
+
+
+def test_a_missing_metric_does_not_stop_the_next_comparison() -> None:
+    gate = GateConfig(max_regression={AUC: 0.125, EER: 0.125})
+    # The challenger lacks AUC (fails once), the EER after it is still compared.
+    decision = decide({KEY: 0.25, EER: 0.5}, {KEY: 0.25, AUC: 0.75, EER: 0.25}, gate)
+    assert decision.reasons[-1] == (
+        f"FAIL: {EER} challenger 0.5 vs champion 0.25 (worsening 0.25, allowed 0.125)"
+    )
+    # The champion lacks AUC (noted), the EER after it is still compared.
+    decision = decide({KEY: 0.25, AUC: 0.5, EER: 0.5}, {KEY: 0.25, EER: 0.25}, gate)
+    assert decision.reasons[-2:] == [
+        f"NOTE: champion has no finite {AUC}; comparison skipped",
+        f"FAIL: {EER} challenger 0.5 vs champion 0.25 (worsening 0.25, allowed 0.125)",
+    ]
+    assert not decision.promote

@@ -98,3 +98,20 @@ def test_sigmoid_and_weighted_scores_worked_by_hand() -> None:
     assert weighted_logits(np.array([0.25]), np.array([16.0]), -0.125)[0] == -1.75
     got = weighted_scores(np.array([0.25, 1.0]), np.array([16.0, 0.0]), -0.125)
     np.testing.assert_allclose(got, [1 / (1 + math.exp(1.75)), 1 / (1 + math.exp(-1))], rtol=1e-15)
+
+
+def test_float32_embeddings_are_scored_in_float64() -> None:
+    """Embeddings arrive as float32 (Parquet); norms and cosines are computed in float64, so
+    they equal the float64 computation on the same values to the last bits."""
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(200, 512)).astype(np.float32) * np.float32(20.0)
+    b = (a + rng.normal(size=(200, 512)).astype(np.float32)).astype(np.float32)
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    n = norms(a)
+    assert n.dtype == np.float64
+    np.testing.assert_allclose(n, np.sqrt((a64 * a64).sum(axis=1)), rtol=1e-15, atol=0)
+    got = cosine(a, b)
+    assert got.dtype == np.float64
+    want = (a64 * b64).sum(axis=1) / (np.sqrt((a64**2).sum(1)) * np.sqrt((b64**2).sum(1)))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-14)
+    assert pair_quality(np.float32([1.5, 3.0]), [2, 2]).dtype == np.float64
