@@ -129,7 +129,9 @@ def test_report_and_table_of_a_small_set() -> None:
     assert cos["edc"]["fmr"] == 0.2 and cos["edc"]["discard"][:3] == [0.0, 0.05, 0.1]
     assert set(cos) == {"fnmr_at_fmr", "threshold_at_fmr", "eer", "auc", "accuracy",
                         "accuracy_std", "edc"}  # fmt: skip
-    assert "ISO/IEC 19795-1" in report["conventions"]["fnmr_at_fmr"]
+    assert report["conventions"]["fnmr_at_fmr"].startswith(
+        "ISO/IEC 19795-1: lowest FNMR among thresholds with FMR <= target; match iff score >= "
+    )
     assert report["conventions"]["accuracy"].startswith("10 contiguous folds")
     table = metrics.format_table(report, edc_points=(0.1,))
     lines = table.splitlines()
@@ -139,7 +141,8 @@ def test_report_and_table_of_a_small_set() -> None:
     assert lines[2] == "-" * (width + 34)
     assert lines[3] == f"{'FNMR % @ FMR 2e-01':<{width}}  {'20.000':>15}  {'20.000':>15}"
     assert lines[4] == f"{'FNMR % @ FMR 1e-02':<{width}}  {'-':>15}  {'-':>15}"
-    assert lines[5].startswith("EER %") and lines[6].startswith("ROC AUC %")
+    eer = f"{100 * cos['eer']:.3f}"
+    assert cos["eer"] > 0 and lines[5] == f"{'EER %':<{width}}  {eer:>15}  {eer:>15}"
     auc = f"{100 * cos['auc']:.4f}"
     assert lines[6] == f"{'ROC AUC %':<{width}}  {auc:>15}  {auc:>15}"
     acc = f"{cos['accuracy']:.2f} ± {cos['accuracy_std']:.2f}"
@@ -151,3 +154,14 @@ def test_report_and_table_of_a_small_set() -> None:
         == f"{'FNMR % @ FMR 2e-01, 10% discarded':<{width}}  {edc_text:>15}  {edc_text:>15}"
     )
     assert len(lines) == 9
+
+
+def test_report_defaults_and_folds() -> None:
+    # The 4-pair set of the benchmark test: 2 folds give 100 % and 50 % (worked out above).
+    s = np.array([0.9, 0.1, 0.8, 0.2])
+    y = np.array([1, 0, 1, 0])
+    report = metrics.verification_report(s, s, y, np.ones(4), fmrs=(0.5,), folds=2)
+    cos = report["scores"]["cosine"]
+    assert (cos["accuracy"], cos["accuracy_std"]) == (75.0, 25.0)
+    assert report["conventions"]["accuracy"].startswith("2 contiguous folds")
+    assert cos["edc"]["fmr"] == 1e-3  # the default EDC operating point

@@ -24,8 +24,8 @@ MUTANTS = [
     (
         "score: 0.9 * omega * q + s",
         "qmag_ray/scores.py",
-        "return omega(cos, alpha, beta) * np.asarray(quality, np.float64) + cos",
-        "return 0.9 * omega(cos, alpha, beta) * np.asarray(quality, np.float64) + cos",
+        "    x *= np.asarray(quality, np.float64)\n",
+        "    x *= 0.9 * np.asarray(quality, np.float64)\n",
         ["tests/test_scores.py"],
     ),
     (
