@@ -34,8 +34,9 @@ clean:
 
 # The whole system on embedded defaults: synthetic faces, embeddings with the bundled demo model
 # on a local Ray, calibration + held-out evaluation, MLflow (demo-out/mlflow.db), champion alias.
+# Earlier runs are kept: each run calibrates into demo-out/calibration/run-<time>/ and adds to the
+# same MLflow store (images and embeddings are reused); delete demo-out to start over.
 demo: install
-	rm -rf demo-out
 	PATH="$(abspath $(BIN)):$$PATH" RAY_USAGE_STATS_ENABLED=0 $(BIN)/qmag-ray demo --output demo-out
 
 # Mutation testing of the numeric core (scores, calibration search and order statistics,

@@ -349,7 +349,7 @@ def test_config_file_then_overrides(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("cls", "data", "message"),
     [
-        (CalibrateConfig, {"output": "o"}, "embeddings is required"),
+        (CalibrateConfig, {"output": "o"}, r"missing required setting embeddings \(--embeddings\)"),
         (
             CalibrateConfig,
             {"embeddings": "e", "output": "o", "pairs": "p", "pair_mode": "exhaustive"},
@@ -358,22 +358,22 @@ def test_config_file_then_overrides(tmp_path: Path) -> None:
         (
             CalibrateConfig,
             {"embeddings": "e", "output": "o", "grid": {"fmr_min": 0.5}},
-            "fmr_min < fmr_max",
+            r"grid.fmr_min \(--fmr-min\) < grid.fmr_max \(--fmr-max\)",
         ),
         (
             CalibrateConfig,
             {"embeddings": "e", "output": "o", "validation": {"mode": "pairs"}},
-            "needs validation.pairs",
+            r"needs validation.pairs \(--validation-pairs\)",
         ),
         (
             CalibrateConfig,
             {"embeddings": "e", "output": "o", "pair_mode": "all"},
-            "must be one of auto, listed, generate, exhaustive",
+            "must be one of auto, listed, generate or exhaustive",
         ),
         (
             EvaluateConfig,
             {"embeddings": "e", "pairs": "p", "output": "o"},
-            "or both alpha and beta",
+            r"or both alpha \(--alpha\) and beta \(--beta\)",
         ),
         (
             EvaluateConfig,

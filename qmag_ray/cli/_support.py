@@ -22,7 +22,10 @@ from qmag_ray import storage
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+#: Exit code of a user error (bad option, config, input): the message says what to fix.
 USER_ERROR_EXIT = 2
+#: Exit code of a run that started and failed.
+RUN_FAILED_EXIT = 1
 
 
 def fail(message: str, code: int = USER_ERROR_EXIT) -> NoReturn:
@@ -118,5 +121,5 @@ def tracking_errors(tracking_uri: str, output: str) -> Iterator[None]:
         fail(
             f"the results were written to {storage.redact(output)}, but recording the run in "
             f"MLflow at {storage.redact(tracking_uri)} failed: {exc}",
-            code=1,
+            code=RUN_FAILED_EXIT,
         )

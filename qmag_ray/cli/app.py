@@ -15,9 +15,27 @@ app = typer.Typer(
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"qmag-ray {version('qmag-ray')}")
+        except PackageNotFoundError:  # a source tree that is not installed
+            typer.echo("qmag-ray (not installed)")
+        raise typer.Exit()
+
+
 @app.callback()
 def main(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+    version: bool = typer.Option(
+        False,
+        "--version",
+        callback=_version,
+        is_eager=True,
+        help="Print the installed qmag-ray version and exit.",
+    ),
 ) -> None:
     """Set up logging for every command."""
     logging.basicConfig(

@@ -8,6 +8,7 @@ commands run in one process, so the demo exercises exactly what users run.
 
 from __future__ import annotations
 
+import json
 import time
 from importlib.resources import files
 from pathlib import Path
@@ -84,10 +85,18 @@ def demo(
     from qmag_ray.runtime import connect_ray
 
     out = Path(output).resolve()
+    earlier = sorted((out / "calibration").glob("run-*")) if out.exists() else []
     out.mkdir(parents=True, exist_ok=True)
-    images, embeddings, calibration = out / "images", out / "embeddings", out / "calibration"
+    images, embeddings = out / "images", out / "embeddings"
+    # A new folder per run: earlier runs (and their MLflow runs and versions) are kept.
+    calibration = out / "calibration" / time.strftime("run-%Y%m%d-%H%M%S")
     tracking_uri = f"sqlite:///{out / 'mlflow.db'}"
     started = time.perf_counter()
+    if earlier:
+        typer.echo(
+            f"keeping {len(earlier)} earlier run(s) in {out / 'calibration'} and "
+            f"{out / 'mlflow.db'}; this run writes {calibration} (delete {out} to start over)"
+        )
 
     t = _step(1, f"synthetic faces ({identities} identities x {images_per_identity} images)")
     if (images / "manifest.parquet").exists():
@@ -145,22 +154,25 @@ def demo(
             tracking_uri,
             "--register-as",
             register_as,
+            "--alias",
+            "champion",
         ]
     )
     typer.echo(f"step 3 took {time.perf_counter() - t:.1f} s")
 
     _step(4, "champion alias")
-    from qmag_ray.tracking.registry import client, set_alias
+    from qmag_ray.tracking.registry import CHAMPION, alias_version
     from qmag_ray.tracking.uri import configure_tracking
 
     configure_tracking(tracking_uri)
-    versions = client().search_model_versions(f"name = '{register_as}'")
-    if not versions:
-        typer.secho("no scorer was registered (see the guard above): no champion set", fg="yellow")
+    champion = alias_version(register_as, CHAMPION)
+    newest = json.loads((calibration / "calibration.json").read_text())
+    if champion is None or champion.tags.get("qmag_ray.data_fingerprint") != newest.get(
+        "fingerprint"
+    ):
+        typer.secho("this run's scorer was not registered (see the guard above)", fg="yellow")
         raise typer.Exit(1)
-    newest = max(versions, key=lambda v: int(v.version))
-    set_alias(register_as, "champion", str(newest.version))
-    typer.echo(f"models:/{register_as}@champion -> version {newest.version}")
+    typer.echo(f"models:/{register_as}@{CHAMPION} -> version {champion.version}")
 
     rho, n = norm_degradation_spearman(str(embeddings), str(images / "manifest.parquet"))
     typer.echo(

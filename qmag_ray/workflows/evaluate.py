@@ -31,7 +31,7 @@ from qmag_ray.pairs.listed import ListedPairSource
 from qmag_ray.pairs.templates import Pooling
 from qmag_ray.quality.columns import QualityColumnError, with_quality
 from qmag_ray.workflows import reporting
-from qmag_ray.workflows.config import EvaluateConfig
+from qmag_ray.workflows.config import EvaluateConfig, ScorerSettings
 from qmag_ray.workflows.extra_reports import ExtraReports, write_extra_reports
 from qmag_ray.workflows.provenance import embedding_provenance
 from qmag_ray.workflows.sides import WorkflowError, read_listed, templates_table
@@ -96,8 +96,9 @@ class EvaluationOutcome:
         return "\n".join(lines)
 
 
-def load_scorer(cfg: EvaluateConfig) -> QMagFaceCalibration:
-    """The calibration file, or a bare scorer from ``alpha`` and ``beta``."""
+def load_calibration(cfg: ScorerSettings) -> QMagFaceCalibration:
+    """The calibration file of ``cfg``, or a bare calibration from its ``alpha`` and ``beta``
+    (``tracking.consumer.load_scorer`` is the registry's: a model URI to a scorer)."""
     if cfg.calibration:
         try:
             return QMagFaceCalibration.from_file(cfg.calibration)
@@ -132,7 +133,7 @@ def run_evaluation(config: EvaluateConfig, *, use_ray: bool = True) -> Evaluatio
             cannot be used (named in the message): user errors for the entry point.
     """
     cfg = config
-    cal = load_scorer(cfg)
+    cal = load_calibration(cfg)
     base_table = load_embeddings(cfg.embeddings)
     try:
         table, qinfo = with_quality(
