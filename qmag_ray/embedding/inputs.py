@@ -22,7 +22,7 @@ import pandas as pd
 
 from qmag_ray import storage
 from qmag_ray.alignment import LANDMARK_COLUMNS
-from qmag_ray.embedding.config import EmbedConfig, EmbedError
+from qmag_ray.embedding.config import EmbedConfig, EmbedError, EmbedInputError
 from qmag_ray.embedding.listing import LINK_OUTSIDE, _inside, normalise_path
 from qmag_ray.embedding.retry import READ_ATTEMPTS, is_transient, store_options, with_retries
 from qmag_ray.images import IMAGE_EXTENSIONS, INPUT_SIZE, ImageError, decode
@@ -59,7 +59,7 @@ def list_tree(images: str) -> Inputs:
     root = root.rstrip("/")
     fs.invalidate_cache(root)
     if not fs.isdir(root):
-        raise EmbedError(f"images folder not found: {storage.redact(images)}")
+        raise EmbedInputError(f"images folder not found: {storage.redact(images)}")
     paths, identities, ignored = [], [], []
     for fs_path in sorted(fs.find(root)):
         rel = storage.relative(root, fs_path)
@@ -70,7 +70,7 @@ def list_tree(images: str) -> Inputs:
         paths.append(rel)
         identities.append(rel.split("/", 1)[0] if "/" in rel else None)
     if not paths:
-        raise EmbedError(
+        raise EmbedInputError(
             f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {storage.redact(images)}"
         )
     table = pd.DataFrame({"path": paths, "identity": pd.Series(identities, dtype=object)})
@@ -81,7 +81,7 @@ def read_manifest(uri: str) -> pd.DataFrame:
     """Read a CSV or Parquet manifest with ``path`` and optional ``identity`` columns."""
     where = storage.redact(uri)
     if not storage.exists(uri):
-        raise EmbedError(f"manifest not found: {where}")
+        raise EmbedInputError(f"manifest not found: {where}")
     fs, path = storage.filesystem(uri)
     lower = path.lower()
     with fs.open(path, "rb") as f:
@@ -93,9 +93,9 @@ def read_manifest(uri: str) -> pd.DataFrame:
             compression = "gzip" if lower.endswith(".gz") else None
             frame = pd.read_csv(f, dtype=str, keep_default_na=False, compression=compression)
         else:
-            raise EmbedError(f"manifest {where} must be a .csv or .parquet file")
+            raise EmbedInputError(f"manifest {where} must be a .csv or .parquet file")
     if "path" not in frame.columns:
-        raise EmbedError(
+        raise EmbedInputError(
             f"manifest {where} has no 'path' column (columns: {', '.join(map(str, frame.columns))})"
         )
     paths = [normalise_path(p, where, i) for i, p in enumerate(frame["path"].tolist())]
@@ -110,12 +110,12 @@ def read_manifest(uri: str) -> pd.DataFrame:
     dup = table["path"].duplicated(keep=False)
     if dup.any():
         examples = ", ".join(sorted(set(table.loc[dup, "path"]))[:5])
-        raise EmbedError(
+        raise EmbedInputError(
             f"manifest {where} lists {int(dup.sum())} rows with repeated paths (e.g. {examples}); "
             "each image must appear once"
         )
     if table.empty:
-        raise EmbedError(f"manifest {where} has no rows")
+        raise EmbedInputError(f"manifest {where} has no rows")
     return table
 
 
@@ -161,13 +161,13 @@ def read_landmark_file(uri: str) -> pd.DataFrame:
     try:
         text = storage.read_bytes(uri).decode("utf-8-sig")
     except FileNotFoundError:
-        raise EmbedError(f"landmarks file not found: {where} (--landmarks)") from None
+        raise EmbedInputError(f"landmarks file not found: {where} (--landmarks)") from None
     try:
         frame = pd.read_csv(io.StringIO(text), sep=r"\s+", header=None, dtype=str)
     except pd.errors.EmptyDataError:
-        raise EmbedError(f"landmarks file {where} is empty (--landmarks)") from None
+        raise EmbedInputError(f"landmarks file {where} is empty (--landmarks)") from None
     if frame.shape[1] not in (11, 12):
-        raise EmbedError(
+        raise EmbedInputError(
             f"landmarks file {where}: expected 'name x1 y1 ... x5 y5 [score]' (11 or 12 fields "
             f"per line), got {frame.shape[1]} (--landmarks)"
         )
@@ -176,11 +176,11 @@ def read_landmark_file(uri: str) -> pd.DataFrame:
         values = pd.to_numeric(frame[k + 1], errors="coerce")
         if values.isna().any():
             line = int(np.flatnonzero(values.isna().to_numpy())[0]) + 1
-            raise EmbedError(f"landmarks file {where}:{line}: {col} is not a number")
+            raise EmbedInputError(f"landmarks file {where}:{line}: {col} is not a number")
         out[col] = values.to_numpy(np.float64)
     dup = out["path"].duplicated()
     if dup.any():
-        raise EmbedError(f"landmarks file {where} lists {out['path'][dup].iloc[0]!r} twice")
+        raise EmbedInputError(f"landmarks file {where} lists {out['path'][dup].iloc[0]!r} twice")
     return out
 
 
@@ -205,7 +205,9 @@ def manifest_landmarks(uri: str) -> pd.DataFrame | None:
         return None
     if len(present) < len(LANDMARK_COLUMNS):
         absent = [c for c in LANDMARK_COLUMNS if c not in frame.columns]
-        raise EmbedError(f"manifest {where} has landmark columns but lacks {', '.join(absent)}")
+        raise EmbedInputError(
+            f"manifest {where} has landmark columns but lacks {', '.join(absent)}"
+        )
     out = pd.DataFrame(
         {"path": [normalise_path(p, where, i) for i, p in enumerate(frame["path"].tolist())]}
     )
