@@ -22,7 +22,7 @@ import pandas as pd
 
 from qmag_ray import storage
 from qmag_ray.alignment import LANDMARK_COLUMNS
-from qmag_ray.embedding.config import EmbedConfig, EmbedError, EmbedInputError
+from qmag_ray.embedding.config import EmbedConfig, EmbedInputError
 from qmag_ray.embedding.listing import LINK_OUTSIDE, _inside, normalise_path
 from qmag_ray.embedding.retry import READ_ATTEMPTS, is_transient, store_options, with_retries
 from qmag_ray.images import IMAGE_EXTENSIONS, INPUT_SIZE, ImageError, decode
