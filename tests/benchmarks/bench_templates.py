@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--reuse", action="store_true", help="Reuse the files already in --workdir.")
     args = ap.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -46,6 +47,14 @@ def main() -> None:
     from qmag_ray.synth.protocols import EmbeddingModel, ijb_like, write_ijb_like
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-ijb-"))
+    if args.reuse and (work / "ijbc_template_pair_label.txt").exists():
+        files = {
+            "embeddings": str(work / "embeddings"),
+            "templates": str(work / "ijbc_face_tid_mid.txt"),
+            "pairs": str(work / "ijbc_template_pair_label.txt"),
+        }
+        evaluate(args, files, work, peak_memory)
+        return
     t0 = time.perf_counter()
     # IJB-C: 3,531 subjects, 23,124 templates (about 6.5 per subject)
     probe = ijb_like(args.subjects, (5, 8), (1, 3), (1, 4), 0, seed=0, model=EmbeddingModel(dim=8))
@@ -68,6 +77,12 @@ def main() -> None:
         f"{t_gen:.0f} s under {work}"
     )
     del data, probe
+    evaluate(args, files, work, peak_memory)
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def evaluate(args: argparse.Namespace, files: dict, work: Path, peak_memory: type) -> None:
     print(f"load average before: {os.getloadavg()}")
 
     import ray
@@ -101,8 +116,6 @@ def main() -> None:
         f"template pairs on {args.cpus} CPUs, peak PSS {mem.peak / 2**30:.2f} GiB; "
         f"load average after: {os.getloadavg()}"
     )
-    if not args.workdir:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
