@@ -142,6 +142,33 @@ def embed(
         int | None,
         typer.Option(min=1, help="Embeddings per Parquet part file." + _d("rows_per_part")),
     ] = None,
+    quality: Annotated[
+        str | None,
+        typer.Option(
+            help="norm (the 'quality' column: MagFace norm) or serfiq (also a 'serfiq' column: "
+            "SER-FIQ from dropout passes of the network's head)." + _d("quality"),
+        ),
+    ] = None,
+    serfiq_passes: Annotated[
+        int | None,
+        typer.Option(min=2, help="SER-FIQ stochastic passes per image." + _d("serfiq_passes")),
+    ] = None,
+    serfiq_dropout: Annotated[
+        float | None,
+        typer.Option(help="SER-FIQ dropout rate of the passes." + _d("serfiq_dropout")),
+    ] = None,
+    serfiq_seed: Annotated[
+        int | None,
+        typer.Option(help="Seed of the SER-FIQ dropout masks (with each image's path)."
+                     + _d("serfiq_seed")),
+    ] = None,
+    serfiq_dropout_type: Annotated[
+        str | None,
+        typer.Option(
+            help="SER-FIQ dropout: element, or channel (Dropout2d, as MagFace's trainer)."
+            + _d("serfiq_dropout_type"),
+        ),
+    ] = None,
     ray_address: Annotated[
         str | None,
         typer.Option(
@@ -183,6 +210,11 @@ def embed(
         "overwrite": overwrite,
         "wait_for_resources": wait_for_resources,
         "rows_per_part": rows_per_part,
+        "quality": quality,
+        "serfiq_passes": serfiq_passes,
+        "serfiq_dropout": serfiq_dropout,
+        "serfiq_seed": serfiq_seed,
+        "serfiq_dropout_type": serfiq_dropout_type,
     }
     overrides = {k: v for k, v in given.items() if v is not None}
     try:

@@ -45,6 +45,10 @@ class EmbedConfig:
             run is refused at once instead of waiting for resources that may never come.
         rows_per_part: embeddings per Parquet part file (bounds the driver's memory).
         progress_seconds: interval between progress log lines.
+        quality: ``norm`` (the ``quality`` column only, the MagFace norm) or ``serfiq`` (also
+            a ``serfiq`` column: SER-FIQ from ``serfiq_passes`` dropout passes of the head at
+            rate ``serfiq_dropout``, masks seeded by ``serfiq_seed`` and each image's path;
+            ``serfiq_dropout_type`` element or channel, as the network was trained).
     """
 
     images: str | None = None
@@ -69,6 +73,11 @@ class EmbedConfig:
     wait_for_resources: bool = False
     rows_per_part: int = 10_000
     progress_seconds: float = 10.0
+    quality: str = "norm"
+    serfiq_passes: int = 100
+    serfiq_dropout: float = 0.5
+    serfiq_seed: int = 0
+    serfiq_dropout_type: str = "element"
 
     def __post_init__(self) -> None:
         if bool(self.images) == bool(self.manifest):
@@ -95,8 +104,23 @@ class EmbedConfig:
             )
         if self.amp_dtype not in ("float16", "bfloat16"):
             raise ValueError(f"amp_dtype must be float16 or bfloat16, got {self.amp_dtype!r}")
+        if self.quality not in ("norm", "serfiq"):
+            raise ValueError(f"quality must be norm or serfiq, got {self.quality!r}")
+        if self.quality == "serfiq":
+            self.serfiq_settings  # noqa: B018 - validates passes and dropout
         if self.progress_seconds <= 0:
             raise ValueError(f"progress_seconds must be positive, got {self.progress_seconds}")
+
+    @property
+    def serfiq_settings(self):  # noqa: ANN201 - SerfiqSettings | None
+        """The SER-FIQ settings, or None when only the norm is computed."""
+        if self.quality != "serfiq":
+            return None
+        from qmag_ray.quality.serfiq import SerfiqSettings
+
+        return SerfiqSettings(
+            self.serfiq_passes, self.serfiq_dropout, self.serfiq_seed, self.serfiq_dropout_type
+        )
 
     @property
     def block_rows(self) -> int:

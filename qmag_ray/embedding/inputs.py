@@ -193,6 +193,7 @@ def read_and_decode(batch: dict[str, np.ndarray], *, root: str, resize: bool) ->
             resized[i] = f"{face.resized_from[0]}x{face.resized_from[1]}"
     return {
         "index": np.asarray(batch["index"], dtype=np.int64),
+        "path": np.asarray(rels, dtype=object),
         "image": images,
         "error": errors,
         "resized_from": resized,

@@ -100,6 +100,8 @@ def run_embed(config: EmbedConfig, *, connect: Callable[[], Any] | None = None) 
         "resize": config.resize,
         "images_root": storage.redact(inputs.root),
     }
+    if config.serfiq_settings is not None:  # resuming must not mix parts with and without it
+        fingerprint["serfiq"] = config.serfiq_settings.to_dict()
     done = prepare(layout, fingerprint, set(table["path"]), overwrite=config.overwrite)
     todo_mask = ~table["path"].isin(done).to_numpy()
     todo = pd.DataFrame(
@@ -115,7 +117,10 @@ def run_embed(config: EmbedConfig, *, connect: Callable[[], Any] | None = None) 
         dim,
         config.actors,
     )
-    emb_writer = PartWriter(layout.embeddings, run_id, embeddings_schema(dim), config.rows_per_part)
+    extra = ("serfiq",) if config.serfiq_settings is not None else ()
+    emb_writer = PartWriter(
+        layout.embeddings, run_id, embeddings_schema(dim, extra), config.rows_per_part
+    )
     fail_writer = PartWriter(layout.failures, run_id, FAILURES_SCHEMA, config.rows_per_part)
     failure_examples: list[dict[str, str]] = []
     progress = Progress(len(todo), config.progress_seconds)
@@ -190,4 +195,6 @@ def _settings(config: EmbedConfig, inputs: Inputs) -> dict[str, Any]:
         "resize": config.resize,
         "max_failure_fraction": config.max_failure_fraction,
         "wait_for_resources": config.wait_for_resources,
+        "quality": config.quality,
+        "serfiq": None if config.serfiq_settings is None else config.serfiq_settings.to_dict(),
     }

@@ -127,6 +127,7 @@ def build_dataset(config: EmbedConfig, todo: pd.DataFrame, root: str):  # noqa: 
             "mixed_precision": config.mixed_precision,
             "amp_dtype": config.amp_dtype,
             "channels_last": config.channels_last,
+            "serfiq": None if config.serfiq_settings is None else config.serfiq_settings.to_dict(),
         },
         compute=ray.data.ActorPoolStrategy(size=config.actors),
         num_cpus=config.cpus_per_actor,
@@ -166,10 +167,12 @@ def run_pipeline(
             index = np.asarray(batch["index"], dtype=np.int64)
             errors = np.asarray(batch["error"], dtype=object)
             emb = np.asarray(batch["embedding"], dtype=np.float32)
+            serfiq = np.asarray(batch["serfiq"], np.float32) if "serfiq" in batch else None
             fresh = ~seen[index]
             if not fresh.all():
                 logger.warning("dropping %d rows the pipeline delivered twice", (~fresh).sum())
                 index, errors, emb = index[fresh], errors[fresh], emb[fresh]
+                serfiq = None if serfiq is None else serfiq[fresh]
             seen[index] = True
             ok = errors == ""
             finite = np.isfinite(emb).all(axis=1)
@@ -177,7 +180,10 @@ def run_pipeline(
                 errors = errors.copy()
                 errors[ok & ~finite] = "embedding is not finite (NaN or inf): check the checkpoint"
                 ok &= finite
-            emb_writer.add(embedding_batch(paths[index[ok]], identities[index[ok]], emb[ok]))
+            extra = None if serfiq is None else {"serfiq": serfiq[ok]}
+            emb_writer.add(
+                embedding_batch(paths[index[ok]], identities[index[ok]], emb[ok], extra)
+            )
             bad = index[~ok]
             fail_writer.add(failure_batch(paths[bad], errors[~ok]))
             for path, error in zip(paths[bad][:3], errors[~ok][:3], strict=False):
