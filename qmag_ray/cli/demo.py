@@ -168,6 +168,18 @@ def demo(
         "identities the demo model never saw (MagFace: lower quality, smaller norm)"
     )
 
+    from qmag_ray.workflows.groups import held_out_group_report
+
+    manifest = str(images / "manifest.parquet")
+    try:
+        groups = held_out_group_report(
+            str(embeddings), str(calibration / "calibration.json"), "pose_band", manifest
+        )
+    except ValueError as exc:  # e.g. a set made before synth wrote pose_band
+        typer.echo(f"per-group report skipped: {exc}")
+    else:
+        typer.echo("\nheld-out identities, " + groups.format_table())
+
     plots = sorted(str(p) for p in calibration.rglob("*.png"))
     typer.secho(f"\ndemo finished in {time.perf_counter() - started:.0f} s", bold=True)
     typer.echo("plots:\n  " + "\n  ".join(plots))

@@ -49,6 +49,14 @@ def train(
         str | None, typer.Option(help="Fine-tune from this checkpoint (MagFace layout).")
     ] = None,
     dropout: Annotated[float | None, typer.Option(help="Override the backbone's dropout.")] = None,
+    dropout_type: Annotated[
+        str,
+        typer.Option(help="Head dropout: element (nn.Dropout) or channel (Dropout2d, MagFace)."),
+    ] = "element",
+    bn_momentum: Annotated[
+        float,
+        typer.Option(help="torch BatchNorm momentum (new-batch weight; MagFace passes 0.9)."),
+    ] = 0.1,
     flip: Annotated[bool, typer.Option(help="Random horizontal flips.")] = False,
     seed: Annotated[int, typer.Option()] = 0,
     log_every: Annotated[int, typer.Option(min=1, help="Steps between reported metrics.")] = 20,
@@ -89,6 +97,8 @@ def train(
         max_failures=max_failures,
         init_checkpoint=init_checkpoint,
         dropout=dropout,
+        dropout_type=dropout_type,
+        bn_momentum=bn_momentum,
         flip=flip,
         seed=seed,
         log_every=log_every,

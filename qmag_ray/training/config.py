@@ -30,6 +30,11 @@ class TrainConfig:
             resumes from the latest saved epoch.
         init_checkpoint: fine-tune from this checkpoint (any MagFace layout).
         dropout: override of the backbone's dropout rate (shapes are unaffected).
+        dropout_type: ``element`` (nn.Dropout, default: how the bundled demo model was
+            trained) or ``channel`` (nn.Dropout2d, as MagFace's trainer).
+        bn_momentum: torch BatchNorm momentum, the weight of the new batch in the running
+            statistics: 0.1 (default, the demo model's) or 0.9 (what MagFace's trainer passes
+            to torch); README "Training parity" says why 0.1 stays the default.
         flip: random horizontal flips.
         log_every: steps between reported metrics.
         checkpoint_every: epochs between checkpoints (the last epoch is always saved).
@@ -54,6 +59,8 @@ class TrainConfig:
     max_failures: int = 2
     init_checkpoint: str | None = None
     dropout: float | None = None
+    dropout_type: str = "element"
+    bn_momentum: float = 0.1
     flip: bool = False
     seed: int = 0
     log_every: int = 20
@@ -76,6 +83,12 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.optimizer must be one of {OPTIMIZERS}")
         if self.lr <= 0 or self.warmup_steps < 0 or self.loader_workers < 0:
             raise ValueError("TrainConfig: lr must be > 0, warmup_steps and loader_workers >= 0")
+        if self.dropout_type not in ("element", "channel"):
+            raise ValueError(
+                f"TrainConfig.dropout_type must be element or channel, got {self.dropout_type!r}"
+            )
+        if not 0.0 < self.bn_momentum <= 1.0:
+            raise ValueError(f"TrainConfig.bn_momentum must be in (0, 1], got {self.bn_momentum}")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"TrainConfig.dropout must be in [0, 1), got {self.dropout}")
 
@@ -88,3 +101,11 @@ class TrainConfig:
         values = dict(values)
         magface = values.pop("magface", None) or {}
         return cls(**values, magface=MagFaceParams(**magface))
+
+
+def backbone_kwargs(cfg: TrainConfig) -> dict[str, object]:
+    """Keyword arguments of the backbone factory that training settings choose."""
+    kwargs: dict[str, object] = {"dropout_type": cfg.dropout_type, "bn_momentum": cfg.bn_momentum}
+    if cfg.dropout is not None:
+        kwargs["dropout"] = cfg.dropout
+    return kwargs
