@@ -179,3 +179,20 @@ def test_embed_job_writes_a_serfiq_column_independent_of_batch_size(
         schema = pq.read_schema(next((out / "embeddings").glob("*.parquet")))
         assert schema.names == ["path", "identity", "embedding", "quality", "serfiq"]
     np.testing.assert_array_equal(values[0], values[1])
+
+
+def test_a_safetensors_checkpoint_loads_equal_to_the_torch_model(tmp_path: Path):
+    from safetensors.torch import save_file
+
+    from qmag_ray.model import CheckpointError, load_backbone
+
+    model = random_bn_model(4)
+    prefixed = {f"features.module.{k}": v.contiguous() for k, v in model.state_dict().items()}
+    save_file(prefixed, str(tmp_path / "m.safetensors"))
+    loaded = load_backbone(str(tmp_path / "m.safetensors"), "iresnet-demo")
+    x = torch.rand(3, 3, 112, 112)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(CheckpointError, match="not a safetensors file"):
+        load_backbone(str(tmp_path / "bad.safetensors"), "iresnet-demo")
