@@ -149,6 +149,7 @@ def calibrate(
     ] = None,
     quality_column: opts.QualityColumn = None,
     quality_file: opts.QualityFile = None,
+    norm_quality: opts.NormQuality = None,
     on_missing: opts.OnMissing = None,
     on_bad: opts.OnBad = None,
     on_self: opts.OnSelf = None,
@@ -213,6 +214,7 @@ def calibrate(
         "tracking.experiment": experiment,
         "quality.column": quality_column,
         "quality.file": quality_file,
+        "quality.allow_norm": norm_quality,
         "tracking.register_as": register_as,
         "tracking.register": register,
     }

@@ -169,6 +169,13 @@ def embed(
             + _d("serfiq_dropout_type"),
         ),
     ] = None,
+    input_convention: Annotated[
+        str | None,
+        typer.Option(
+            help="Input convention of an ONNX model (--model *.onnx, --arch onnx): insightface "
+            "(RGB, (x - 127.5) / 127.5) or magface (BGR, x / 255).",
+        ),
+    ] = None,
     ray_address: Annotated[
         str | None,
         typer.Option(
@@ -215,6 +222,7 @@ def embed(
         "serfiq_dropout": serfiq_dropout,
         "serfiq_seed": serfiq_seed,
         "serfiq_dropout_type": serfiq_dropout_type,
+        "input_convention": input_convention,
     }
     overrides = {k: v for k, v in given.items() if v is not None}
     try:

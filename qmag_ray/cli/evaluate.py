@@ -50,6 +50,7 @@ def evaluate(
     ] = None,
     quality_column: opts.QualityColumn = None,
     quality_file: opts.QualityFile = None,
+    norm_quality: opts.NormQuality = None,
     edc_quality: Annotated[
         list[str] | None,
         typer.Option(
@@ -114,6 +115,7 @@ def evaluate(
         "tracking.experiment": experiment,
         "quality.column": quality_column,
         "quality.file": quality_file,
+        "quality.allow_norm": norm_quality,
         "quality.compare": edc_quality or None,
         "report.bootstrap": bootstrap,
         "report.groups": group_column or None,

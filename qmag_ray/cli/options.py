@@ -46,6 +46,14 @@ QualityFile = Annotated[
         "images without a value count as missing images."
     ),
 ]
+NormQuality = Annotated[
+    bool | None,
+    typer.Option(
+        "--norm-quality/--no-norm-quality",
+        help="Use the embedding norm as the quality even for a model its embed run marks as "
+        "not MagFace-trained (an ONNX model).",
+    ),
+]
 Templates = Annotated[
     str | None,
     typer.Option(

@@ -42,8 +42,21 @@ class EmbedActor:
         amp_dtype: str = "float16",
         channels_last: bool = False,
         serfiq: dict | None = None,
+        input_convention: str | None = None,
     ) -> None:
         import torch
+
+        self.onnx = None
+        if model.lower().endswith(".onnx") or arch.lower() == "onnx":
+            from qmag_ray.model.onnx import OnnxBackbone, convention
+
+            self._torch = torch
+            self.onnx = OnnxBackbone(
+                model, convention(input_convention or "magface"), use_gpu, threads
+            )
+            self.embedding_size = self.onnx.embedding_size
+            self.serfiq = None
+            return
 
         from qmag_ray.model.checkpoint import load_backbone
 
@@ -108,7 +121,11 @@ class EmbedActor:
         good = np.flatnonzero(errors == "")
         out = np.zeros((len(errors), self.embedding_size), dtype=np.float32)
         serfiq = np.zeros(len(errors), dtype=np.float32)
-        if len(good):
+        if len(good) and self.onnx is not None:
+            images = np.asarray(batch["image"])
+            images = images if len(good) == len(errors) else images[good]
+            out[good] = self.onnx(to_input(images))
+        elif len(good):
             images = np.asarray(batch["image"])
             images = images if len(good) == len(errors) else images[good]
             x = torch.from_numpy(to_input(images)).to(self.device, non_blocking=True)

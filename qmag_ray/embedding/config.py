@@ -49,6 +49,9 @@ class EmbedConfig:
             a ``serfiq`` column: SER-FIQ from ``serfiq_passes`` dropout passes of the head at
             rate ``serfiq_dropout``, masks seeded by ``serfiq_seed`` and each image's path;
             ``serfiq_dropout_type`` element or channel, as the network was trained).
+        input_convention: for an ONNX model (``model`` ending in ``.onnx``, ``arch`` ``onnx``):
+            ``insightface`` (RGB, (x - 127.5) / 127.5) or ``magface`` (BGR, x / 255); required
+            there, since the file does not say. The registry's iResNets use ``magface``.
     """
 
     images: str | None = None
@@ -78,6 +81,7 @@ class EmbedConfig:
     serfiq_dropout: float = 0.5
     serfiq_seed: int = 0
     serfiq_dropout_type: str = "element"
+    input_convention: str | None = None
 
     def __post_init__(self) -> None:
         if bool(self.images) == bool(self.manifest):
@@ -104,6 +108,21 @@ class EmbedConfig:
             )
         if self.amp_dtype not in ("float16", "bfloat16"):
             raise ValueError(f"amp_dtype must be float16 or bfloat16, got {self.amp_dtype!r}")
+        onnx = self.model.lower().endswith(".onnx") or self.arch.lower() == "onnx"
+        if onnx and not self.input_convention:
+            raise ValueError(
+                "an ONNX model needs input_convention (--input-convention insightface or "
+                "magface): the file does not say how its input is scaled"
+            )
+        if onnx and self.quality == "serfiq":
+            raise ValueError(
+                "quality serfiq needs the network's head (an iResNet of the registry); an ONNX "
+                "model is opaque: use a quality tool and --quality-file downstream"
+            )
+        if self.input_convention:
+            from qmag_ray.model.onnx import convention
+
+            convention(self.input_convention)
         if self.quality not in ("norm", "serfiq"):
             raise ValueError(f"quality must be norm or serfiq, got {self.quality!r}")
         if self.quality == "serfiq":
@@ -121,6 +140,11 @@ class EmbedConfig:
         return SerfiqSettings(
             self.serfiq_passes, self.serfiq_dropout, self.serfiq_seed, self.serfiq_dropout_type
         )
+
+    @property
+    def is_onnx(self) -> bool:
+        """Whether the model is an ONNX file run by onnxruntime."""
+        return self.model.lower().endswith(".onnx") or self.arch.lower() == "onnx"
 
     @property
     def block_rows(self) -> int:

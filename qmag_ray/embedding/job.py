@@ -82,7 +82,16 @@ def run_embed(config: EmbedConfig, *, connect: Callable[[], Any] | None = None) 
     """
     started = time.perf_counter()
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    dim, model_sha, arch = check_checkpoint(config.model, config.arch)
+    if config.is_onnx:
+        from qmag_ray.model.onnx import convention, describe_onnx
+
+        try:
+            info = describe_onnx(config.model, convention(config.input_convention or "magface"))
+        except ValueError as exc:
+            raise EmbedError(str(exc)) from None
+        dim, model_sha, arch = int(info["embedding_size"]), str(info["sha256"]), "onnx"
+    else:
+        dim, model_sha, arch = check_checkpoint(config.model, config.arch)
     inputs = list_inputs(config)
     table = inputs.table
     if inputs.ignored:
@@ -196,5 +205,8 @@ def _settings(config: EmbedConfig, inputs: Inputs) -> dict[str, Any]:
         "max_failure_fraction": config.max_failure_fraction,
         "wait_for_resources": config.wait_for_resources,
         "quality": config.quality,
+        "input_convention": config.input_convention or "magface",
+        # the registry's iResNets are MagFace-trained; an ONNX model's norm is not a quality
+        "norm_is_quality": not config.is_onnx,
         "serfiq": None if config.serfiq_settings is None else config.serfiq_settings.to_dict(),
     }

@@ -128,6 +128,7 @@ def build_dataset(config: EmbedConfig, todo: pd.DataFrame, root: str):  # noqa: 
             "amp_dtype": config.amp_dtype,
             "channels_last": config.channels_last,
             "serfiq": None if config.serfiq_settings is None else config.serfiq_settings.to_dict(),
+            "input_convention": config.input_convention,
         },
         compute=ray.data.ActorPoolStrategy(size=config.actors),
         num_cpus=config.cpus_per_actor,
@@ -181,9 +182,7 @@ def run_pipeline(
                 errors[ok & ~finite] = "embedding is not finite (NaN or inf): check the checkpoint"
                 ok &= finite
             extra = None if serfiq is None else {"serfiq": serfiq[ok]}
-            emb_writer.add(
-                embedding_batch(paths[index[ok]], identities[index[ok]], emb[ok], extra)
-            )
+            emb_writer.add(embedding_batch(paths[index[ok]], identities[index[ok]], emb[ok], extra))
             bad = index[~ok]
             fail_writer.add(failure_batch(paths[bad], errors[~ok]))
             for path, error in zip(paths[bad][:3], errors[~ok][:3], strict=False):

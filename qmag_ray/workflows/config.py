@@ -131,6 +131,8 @@ class QualitySettings:
             (columns of the embeddings or of ``file``); empty: ``column`` alone.
         edc_limit: largest share of genuine pairs discarded on the curves.
         pauc_limit: the partial area under each curve is taken up to this share.
+        allow_norm: use the embedding norm as the quality even when the embed run says the
+            model was not MagFace-trained (an ONNX model: its norm does not measure quality).
     """
 
     column: str = "quality"
@@ -138,6 +140,7 @@ class QualitySettings:
     compare: tuple[str, ...] = ()
     edc_limit: float = 0.5
     pauc_limit: float = 0.2
+    allow_norm: bool = False
 
     def __post_init__(self) -> None:
         if not self.column:
