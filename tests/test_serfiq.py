@@ -176,7 +176,7 @@ def test_embed_job_writes_a_serfiq_column_independent_of_batch_size(
         assert info.n_missing == 0 and len(serfiq) == 10
         order = np.argsort(serfiq.path)
         values.append(serfiq.quality[order])
-        schema = pq.read_schema(next((out / "embeddings").glob("*.parquet")))
+        schema = pq.read_schema(next((out / "embeddings").rglob("part-*.parquet")))
         assert schema.names == ["path", "identity", "embedding", "quality", "serfiq"]
     np.testing.assert_array_equal(values[0], values[1])
 

@@ -43,7 +43,8 @@ class EmbedConfig:
         wait_for_resources: start even when the Ray cluster does not yet have the CPUs and
             GPUs the actor pool needs (an autoscaling cluster adds nodes); without it such a
             run is refused at once instead of waiting for resources that may never come.
-        rows_per_part: embeddings per Parquet part file (bounds the driver's memory).
+        rows_per_part: unused since the actors write one part per batch (kept so that older
+            config files still load).
         progress_seconds: interval between progress log lines.
         quality: ``norm`` (the ``quality`` column only, the MagFace norm) or ``serfiq`` (also
             a ``serfiq`` column: SER-FIQ from ``serfiq_passes`` dropout passes of the head at
@@ -52,6 +53,9 @@ class EmbedConfig:
         input_convention: for an ONNX model (``model`` ending in ``.onnx``, ``arch`` ``onnx``):
             ``insightface`` (RGB, (x - 127.5) / 127.5) or ``magface`` (BGR, x / 255); required
             there, since the file does not say. The registry's iResNets use ``magface``.
+        resources: custom Ray resources every task and actor of the run requires (e.g.
+            ``{"embed_node": 0.01}`` keeps the work on the nodes that declare it); config file
+            only.
     """
 
     images: str | None = None
@@ -82,6 +86,7 @@ class EmbedConfig:
     serfiq_seed: int = 0
     serfiq_dropout_type: str = "element"
     input_convention: str | None = None
+    resources: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         if bool(self.images) == bool(self.manifest):
@@ -127,6 +132,9 @@ class EmbedConfig:
             raise ValueError(f"quality must be norm or serfiq, got {self.quality!r}")
         if self.quality == "serfiq":
             self.serfiq_settings  # noqa: B018 - validates passes and dropout
+        for name, amount in (self.resources or {}).items():
+            if not isinstance(amount, (int, float)) or amount <= 0:
+                raise ValueError(f"resources.{name} must be a positive number, got {amount!r}")
         if self.progress_seconds <= 0:
             raise ValueError(f"progress_seconds must be positive, got {self.progress_seconds}")
 
