@@ -95,7 +95,12 @@ def embed(model: str, args: argparse.Namespace, out: Path) -> None:
     for start in range(0, len(manifest), 64):
         part = manifest.iloc[start : start + 64]
         batch = read_and_decode(
-            {"index": np.arange(start, start + len(part)), "path": part["path"].to_numpy(object)},
+            {
+                "shard": np.zeros(len(part), np.int64),
+                "pos": np.arange(start, start + len(part)),
+                "path": part["path"].to_numpy(object),
+                "identity": part["identity"].to_numpy(object),
+            },
             root=args.eval,
             resize=False,
         )
