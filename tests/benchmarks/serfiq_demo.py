@@ -143,7 +143,8 @@ def main() -> None:
     for name, model in (("bundled", DEMO), ("finetuned", str(tuned))):
         folder = out / name
         t = time.perf_counter()
-        embed(model, args, folder)
+        if not (folder / "embeddings").exists():
+            embed(model, args, folder)
         table = load_embeddings(str(folder))
         serfiq = pq.read_table(folder / "embeddings" / "part-00000.parquet").column("serfiq")
         d = manifest.loc[list(table.path), "degradation"].to_numpy()
@@ -179,6 +180,7 @@ def main() -> None:
                 "quality.compare": ["quality", "serfiq"],
                 "report.groups": ["pose_band"],
                 "report.group_file": f"{args.eval}/manifest.parquet",
+            "on_duplicate": "skip",
             },
         )
         print(run_evaluation(cfg, use_ray=False).summary(), flush=True)
