@@ -109,25 +109,26 @@ def test_metric_key_follows_the_target_fmr_or_the_override() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "message"),
+    ("kwargs", "fragments"),
     [
-        ({"target_fmr": 0.0}, "gate.target_fmr must lie in (0, 1), got 0.0"),
-        ({"target_fmr": 1.0}, "gate.target_fmr must lie in (0, 1), got 1.0"),
-        ({"max_fnmr_increase": -0.5}, "gate.max_fnmr_increase must be >= 0, got -0.5"),
+        ({"target_fmr": 0.0}, ["target_fmr", "greater than 0"]),
+        ({"target_fmr": 1.0}, ["target_fmr", "less than 1"]),
+        ({"max_fnmr_increase": -0.5}, ["max_fnmr_increase", "greater than or equal to 0"]),
         (
             {"max_fnmr_increase_relative": -1.0},
-            "gate.max_fnmr_increase_relative must be >= 0, got -1.0",
+            ["max_fnmr_increase_relative", "greater than or equal to 0"],
         ),
-        ({"max_fnmr": 1.5}, "gate.max_fnmr must lie in [0, 1], got 1.5"),
-        ({"max_fnmr": -0.25}, "gate.max_fnmr must lie in [0, 1], got -0.25"),
-        ({"max_regression": {AUC: "x"}}, "gate.max_regression.qmagface.auc must be a number"),
-        ({"max_regression": {AUC: -0.5}}, "gate.max_regression.qmagface.auc must be a number"),
+        ({"max_fnmr": 1.5}, ["max_fnmr", "less than or equal to 1"]),
+        ({"max_fnmr": -0.25}, ["max_fnmr", "greater than or equal to 0"]),
+        ({"max_regression": {AUC: "x"}}, ["max_regression", AUC]),
+        ({"max_regression": {AUC: -0.5}}, [f"max_regression.{AUC} must be >= 0, got -0.5"]),
     ],
 )
-def test_invalid_gate_settings_name_the_key(kwargs: dict, message: str) -> None:
+def test_invalid_gate_settings_name_the_key(kwargs: dict, fragments: list[str]) -> None:
     with pytest.raises(ValueError) as err:
         GateConfig(**kwargs)
-    assert message in str(err.value)
+    for fragment in fragments:
+        assert fragment in str(err.value)
 
 
 def test_bounds_themselves_are_valid_settings() -> None:

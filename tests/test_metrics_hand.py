@@ -136,10 +136,12 @@ def test_report_and_table_of_a_small_set() -> None:
     table = metrics.format_table(report, edc_points=(0.1,))
     lines = table.splitlines()
     assert lines[0] == "5 genuine / 5 impostor pairs"
-    width = len("FNMR % @ FMR 2e-01, 10% discarded")
+    # FMR 0.2 on 5 impostors rests on floor(0.2 * 5) = 1 false match (marked: fewer than 10).
+    first = "FNMR % @ FMR 2e-01 [1* false matches]"
+    width = max(len(first), len("FNMR % @ FMR 2e-01, 10% discarded"))
     assert lines[1] == f"{'metric':<{width}}  {'cosine':>15}  {'QMagFace':>15}"
     assert lines[2] == "-" * (width + 34)
-    assert lines[3] == f"{'FNMR % @ FMR 2e-01':<{width}}  {'20.000':>15}  {'20.000':>15}"
+    assert lines[3] == f"{first:<{width}}  {'20.000':>15}  {'20.000':>15}"
     assert lines[4] == f"{'FNMR % @ FMR 1e-02':<{width}}  {'-':>15}  {'-':>15}"
     eer = f"{100 * cos['eer']:.3f}"
     assert cos["eer"] > 0 and lines[5] == f"{'EER %':<{width}}  {eer:>15}  {eer:>15}"
@@ -153,7 +155,8 @@ def test_report_and_table_of_a_small_set() -> None:
         lines[8]
         == f"{'FNMR % @ FMR 2e-01, 10% discarded':<{width}}  {edc_text:>15}  {edc_text:>15}"
     )
-    assert len(lines) == 9
+    assert lines[9] == "* fewer than 10 false matches: that FNMR is a rough figure"
+    assert len(lines) == 10
 
 
 def test_report_defaults_and_folds() -> None:
