@@ -108,6 +108,61 @@ def log_files(run: Any, files: Mapping[str, str], skip: tuple[str, ...] = ()) ->
             run.log_bytes(name, storage.read_bytes(uri))
 
 
+def take_output_lease(uri: str, purpose: str) -> Any:
+    """The output's lease (one writer per output), held until the process ends; exit 2 if
+    another writer holds it. Returns the ``lease.Lease`` (None where the store has none).
+
+    Taking it also proves the output writable before any work: a read-only folder, a missing
+    bucket or a full disk end here with one line naming the output.
+    """
+    import atexit
+
+    from qmag_ray import lease
+
+    if not lease.supported(uri):
+        logger.warning("no lease on %s outputs: a second writer is not detected", uri)
+        return None
+    try:
+        held = lease.acquire(uri, purpose=purpose)
+    except lease.LeaseHeldError as exc:
+        fail(f"output: {exc}")
+    except (OSError, ValueError) as exc:
+        logger.debug("taking the output lease failed", exc_info=True)
+        fail(f"output {storage.redact(uri)} cannot be written: {describe_os_error(exc)}")
+    atexit.register(held.release)
+    return held
+
+
+def still_held(held: Any) -> None:
+    """Exit 1 before committing if the output's lease was taken over meanwhile."""
+    from qmag_ray import lease
+
+    try:
+        if held is not None:
+            held.check()
+    except lease.LeaseLostError as exc:
+        fail(f"output: {exc}", code=1)
+
+
+def describe_os_error(exc: BaseException) -> str:
+    """One line for a storage error: what failed and the usual fix (no traceback)."""
+    import errno
+
+    code = getattr(exc, "errno", None)
+    hints = {
+        errno.ENOSPC: "no space left on the device; free some space and run again to resume",
+        errno.EROFS: "the file system is read-only; choose a writable --output",
+        errno.EACCES: "permission denied; choose an --output you may write to",
+        errno.EDQUOT: "disk quota exceeded; free some space and run again to resume",
+    }
+    if code in hints:
+        return hints[code]
+    text = str(exc).strip() or type(exc).__name__
+    if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
+        return f"the bucket does not exist ({text}); create it or fix the URI"
+    return text
+
+
 @contextmanager
 def tracking_errors(tracking_uri: str, output: str) -> Iterator[None]:
     """Recording failures after the computation: say the results are safe, exit 1."""

@@ -209,6 +209,7 @@ def calibrate(
         validation_pairs=cfg.validation.pairs,
         validation_embeddings=cfg.validation.embeddings,
     )
+    held = support.take_output_lease(cfg.output, "calibrate")
     uri = support.prepare_tracking(cfg.tracking.tracking_uri)
     address = support.connect(ray_address)
     from qmag_ray.workflows.calibrate import run_calibration
@@ -216,6 +217,7 @@ def calibrate(
     outcome = support.guarded("calibrate", lambda: run_calibration(cfg))
     typer.echo("")
     typer.echo(outcome.summary())
+    support.still_held(held)
     with support.tracking_errors(uri, cfg.output):
         _record(outcome, cfg, address)
 
