@@ -287,3 +287,81 @@ def format_table(report: dict[str, Any], edc_points: tuple[float, ...] = (0.1, 0
     )
     lines = [f"{name:<{width}}  {a:>15}  {b:>15}" for name, a, b in rows]
     return "\n".join([head, "-" * (width + 34), *lines])
+
+
+#: FARs of the IJB-B / IJB-C 1:1 verification tables.
+TEMPLATE_FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+
+
+def tar_at_far(
+    scores: np.ndarray, labels: np.ndarray, fars: tuple[float, ...] | np.ndarray = TEMPLATE_FARS
+) -> np.ndarray:
+    """TAR at each FAR under the ISO convention of this module: ``1 - fnmr_at_fmr``.
+
+    The threshold is the one with the lowest FNMR among those whose FAR is at most ``f``; NaN
+    where the impostors cannot measure ``f`` (fewer than ``1 / f``).
+    """
+    return 1.0 - fnmr_at_fmr(scores, labels, fars)
+
+
+def tar_at_far_nearest(
+    scores: np.ndarray, labels: np.ndarray, fars: tuple[float, ...] | np.ndarray = TEMPLATE_FARS
+) -> np.ndarray:
+    """TAR at each FAR as InsightFace's published IJB-B/C tables compute it.
+
+    Their evaluation takes scikit-learn's ROC (``roc_curve`` with its default dropping of
+    collinear points), reverses it (highest FPR first) and reports the TPR of the first point
+    whose FPR is nearest to ``f`` in absolute difference: among points at the same FPR, the
+    highest TPR. The FAR actually achieved can exceed ``f`` (up to half the gap to the next ROC
+    point), so these figures can be higher than :func:`tar_at_far`'s; on small sets a nearest
+    point of FPR 0 gives the TPR of the strictest threshold. NaN without both classes.
+    """
+    from sklearn.metrics import roc_curve
+
+    gen, imp = _split(scores, labels)
+    fars = np.atleast_1d(np.asarray(fars, np.float64))
+    if len(gen) == 0 or len(imp) == 0:
+        return np.full(len(fars), np.nan)
+    y = np.asarray(labels).ravel().astype(np.int8)
+    fpr, tpr, _ = roc_curve(y, np.asarray(scores, np.float64).ravel())
+    fpr, tpr = fpr[::-1], tpr[::-1]
+    return np.array([tpr[int(np.argmin(np.abs(fpr - f)))] for f in fars])
+
+
+def tar_table(
+    scores: dict[str, np.ndarray],
+    labels: np.ndarray,
+    fars: tuple[float, ...] | np.ndarray = TEMPLATE_FARS,
+) -> dict[str, Any]:
+    """TAR at FAR per score under both conventions: ``{"iso": {name: {far: tar}}, "nearest": ...}``.
+
+    Keys are ``fmr_key(f)`` strings; values fractions (None where not measurable).
+    """
+    out: dict[str, Any] = {"fars": [float(f) for f in fars], "iso": {}, "nearest": {}}
+    for name, s in scores.items():
+        iso, near = tar_at_far(s, labels, fars), tar_at_far_nearest(s, labels, fars)
+        for conv, values in (("iso", iso), ("nearest", near)):
+            out[conv][name] = {
+                fmr_key(f): _none_if_nan(float(v)) for f, v in zip(fars, values, strict=True)
+            }
+    return out
+
+
+def format_tar_table(table: dict[str, Any]) -> str:
+    """The TAR@FAR table for a console: one row per FAR, both conventions, every score."""
+    names = list(table["iso"])
+    head = "TAR % @ FAR".ljust(14) + "".join(
+        f"{n + ' ISO':>16}{n + ' nearest':>18}" for n in names
+    )
+    lines = [head]
+    for f in table["fars"]:
+        key = fmr_key(f)
+        row = f"{key:<14}"
+        for n in names:
+            row += f"{_pct(table['iso'][n][key]):>16}{_pct(table['nearest'][n][key]):>18}"
+        lines.append(row)
+    lines.append(
+        "ISO: best threshold with FAR <= f; nearest: the ROC point whose FAR is nearest to f "
+        "(InsightFace's IJB tables)"
+    )
+    return "\n".join(lines)

@@ -10,9 +10,18 @@ from oracle import oracle_fit
 
 from qmag_ray import fit_qmagface
 from qmag_ray.calibration.fit import calibrate
+from qmag_ray.calibration.orderstats import (
+    PassPlan,
+    PassResult,
+    ScoreRows,
+    empty_result,
+    first_plan,
+    merge_into,
+    order_statistics,
+    scan_blocks,
+)
 from qmag_ray.calibration.result import CalibrationGrid, QMagFaceCalibration
 from qmag_ray.calibration.search import operating_points, sigmoid
-from qmag_ray.calibration.tails import TailSummary, TopK, merge_into, summarize_blocks, top_k
 from qmag_ray.pairs.source import ArrayPairSource
 
 
@@ -149,16 +158,62 @@ def test_operating_points_follow_iso_and_strict_conventions() -> None:
     assert thr[0] == 5.0 and math.isnan(thr[1]) and list(acc) == [0, 0]
 
 
-def test_top_k_is_exact_on_sampled_and_adversarial_orders() -> None:
+def _ranked(values: np.ndarray, ranks: np.ndarray, shards: int = 1, **budget: int) -> object:
+    """Order statistics of ``values`` (one "logit" row of weight 0: the values themselves) by
+    the histogram passes, with ``shards`` shard results merged in reverse order."""
+    cos = np.asarray(values, np.float64)
+    source = ArrayPairSource(cos, np.zeros(len(cos)), np.zeros(len(cos), np.int8), shards=shards)
+    rows = ScoreRows("logit", np.array([0.0]), 1.0)
+
+    def run_pass(plan: PassPlan) -> PassResult:
+        total = empty_result(plan)
+        for index in reversed(range(source.num_shards())):
+            merge_into(total, scan_blocks(source.shard_blocks(index), plan))
+        return total
+
+    return order_statistics(run_pass, rows, ranks, len(cos), **budget)
+
+
+@pytest.mark.parametrize(
+    "budget",
+    [{}, {"hist_cells": 64, "collect_values": 16}, {"hist_cells": 16, "collect_values": 0}],
+    ids=["default", "small", "histogram-only"],
+)
+def test_order_statistics_equal_a_full_sort(budget: dict[str, int]) -> None:
+    """Exact ranks on ties, a spike of one repeated value, +-0.0 and values far outside the
+    first pass's range, with budgets that force many refinement passes down to single floats."""
     rng = np.random.default_rng(0)
-    x = np.round(rng.normal(size=300_000), 2)  # many ties
-    for values in (x, np.sort(x), np.sort(x)[::-1].copy()):
-        np.testing.assert_array_equal(np.sort(top_k(values, 2_000)), np.sort(x)[-2_000:])
-        # Streamed in uneven batches, with the running cut and buffered compaction.
-        stream = TopK(2_000)
-        for part in np.array_split(values, [5, 1_000, 1_001, 40_000, 41_000, 200_000]):
-            stream.add(part)
-        np.testing.assert_array_equal(np.sort(stream.values()), np.sort(x)[-2_000:])
+    x = np.concatenate(
+        [
+            np.round(rng.normal(size=200_000), 2),  # many ties
+            np.full(5_000, 0.125),  # one value, many times
+            np.array([0.0, -0.0, 7.5, -9.0, 1e-300, -1e-300]),
+            rng.normal(0.3, 1e-9, 1_000),  # values closer than the histogram bins
+        ]
+    )
+    rng.shuffle(x)
+    desc = np.sort(x)[::-1]
+    ranks = np.unique(np.r_[1, 2, 3, 17, 100, 4_000, 5_000, 12_345, 60_000, len(x)])
+    for shards in (1, 3):
+        got = _ranked(x, ranks, shards=shards, **budget)
+        np.testing.assert_array_equal(got.values[0], desc[ranks - 1])
+    if budget:
+        assert got.passes > 3  # the small budgets really refine
+
+
+def test_order_statistics_refuse_scores_that_change_between_passes() -> None:
+    calls = []
+    cos = np.random.default_rng(1).normal(size=10_000)
+    rows = ScoreRows("logit", np.array([0.0]), 1.0)
+
+    def run_pass(plan: PassPlan) -> PassResult:
+        calls.append(plan)
+        shift = 1e-3 * (len(calls) > 1)  # a second pass sees different scores
+        source = ArrayPairSource(cos + shift, np.zeros(len(cos)), np.zeros(len(cos), np.int8))
+        return scan_blocks(source.shard_blocks(0), plan)
+
+    with pytest.raises(RuntimeError, match="scores changed between passes"):
+        order_statistics(run_pass, rows, np.array([1, 50]), len(cos))
 
 
 def test_sigmoid_is_one_formula() -> None:
@@ -246,15 +301,15 @@ def test_shards_and_blocks_do_not_change_the_result_in_process() -> None:
     assert many.extra["shards"] == 6
 
 
-def test_shard_summaries_merge_to_the_summary_of_all_pairs() -> None:
+def test_shard_pass_results_merge_to_the_result_of_all_pairs() -> None:
     cos, q, y = synthetic(n=50_000, seed=11, decimals=2)
     source = ArrayPairSource(cos, q, y, shards=5, block_size=3_001)
-    weights, k = np.linspace(-0.02, 0.02, 4), 700
-    whole = summarize_blocks(ArrayPairSource(cos, q, y).shard_blocks(0), weights, k)
-    merged = TailSummary.empty(weights, k)
+    rows = ScoreRows("logit", np.linspace(-0.02, 0.02, 4), float(q.max()))
+    plan = first_plan(rows, genuine=True)
+    whole = scan_blocks(ArrayPairSource(cos, q, y).shard_blocks(0), plan)
+    merged = empty_result(plan)
     for index in (3, 0, 4, 1, 2):  # any order
-        merge_into(merged, summarize_blocks(source.shard_blocks(index), weights, k))
+        merge_into(merged, scan_blocks(source.shard_blocks(index), plan))
     assert merged.n_impostor == whole.n_impostor == int((y == 0).sum())
-    for mine, want in zip(merged.tails, whole.tails, strict=True):
-        np.testing.assert_array_equal(np.sort(mine), np.sort(want))
+    np.testing.assert_array_equal(merged.hist, whole.hist)
     np.testing.assert_array_equal(np.sort(merged.genuine_cosine), np.sort(cos[y == 1]))

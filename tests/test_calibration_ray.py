@@ -26,10 +26,10 @@ def test_ray_result_is_independent_of_shards_and_equals_numpy(
     results = {}
     with caplog.at_level(logging.INFO, logger="qmag_ray.calibration.distributed"):
         for shards in (1, 3, 7):
-            # Small blocks: every shard streams several blocks through its tails.
+            # Small blocks: every shard streams several blocks through each pass.
             source = ArrayPairSource(cos, q, y, shards=shards, block_size=9_973)
             results[shards] = fit_qmagface_ray(source, grid)
-    assert "shard summary 7/7 done" in caplog.text
+    assert "pass 1 shard 7/7 done" in caplog.text
     for shards, cal in results.items():
         assert (cal.alpha, cal.beta) == (local.alpha, local.beta), shards
         assert cal.optimal_thresholds == local.optimal_thresholds

@@ -21,7 +21,7 @@ from test_calibration import synthetic
 from workflow_data import write_table
 
 from qmag_ray import fit_qmagface, metrics
-from qmag_ray.calibration.direct import DirectSearch, objective
+from qmag_ray.calibration.direct import DirectSearch, evaluate_candidates, objective
 from qmag_ray.calibration.fit import LocalExecutor
 from qmag_ray.calibration.result import CalibrationGrid, QMagFaceCalibration
 from qmag_ray.calibration.search import weighted_logits
@@ -81,10 +81,13 @@ def test_candidate_evaluation_is_exact_against_full_sorts() -> None:
     fmrs = GRID.fmrs()
     candidates = np.array([[0.0, 0.0], [0.004, 0.0], [0.01, 0.02], [0.03, 0.05], [0.05, 0.3]])
     n_imp = int((y == 0).sum())
-    k = int(math.floor(GRID.fmr_max * n_imp) + 2)
     for shards in (1, 4):
         source = ArrayPairSource(cos, q, y, shards=shards, block_size=3_001)
-        accepted = LocalExecutor(source).evaluate_candidates(candidates, k, fmrs)
+        run_pass = LocalExecutor(source).run_pass
+        gen = y == 1
+        accepted, _ = evaluate_candidates(
+            run_pass, candidates, cos[gen], q[gen], n_imp, fmrs, float(q.max())
+        )
         for row, (a, b) in zip(accepted, candidates, strict=True):
             fnmr = metrics.fnmr_at_fmr(qmagface_score(cos, q, a, b), y, fmrs)
             n_gen = int(y.sum())

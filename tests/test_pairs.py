@@ -146,7 +146,9 @@ def test_protocol_errors(tmp_path: Path) -> None:
     (tmp_path / "mine.txt").write_text("0 1 1\n")
     with pytest.raises(PairFileError, match="cannot tell the protocol"):
         read_pairs(str(tmp_path / "mine.txt"))
-    with pytest.raises(PairFileError, match="unknown pair protocol 'ijbc'"):
+    with pytest.raises(PairFileError, match="unknown pair protocol 'ijbd'"):
+        read_pairs(str(tmp_path / "mine.txt"), "ijbd")
+    with pytest.raises(PairFileError, match="ijbc template pair list.*--templates"):
         read_pairs(str(tmp_path / "mine.txt"), "ijbc")
     assert len(read_pairs(str(tmp_path / "mine.txt"), PairProtocol.AGEDB)) == 1
     with pytest.raises(PairFileError, match="not found"):

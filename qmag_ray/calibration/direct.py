@@ -11,11 +11,11 @@ FNMR among thresholds whose FMR is ``<= f``), and the objective, lower is better
 The floor counts an FNMR of zero as half a miss, so ``J`` stays finite and a candidate with
 no misses at some FMRs still ranks by the others.
 
-Exactness. For a fixed candidate only the ``floor(fmr_max * N_impostor) + 1`` highest
-impostor scores decide any threshold with FMR ``<= fmr_max`` (the argument of spec section 3,
-per candidate instead of per weight), so shards keep per-candidate impostor tails
-(``summarize_candidates``, a ``TailSummary`` whose "weights" are the candidates), a merge of
-tails is the exact tail of all pairs and ``evaluate_candidates`` gives the exact FNMRs.
+Exactness. For a fixed candidate only the ``(m(f) + 1)``-th highest impostor scores decide the
+thresholds with FMR ``<= f`` (the argument of spec section 3, per candidate instead of per
+weight); ``evaluate_candidates`` finds them for a whole batch of candidates at once with the
+histogram passes of ``orderstats`` (every candidate a row of the same passes), so the FNMRs
+are exact and the passes over the pairs do not grow with the pairs.
 
 Search (``DirectSearch``). Bounds: ``alpha`` in ``[0, A]``, ``beta`` in ``[0, B]`` with
 ``A = span * max(alpha_paper, m)``, ``B = span * max(beta_paper, m)``, where
@@ -33,19 +33,20 @@ is never worse than cosine on the objective of the calibration pairs.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from qmag_ray.calibration.search import operating_points
-from qmag_ray.calibration.tails import TailSummary, summarize_blocks
-from qmag_ray.pairs.source import PairBlock
+from qmag_ray.calibration.orderstats import PassPlan, PassResult, ScoreRows, order_statistics
+from qmag_ray.calibration.search import (
+    impostor_counts,
+    rank_values,
+    thresholds_at_bounds,
+    wanted_ranks,
+)
 from qmag_ray.scores import qmagface_score
-
-#: Per-candidate tail values held at once (bounds memory: candidates per pass = this // k).
-MAX_TAIL_VALUES = 1 << 24
 
 OBJECTIVE = "mean over the grid FMRs of log10(max(FNMR at FMR <= f, 0.5 / n_genuine))"
 BOUNDS_RULE = "alpha in [0, span * max(alpha_paper, m)], beta in [0, span * max(beta_paper, m)]"
@@ -79,35 +80,28 @@ def search_bounds(
     return span * max(alpha_paper, m), span * max(beta_paper, m)
 
 
-def candidate_scores(cosine: np.ndarray, quality: np.ndarray, candidate: np.ndarray) -> np.ndarray:
-    """QMagFace scores of pairs under one candidate ``(alpha, beta)`` (``qmagface_score``)."""
-    return qmagface_score(cosine, quality, float(candidate[0]), float(candidate[1]))
-
-
-def summarize_candidates(
-    blocks: Iterable[PairBlock], candidates: np.ndarray, k: int
-) -> TailSummary:
-    """Stream pair blocks into per-candidate impostor tails (top ``k``) and genuine pairs."""
-    candidates = np.asarray(candidates, np.float64).reshape(-1, 2)
-    return summarize_blocks(blocks, candidates, k, score=candidate_scores)
-
-
 def evaluate_candidates(
+    run_pass: Callable[[PassPlan], PassResult],
     candidates: np.ndarray,
-    tails: list[np.ndarray],
     genuine_cosine: np.ndarray,
     genuine_quality: np.ndarray,
     n_impostor: int,
     fmrs: np.ndarray,
-) -> np.ndarray:
-    """Accepted genuine pairs (n_candidates, n_fmr) at FMR ``<= f``, from exact tails."""
+    max_quality: float,
+) -> tuple[np.ndarray, int]:
+    """Accepted genuine pairs (n_candidates, n_fmr) at FMR ``<= f``, exactly, and the number
+    of passes over the pairs used (all candidates share each pass)."""
     candidates = np.asarray(candidates, np.float64).reshape(-1, 2)
+    m = impostor_counts(n_impostor, fmrs, strict=False)
+    ranks = wanted_ranks(m, n_impostor)
+    rows = ScoreRows("qmagface", candidates, max_quality)
+    stats = order_statistics(run_pass, rows, ranks, n_impostor, genuine=False)
     out = np.empty((len(candidates), len(fmrs)), dtype=np.int64)
-    for i, candidate in enumerate(candidates):
-        genuine = candidate_scores(genuine_cosine, genuine_quality, candidate)
-        impostor_desc = -np.sort(-tails[i])
-        out[i] = operating_points(genuine, impostor_desc, n_impostor, fmrs, strict=False)[1]
-    return out
+    for i, (alpha, beta) in enumerate(candidates):
+        genuine = qmagface_score(genuine_cosine, genuine_quality, float(alpha), float(beta))
+        bound, top = rank_values(stats.values[i], ranks, m, n_impostor)
+        out[i] = thresholds_at_bounds(genuine, bound, top)[1]
+    return out, stats.passes
 
 
 def objective(accepted: np.ndarray, n_genuine: int) -> np.ndarray:

@@ -1,12 +1,9 @@
 """Calibration on a Ray cluster: the pipeline of ``fit`` with its steps as Ray tasks.
 
-The pair source is put into the object store once; one task per shard streams that shard's
-pair blocks into a ``TailSummary`` (per-weight impostor tails and the genuine pairs), the
-driver merges summaries as they arrive, one task per candidate weight runs the threshold
-search, and one task per shard collects the impostor tail of the fitted QMagFace score. The
-``direct`` method's candidates run the same way: one task per shard builds per-candidate
-impostor tails for a batch of candidates, the driver merges them, and tasks over groups of
-candidates evaluate them. Every
+The pair source is put into the object store once; each histogram pass of ``orderstats``
+(per-weight, per-candidate or for the fitted score) runs as one task per shard, and the driver
+adds the shards' histograms as they arrive: memory does not grow with the pairs. The cheap
+steps (threshold search on the found order statistics, line fit) run on the driver. Every
 task calls the same numpy functions as the in-process path, so the result does not depend on
 the number of shards or workers, and equals ``fit_qmagface`` on the same arrays.
 
@@ -19,75 +16,26 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import ray
 
-from qmag_ray.calibration.direct import (
-    MAX_TAIL_VALUES,
-    DirectSearch,
-    evaluate_candidates,
-    summarize_candidates,
-)
+from qmag_ray.calibration.direct import DirectSearch
 from qmag_ray.calibration.fit import run_calibration
-from qmag_ray.calibration.result import CalibrationGrid, QMagFaceCalibration
-from qmag_ray.calibration.search import search_weight
-from qmag_ray.calibration.tails import (
-    TailSummary,
-    impostor_score_tail,
+from qmag_ray.calibration.orderstats import (
+    PassPlan,
+    PassResult,
+    empty_result,
     merge_into,
-    summarize_blocks,
-    top_k,
+    scan_blocks,
 )
+from qmag_ray.calibration.result import CalibrationGrid, QMagFaceCalibration
 from qmag_ray.pairs.source import PairSource
 
 logger = logging.getLogger(__name__)
 
-#: Candidates of the ``direct`` method evaluated per Ray task.
-CANDIDATES_PER_TASK = 64
-
 
 @ray.remote
-def _summarize_shard(source: PairSource, index: int, weights: np.ndarray, k: int) -> TailSummary:
-    return summarize_blocks(source.shard_blocks(index), weights, k)
-
-
-@ray.remote
-def _search_weight(
-    weight: float,
-    tail: np.ndarray,
-    genuine_cosine: np.ndarray,
-    genuine_quality: np.ndarray,
-    n_impostor: int,
-    fmrs: np.ndarray,
-    raw: bool,
-) -> tuple[np.ndarray, np.ndarray]:
-    return search_weight(weight, tail, genuine_cosine, genuine_quality, n_impostor, fmrs, raw=raw)
-
-
-@ray.remote
-def _summarize_candidates(
-    source: PairSource, index: int, candidates: np.ndarray, k: int
-) -> TailSummary:
-    return summarize_candidates(source.shard_blocks(index), candidates, k)
-
-
-@ray.remote
-def _evaluate_candidates(
-    candidates: np.ndarray,
-    tails: list[np.ndarray],
-    genuine_cosine: np.ndarray,
-    genuine_quality: np.ndarray,
-    n_impostor: int,
-    fmrs: np.ndarray,
-) -> np.ndarray:
-    return evaluate_candidates(candidates, tails, genuine_cosine, genuine_quality, n_impostor, fmrs)
-
-
-@ray.remote
-def _score_tail_shard(
-    source: PairSource, index: int, alpha: float, beta: float, k: int
-) -> tuple[np.ndarray, int]:
-    return impostor_score_tail(source.shard_blocks(index), alpha, beta, k)
+def _scan_shard(source: PairSource, index: int, plan: PassPlan) -> PassResult:
+    return scan_blocks(source.shard_blocks(index), plan)
 
 
 def _as_completed(refs: list[ray.ObjectRef], what: str) -> Iterator[tuple[int, Any]]:
@@ -114,7 +62,8 @@ def _as_completed(refs: list[ray.ObjectRef], what: str) -> Iterator[tuple[int, A
 
 
 class RayExecutor:
-    """Runs the shard and weight steps as Ray tasks; merges on the driver as results arrive."""
+    """Runs each pass as one Ray task per shard; sums their results on the driver as they
+    arrive (histograms add, so the driver holds one pass's state plus one arriving result)."""
 
     name = "ray"
 
@@ -122,76 +71,17 @@ class RayExecutor:
         self.source = source
         self.source_ref = ray.put(source)
         self.options = dict(task_options or {})
+        self.passes = 0
 
-    def summarize(self, weights: np.ndarray, k: int) -> TailSummary:
-        task = _summarize_shard.options(**self.options)
-        refs = [
-            task.remote(self.source_ref, i, weights, k) for i in range(self.source.num_shards())
-        ]
-        merged = TailSummary.empty(weights, k)
-        for _, summary in _as_completed(refs, "shard summary"):
-            merge_into(merged, summary)
-        return merged
-
-    def search(
-        self, summary: TailSummary, fmrs: np.ndarray, *, raw: bool = False
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """One task per weight. Moves ``summary``'s tails into the object store (the rows in
-        ``summary`` are emptied), so the driver does not hold them twice."""
-        gen_c = ray.put(summary.genuine_cosine)
-        gen_q = ray.put(summary.genuine_quality)
-        task = _search_weight.options(**self.options)
-        refs = []
-        for i, w in enumerate(summary.weights):
-            tail = ray.put(summary.tails[i])
-            summary.tails[i] = np.empty(0)  # the object store holds it now; free the driver's
-            refs.append(task.remote(float(w), tail, gen_c, gen_q, summary.n_impostor, fmrs, raw))
-        results: list[Any] = [None] * len(summary.weights)
-        for i, result in _as_completed(refs, "weight search"):
-            results[i] = result
-        return np.stack([t for t, _ in results]), np.stack([a for _, a in results])
-
-    def score_tail(self, alpha: float, beta: float, k: int) -> tuple[np.ndarray, int]:
-        task = _score_tail_shard.options(**self.options)
-        refs = [
-            task.remote(self.source_ref, i, alpha, beta, k) for i in range(self.source.num_shards())
-        ]
-        tail, n = np.empty(0), 0
-        for _, (part, count) in _as_completed(refs, "QMagFace score tail"):
-            tail, n = top_k(np.concatenate([tail, part]), k), n + count
-        return tail, n
-
-    def evaluate_candidates(self, candidates: np.ndarray, k: int, fmrs: np.ndarray) -> np.ndarray:
-        """Per batch of candidates (as many as ``MAX_TAIL_VALUES`` tail values allow): one
-        tail task per shard, a running merge here, then evaluation tasks of
-        ``CANDIDATES_PER_TASK`` candidates each."""
-        per_pass = max(1, MAX_TAIL_VALUES // max(k, 1))
-        out = []
-        for lo in range(0, len(candidates), per_pass):
-            batch = np.ascontiguousarray(candidates[lo : lo + per_pass])
-            task = _summarize_candidates.options(**self.options)
-            refs = [
-                task.remote(self.source_ref, i, batch, k) for i in range(self.source.num_shards())
-            ]
-            merged = TailSummary.empty(batch, k)
-            for _, summary in _as_completed(refs, "candidate tails"):
-                merge_into(merged, summary)
-            gen_c = ray.put(merged.genuine_cosine)
-            gen_q = ray.put(merged.genuine_quality)
-            evaluate = _evaluate_candidates.options(**self.options)
-            refs = []
-            for a in range(0, len(batch), CANDIDATES_PER_TASK):
-                b = min(len(batch), a + CANDIDATES_PER_TASK)
-                tails = merged.tails[a:b]
-                merged.tails[a:b] = [np.empty(0)] * (b - a)
-                refs.append(
-                    evaluate.remote(batch[a:b], tails, gen_c, gen_q, merged.n_impostor, fmrs)
-                )
-            results: list[Any] = [None] * len(refs)
-            for i, result in _as_completed(refs, "candidate evaluation"):
-                results[i] = result
-            out.extend(results)
-        return np.concatenate(out)
+    def run_pass(self, plan: PassPlan) -> PassResult:
+        self.passes += 1
+        plan_ref = ray.put(plan)
+        task = _scan_shard.options(**self.options)
+        refs = [task.remote(self.source_ref, i, plan_ref) for i in range(self.source.num_shards())]
+        total = empty_result(plan)
+        for _, result in _as_completed(refs, f"pass {self.passes} shard"):
+            merge_into(total, result)
+        return total
 
 
 def fit_qmagface_ray(

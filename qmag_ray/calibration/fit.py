@@ -1,10 +1,11 @@
 """Fitting alpha and beta (spec section 3): one pipeline, run in-process or on Ray.
 
-The pipeline is: summarise every shard of pairs (per-weight impostor tails + genuine pairs),
-merge, search every weight, pick the optimal weight per FMR, fit the line, then measure
-operating thresholds of the fitted QMagFace score. An *executor* decides where the shard and
-search steps run; ``LocalExecutor`` runs them here, ``distributed.RayExecutor`` as Ray tasks.
-Both call the same numpy functions of ``search``, so their results are identical.
+The pipeline is: find, per candidate weight, the exact impostor order statistics the FMR grid
+needs by histogram passes over the pairs (``orderstats``; the first pass also collects the
+genuine pairs), search every weight, pick the optimal weight per FMR, fit the line, then
+measure operating thresholds of the fitted QMagFace score the same way. An *executor* decides
+where a pass runs; ``LocalExecutor`` here, ``distributed.RayExecutor`` as one Ray task per
+shard. Both call the same numpy functions, so their results are identical.
 
 Methods: ``paper`` is the published algorithm (spec section 3); ``raw`` is the same search with
 the thresholds taken on the raw adjusted score ``w * q + s`` (no sigmoid), so the line is fitted
@@ -20,20 +21,23 @@ from typing import Protocol
 
 import numpy as np
 
-from qmag_ray.calibration.direct import (
-    MAX_TAIL_VALUES,
-    DirectSearch,
-    direct_search,
-    evaluate_candidates,
-    summarize_candidates,
+from qmag_ray.calibration.direct import DirectSearch, direct_search, evaluate_candidates
+from qmag_ray.calibration.orderstats import (
+    PassPlan,
+    PassResult,
+    ScoreRows,
+    order_statistics,
+    scan_blocks,
 )
 from qmag_ray.calibration.result import CalibrationGrid, QMagFaceCalibration, fmr_key
-from qmag_ray.calibration.search import fit_line, operating_points, search_weight, select_optimal
-from qmag_ray.calibration.tails import (
-    TailSummary,
-    impostor_score_tail,
-    summarize_blocks,
-    tail_size,
+from qmag_ray.calibration.search import (
+    fit_line,
+    impostor_counts,
+    rank_values,
+    search_weight,
+    select_optimal,
+    thresholds_at_bounds,
+    wanted_ranks,
 )
 from qmag_ray.pairs.source import ArrayPairSource, PairBlock, PairSource
 from qmag_ray.scores import qmagface_score
@@ -47,77 +51,32 @@ METHODS = ("paper", "raw", "direct")
 
 
 class Executor(Protocol):
-    """Where the per-shard and per-weight steps of the pipeline run."""
+    """Where the passes over the pairs run: ``run_pass`` applies one ``PassPlan`` to every
+    shard (``orderstats.scan_blocks``) and returns the merged ``PassResult``. Everything
+    else of the pipeline is cheap and runs on the caller."""
 
     name: str
 
-    def summarize(self, weights: np.ndarray, k: int) -> TailSummary: ...
-
-    def search(
-        self, summary: TailSummary, fmrs: np.ndarray, *, raw: bool = False
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(thresholds, accepted genuine counts), each (n_weights, n_fmr); may consume the
-        summary's tails (the pipeline needs only its genuine pairs afterwards). ``raw``:
-        thresholds on ``w * q + s`` instead of its sigmoid."""
-        ...
-
-    def score_tail(self, alpha: float, beta: float, k: int) -> tuple[np.ndarray, int]: ...
-
-    def evaluate_candidates(self, candidates: np.ndarray, k: int, fmrs: np.ndarray) -> np.ndarray:
-        """Accepted genuine counts (n_candidates, n_fmr) of (alpha, beta) candidates at FMR
-        <= f, from per-candidate impostor tails of size ``k`` (the ``direct`` method)."""
-        ...
+    def run_pass(self, plan: PassPlan) -> PassResult: ...
 
 
 class LocalExecutor:
-    """Runs every step in this process, shard after shard."""
+    """Runs every pass in this process, shard after shard (one stream, one result)."""
 
     name = "local"
 
     def __init__(self, source: PairSource) -> None:
         self.source = source
 
-    def summarize(self, weights: np.ndarray, k: int) -> TailSummary:
-        # One stream over every shard: the same multiset as per-shard summaries merged, with
-        # one set of tails in memory instead of two.
+    def run_pass(self, plan: PassPlan) -> PassResult:
         total = self.source.num_shards()
 
         def blocks() -> Iterator[PairBlock]:
             for index in range(total):
                 yield from self.source.shard_blocks(index)
-                logger.info("calibration: shard %d/%d summarised", index + 1, total)
+                logger.debug("calibration: shard %d/%d scanned", index + 1, total)
 
-        return summarize_blocks(blocks(), weights, k)
-
-    def search(
-        self, summary: TailSummary, fmrs: np.ndarray, *, raw: bool = False
-    ) -> tuple[np.ndarray, np.ndarray]:
-        gen_c, gen_q, n_imp = summary.genuine_cosine, summary.genuine_quality, summary.n_impostor
-        out = [
-            search_weight(w, summary.tails[i], gen_c, gen_q, n_imp, fmrs, raw=raw)
-            for i, w in enumerate(summary.weights)
-        ]
-        return np.stack([t for t, _ in out]), np.stack([a for _, a in out])
-
-    def score_tail(self, alpha: float, beta: float, k: int) -> tuple[np.ndarray, int]:
-        total = self.source.num_shards()
-        blocks = (b for index in range(total) for b in self.source.shard_blocks(index))
-        return impostor_score_tail(blocks, alpha, beta, k)
-
-    def evaluate_candidates(self, candidates: np.ndarray, k: int, fmrs: np.ndarray) -> np.ndarray:
-        # As many candidates per pass over the pairs as MAX_TAIL_VALUES tail values allow.
-        per_pass = max(1, MAX_TAIL_VALUES // max(k, 1))
-        total = self.source.num_shards()
-        out = []
-        for lo in range(0, len(candidates), per_pass):
-            chunk = candidates[lo : lo + per_pass]
-            blocks = (b for index in range(total) for b in self.source.shard_blocks(index))
-            summary = summarize_candidates(blocks, chunk, k)
-            gen_c, gen_q = summary.genuine_cosine, summary.genuine_quality
-            out.append(
-                evaluate_candidates(chunk, summary.tails, gen_c, gen_q, summary.n_impostor, fmrs)
-            )
-        return np.concatenate(out)
+        return scan_blocks(blocks(), plan)
 
 
 def check_data(n_genuine: int, n_impostor: int, grid: CalibrationGrid) -> None:
@@ -161,36 +120,53 @@ def run_calibration(
         raise ValueError(f"unknown calibration method {method!r}; available: {', '.join(METHODS)}")
     n_gen, n_imp = source.counts()
     check_data(n_gen, n_imp, grid)
-    weights = grid.weights(float(source.max_quality()))
+    max_q = float(source.max_quality())
+    weights = grid.weights(max_q)
     fmrs = grid.fmrs()
-    k = tail_size(n_imp, grid.fmr_max)
     logger.info(
-        "calibration: %d genuine, %d impostor pairs in %d shard(s); %d weights x %d FMRs; "
-        "impostor tail %d per weight",
+        "calibration: %d genuine, %d impostor pairs in %d shard(s); %d weights x %d FMRs",
         n_gen,
         n_imp,
         source.num_shards(),
         len(weights),
         len(fmrs),
-        k,
     )
-    summary = executor.summarize(weights, k)
-    if (summary.n_genuine, summary.n_impostor) != (n_gen, n_imp):
+    m = impostor_counts(n_imp, fmrs, strict=True)
+    ranks = wanted_ranks(m, n_imp)
+    stats = order_statistics(executor.run_pass, ScoreRows("logit", weights, max_q), ranks, n_imp)
+    first = stats.first
+    if (first.n_genuine, first.n_impostor) != (n_gen, n_imp):
         raise RuntimeError(
             f"{type(source).__name__} reported {n_gen} genuine / {n_imp} impostor pairs but its "
-            f"shards held {summary.n_genuine} / {summary.n_impostor}"
+            f"shards held {first.n_genuine} / {first.n_impostor}"
         )
-    thresholds, accepted = executor.search(summary, fmrs, raw=method == "raw")
+    gen_c, gen_q = first.genuine_cosine, first.genuine_quality
+    passes = {"weights": stats.passes}
+    rows = [
+        search_weight(
+            w, *rank_values(stats.values[i], ranks, m, n_imp), gen_c, gen_q, raw=method == "raw"
+        )
+        for i, w in enumerate(weights)
+    ]
+    thresholds, accepted = np.stack([t for t, _ in rows]), np.stack([a for _, a in rows])
     _, w_opt, t_opt = select_optimal(weights, thresholds, accepted, n_gen, fmrs)
     alpha, beta = fit_line(t_opt, w_opt)
     logger.info("calibration: alpha=%.6f beta=%.6f (%s line fit)", alpha, beta, method)
     method_extra: dict[str, object] = {}
     if method == "direct":
-        # Candidates' tails have the size of the weights' tails: both serve FMR <= fmr_max.
+        direct_passes = [0]
+
+        def evaluate(candidates: np.ndarray) -> np.ndarray:
+            accepted, used = evaluate_candidates(
+                executor.run_pass, candidates, gen_c, gen_q, n_imp, fmrs, max_q
+            )
+            direct_passes[0] += used
+            return accepted
+
         found = direct_search(
-            lambda candidates: executor.evaluate_candidates(candidates, k, fmrs),
+            evaluate,
             (alpha, beta),
-            float(source.max_quality()),
+            max_q,
             grid.max_ratio,
             n_gen,
             direct or DirectSearch(),
@@ -198,17 +174,20 @@ def run_calibration(
         )
         alpha, beta = found.alpha, found.beta
         method_extra["direct"] = found.record()
+        passes["direct"] = direct_passes[0]
         logger.info("calibration: direct alpha=%.6f beta=%.6f", alpha, beta)
 
     op_fmrs = supported_fmrs(OPERATING_FMRS, n_imp)
     op_thr: dict[str, float] = {}
     op_fnmr: dict[str, float] = {}
     if op_fmrs:
-        tail, count = executor.score_tail(alpha, beta, tail_size(n_imp, max(op_fmrs)))
-        if count != n_imp:
-            raise RuntimeError(f"second pass over the pairs saw {count} impostors, not {n_imp}")
-        gen = qmagface_score(summary.genuine_cosine, summary.genuine_quality, alpha, beta)
-        thr, acc = operating_points(gen, -np.sort(-tail), n_imp, np.array(op_fmrs), strict=False)
+        m_op = impostor_counts(n_imp, np.array(op_fmrs), strict=False)
+        ranks_op = wanted_ranks(m_op, n_imp)
+        rows_op = ScoreRows("qmagface", np.array([[alpha, beta]]), max_q)
+        op = order_statistics(executor.run_pass, rows_op, ranks_op, n_imp, genuine=False)
+        passes["operating"] = op.passes
+        gen = qmagface_score(gen_c, gen_q, alpha, beta)
+        thr, acc = thresholds_at_bounds(gen, *rank_values(op.values[0], ranks_op, m_op, n_imp))
         for f, t, a in zip(op_fmrs, thr, acc, strict=True):
             if np.isfinite(t):
                 op_thr[fmr_key(f)] = float(t)
@@ -233,7 +212,7 @@ def run_calibration(
         extra={
             "executor": executor.name,
             "shards": int(source.num_shards()),
-            "impostor_tail": int(k),
+            "passes": passes,
             "operating_fnmr": op_fnmr,
             "threshold_convention": "match iff qmagface score >= threshold; FMR <= target",
             **method_extra,

@@ -1,4 +1,4 @@
-"""The exact threshold search of spec section 3 on impostor tails: the numpy core of calibration.
+"""The exact threshold search of spec section 3 on impostor order statistics (numpy core).
 
 For a fixed candidate weight ``w`` every pair gets ``u = sigmoid(w * q + s)``. At a target FMR
 ``f`` the admissible thresholds are the distinct ``u`` values with FMR strictly below ``f``.
@@ -6,8 +6,8 @@ Sort the impostor scores in decreasing order, ``v_1 >= v_2 >= ...``: a threshold
 most ``m`` impostors through iff ``t > v_(m+1)``. With ``m(f)`` the largest count whose rate
 ``m / N_impostor`` is below ``f``, the admissible threshold with the lowest FNMR is the lowest
 one above ``v_(m+1)``, and among thresholds with that same FNMR the highest is the smallest
-genuine score above ``v_(m+1)``. So only the ``m(fmr_max) + 1`` highest impostor scores and
-the genuine scores decide the search (``tails`` collects them shard by shard).
+genuine score above ``v_(m+1)``. So only the order statistics ``v_(m(f)+1)`` (and ``v_1``, the
+fallback) and the genuine scores decide the search; ``orderstats`` finds them exactly.
 
 Every ``u`` anywhere in the project (and in the test oracle) comes from ``weighted_scores``.
 """
@@ -34,38 +34,56 @@ def weighted_scores(cosine: np.ndarray, quality: np.ndarray, weight: float) -> n
     return sigmoid(weighted_logits(cosine, quality, weight))
 
 
-def operating_points(
-    genuine: np.ndarray,
-    impostor_desc: np.ndarray,
-    n_impostor: int,
-    fmrs: np.ndarray,
-    *,
-    strict: bool,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Best threshold and number of accepted genuine pairs at each FMR (match iff score >= t).
-
-    ``genuine``: all genuine scores, any order. ``impostor_desc``: the highest impostor scores
-    in decreasing order (at least those the largest FMR needs, or all of them). ``strict``
-    selects FMR < f (calibration, spec 3) or FMR <= f (ISO/IEC 19795-1, spec 4). Among the
-    thresholds with the lowest FNMR the highest is returned: the smallest genuine score above
-    the impostor bound. When no genuine score can be accepted it is the highest score overall,
-    or NaN when no score value is admissible at all.
-    """
-    fmrs = np.atleast_1d(np.asarray(fmrs, np.float64))
-    genuine = np.asarray(genuine, np.float64)
-    n_tail = len(impostor_desc)
+def impostor_counts(n_impostor: int, fmrs: np.ndarray, *, strict: bool) -> np.ndarray:
+    """Per FMR ``f``, the most impostors ``m`` a threshold may pass: the largest ``m`` in
+    ``0..N`` whose rate ``m / N`` (as a ROC curve computes it) is below ``f`` (``strict``) or
+    at most ``f``. Float comparisons exactly as ``searchsorted`` on the rates would make."""
     if n_impostor <= 0:
         raise ValueError("operating points need at least one impostor score")
-    # Impostor counts 0..n_tail and their rates exactly as a ROC curve computes them (c / N).
-    rates = np.arange(n_tail + 1, dtype=np.float64) / float(n_impostor)
-    m = np.searchsorted(rates, fmrs, side="left" if strict else "right") - 1
-    if n_tail < n_impostor and (m >= n_tail).any():
-        raise RuntimeError(
-            f"impostor tail of {n_tail} scores is too short for FMR {fmrs.max():g} "
-            f"on {n_impostor} impostors"
-        )
-    # A threshold t passes at most m impostors iff t > bound = the (m+1)-th highest impostor.
-    bound = np.where(m < n_tail, impostor_desc[np.minimum(m, n_tail - 1)], -np.inf)
+    fmrs = np.atleast_1d(np.asarray(fmrs, np.float64))
+    n = float(n_impostor)
+    m = np.clip(np.floor(fmrs * n).astype(np.int64), 0, n_impostor)
+
+    def ok(c: np.ndarray) -> np.ndarray:
+        rate = c.astype(np.float64) / n
+        return rate < fmrs if strict else rate <= fmrs
+
+    for _ in range(4):  # floor(f * N) is within one of the answer; settle it exactly
+        m = np.where((m > 0) & ~ok(m), m - 1, m)
+        m = np.where((m < n_impostor) & ok(np.minimum(m + 1, n_impostor)), m + 1, m)
+    return m
+
+
+def wanted_ranks(m: np.ndarray, n_impostor: int) -> np.ndarray:
+    """The impostor ranks (1 = highest) that decide thresholds passing at most ``m``: the
+    ``(m + 1)``-th highest of each, and the highest (the fallback threshold)."""
+    m = np.asarray(m, np.int64)
+    return np.unique(np.r_[1, m[m < n_impostor] + 1])
+
+
+def rank_values(values: np.ndarray, ranks: np.ndarray, m: np.ndarray, n_impostor: int):
+    """(bound per FMR, highest impostor) from order statistics ``values`` at ``ranks``: the
+    bound is the ``(m + 1)``-th highest impostor score, -inf where every impostor may pass."""
+    m = np.asarray(m, np.int64)
+    some = m < n_impostor
+    pos = np.searchsorted(ranks, np.where(some, m + 1, 1))
+    bound = np.where(some, np.asarray(values)[pos], -np.inf)
+    return bound, float(np.asarray(values)[0])
+
+
+def thresholds_at_bounds(
+    genuine: np.ndarray, bound: np.ndarray, top: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Best threshold and number of accepted genuine pairs for impostor bounds (match iff
+    score >= t).
+
+    A threshold ``t`` passes at most ``m`` impostors iff ``t > bound``, the ``(m + 1)``-th
+    highest impostor score. Among the thresholds with the lowest FNMR the highest is returned:
+    the smallest genuine score above the bound. When no genuine score can be accepted it is the
+    highest impostor score ``top`` if that is above the bound, else NaN (no admissible value).
+    """
+    genuine = np.asarray(genuine, np.float64)
+    bound = np.asarray(bound, np.float64)
     # Only genuine scores between the lowest and highest bound need sorting; the ones above
     # are accepted at every FMR, the ones at or below the lowest bound nowhere.
     lo, hi = bound.min(), bound.max()
@@ -75,7 +93,6 @@ def operating_points(
     mid = np.sort(genuine[(genuine > lo) & ~high])
     first = np.searchsorted(mid, bound, side="right")
     accepted = (len(mid) - first + n_high).astype(np.int64)
-    top = impostor_desc[0] if n_tail else -np.inf
     fallback = np.where(top > bound, top, np.nan)
     above = np.where(n_high, min_high, fallback)
     if len(mid):
@@ -85,32 +102,55 @@ def operating_points(
     return thresholds.astype(np.float64), accepted
 
 
-def search_weight(
-    weight: float,
-    tail_logits: np.ndarray,
-    genuine_cosine: np.ndarray,
-    genuine_quality: np.ndarray,
+def operating_points(
+    genuine: np.ndarray,
+    impostor_desc: np.ndarray,
     n_impostor: int,
     fmrs: np.ndarray,
+    *,
+    strict: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Best threshold and accepted genuine count per FMR from ALL impostor scores, sorted in
+    decreasing order (in-memory metrics). ``strict``: FMR < f (calibration, spec 3) or
+    FMR <= f (ISO/IEC 19795-1, spec 4)."""
+    impostor_desc = np.asarray(impostor_desc, np.float64)
+    if len(impostor_desc) != n_impostor:
+        raise ValueError(f"need all {n_impostor} impostor scores, got {len(impostor_desc)}")
+    m = impostor_counts(n_impostor, fmrs, strict=strict)
+    bound = np.where(m < n_impostor, impostor_desc[np.minimum(m, n_impostor - 1)], -np.inf)
+    return thresholds_at_bounds(genuine, bound, float(impostor_desc[0]))
+
+
+def search_weight(
+    weight: float,
+    bound_logits: np.ndarray,
+    top_logit: float,
+    genuine_cosine: np.ndarray,
+    genuine_quality: np.ndarray,
     *,
     raw: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Step 2 for one weight: per FMR, the threshold t(w, f) and the accepted genuine count.
 
-    ``tail_logits`` are this weight's highest impostor logits, in any order. ``raw`` searches
-    the raw adjusted score ``z = w * q + s`` itself instead of ``sigmoid(z)`` (the ``raw``
-    calibration method): thresholds are then values of ``z``, on the scale ``omega`` is
-    applied to. Searching ``z`` directly, rather than mapping the sigmoid-space thresholds
-    back with ``logit``, is exact: float64 ``sigmoid`` can round neighbouring ``z`` values
-    to one ``u`` (a tie the raw scores do not have) and ``logit(sigmoid(z)) != z`` in general.
+    ``bound_logits``: per FMR the ``(m + 1)``-th highest impostor logit (-inf where none),
+    ``top_logit`` the highest (``orderstats``). The sigmoid is monotone, so the order statistic
+    of ``u`` is the sigmoid of the logit's. ``raw`` searches the raw adjusted score
+    ``z = w * q + s`` itself instead of ``sigmoid(z)`` (the ``raw`` calibration method):
+    thresholds are then values of ``z``, on the scale ``omega`` is applied to. Searching ``z``
+    directly, rather than mapping the sigmoid-space thresholds back with ``logit``, is exact:
+    float64 ``sigmoid`` can round neighbouring ``z`` values to one ``u`` (a tie the raw scores
+    do not have) and ``logit(sigmoid(z)) != z`` in general.
     """
+    bound_logits = np.asarray(bound_logits, np.float64)
     if raw:
-        impostor_desc = -np.sort(-np.asarray(tail_logits, np.float64))
+        bound, top = bound_logits, float(top_logit)
         genuine = weighted_logits(genuine_cosine, genuine_quality, weight)
     else:
-        impostor_desc = -np.sort(-sigmoid(tail_logits))
+        finite = np.isfinite(bound_logits)
+        bound = np.where(finite, sigmoid(np.where(finite, bound_logits, 0.0)), -np.inf)
+        top = float(sigmoid(np.array([top_logit]))[0])
         genuine = weighted_scores(genuine_cosine, genuine_quality, weight)
-    return operating_points(genuine, impostor_desc, n_impostor, fmrs, strict=True)
+    return thresholds_at_bounds(genuine, bound, top)
 
 
 def select_optimal(

@@ -145,6 +145,8 @@ def calibrate(
     on_bad: opts.OnBad = None,
     on_self: opts.OnSelf = None,
     on_duplicate: opts.OnDuplicate = None,
+    templates: opts.Templates = None,
+    pooling: opts.PoolingRule = None,
     tracking_uri: opts.TrackingUri = None,
     experiment: opts.Experiment = None,
     register_as: Annotated[
@@ -197,6 +199,8 @@ def calibrate(
         "on_bad": on_bad,
         "on_self": on_self,
         "on_duplicate": on_duplicate,
+        "templates": templates,
+        "pooling": pooling,
         "tracking.tracking_uri": tracking_uri,
         "tracking.experiment": experiment,
         "tracking.register_as": register_as,
@@ -207,6 +211,7 @@ def calibrate(
         embeddings=cfg.embeddings,
         pairs=cfg.pairs,
         validation_pairs=cfg.validation.pairs,
+        templates=cfg.templates,
         validation_embeddings=cfg.validation.embeddings,
     )
     held = support.take_output_lease(cfg.output, "calibrate")

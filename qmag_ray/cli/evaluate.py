@@ -52,6 +52,8 @@ def evaluate(
     on_bad: opts.OnBad = None,
     on_self: opts.OnSelf = None,
     on_duplicate: opts.OnDuplicate = None,
+    templates: opts.Templates = None,
+    pooling: opts.PoolingRule = None,
     tracking_uri: opts.TrackingUri = None,
     experiment: opts.Experiment = None,
     ray_address: opts.RayAddress = None,
@@ -79,12 +81,19 @@ def evaluate(
         "on_bad": on_bad,
         "on_self": on_self,
         "on_duplicate": on_duplicate,
+        "templates": templates,
+        "pooling": pooling,
         "tracking.tracking_uri": tracking_uri,
         "tracking.experiment": experiment,
     }
     plain = {k: (v.value if hasattr(v, "value") else v) for k, v in given.items()}
     cfg = support.load(EvaluateConfig, config, plain)
-    support.require_exists(embeddings=cfg.embeddings, pairs=cfg.pairs, calibration=cfg.calibration)
+    support.require_exists(
+        embeddings=cfg.embeddings,
+        pairs=cfg.pairs,
+        calibration=cfg.calibration,
+        templates=cfg.templates,
+    )
     uri = support.prepare_tracking(cfg.tracking.tracking_uri)
     address = support.connect(ray_address)
     from qmag_ray.workflows.evaluate import run_evaluation

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from qmag_ray.pairs.resolve import Policy
+from qmag_ray.pairs.templates import Pooling
 
 _POLICY = "error (default) or skip (skipped items are counted and reported)"
 
@@ -30,4 +31,19 @@ Experiment = Annotated[str | None, typer.Option(help="MLflow experiment (default
 RayAddress = Annotated[
     str | None,
     typer.Option(help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)."),
+]
+Templates = Annotated[
+    str | None,
+    typer.Option(
+        help="Template table (IJB *_face_tid_mid.txt, or CSV path, template, media): pool the "
+        "embeddings into templates; --pairs then names templates."
+    ),
+]
+PoolingRule = Annotated[
+    Pooling | None,
+    typer.Option(
+        "--pooling",
+        help="Template pooling, per media then per template: quality (default, "
+        "quality-weighted) or mean.",
+    ),
 ]

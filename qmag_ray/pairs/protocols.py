@@ -36,6 +36,13 @@ class PairProtocol(str, Enum):
     CALFW = "calfw"
     CPLFW = "cplfw"
     GENERIC = "generic"
+    IJBB = "ijbb"  # template pairs (t1 t2 label); read with pairs.templates
+    IJBC = "ijbc"
+
+    @property
+    def is_template(self) -> bool:
+        """Whether the protocol's pairs name templates (IJB-B/C), not images."""
+        return self in (PairProtocol.IJBB, PairProtocol.IJBC)
 
 
 @dataclass(frozen=True, eq=False)
@@ -319,6 +326,11 @@ def read_pairs(uri: str, protocol: str | PairProtocol | None = None) -> PairList
                 f"unknown pair protocol {protocol!r}; expected one of "
                 f"{[p.value for p in PairProtocol]}"
             ) from None
+    if proto.is_template:
+        raise PairFileError(
+            f"{source} is a {proto.value} template pair list: its pairs name templates, so give "
+            "the template table too (--templates, e.g. the *_face_tid_mid.txt)"
+        )
     lower = uri.lower()
     if proto is PairProtocol.GENERIC and lower.endswith((".parquet", ".pq")):
         return read_parquet_pairs(uri)

@@ -27,10 +27,11 @@ from qmag_ray import metrics, storage
 from qmag_ray.calibration.fit import METHODS, calibrate
 from qmag_ray.calibration.result import QMagFaceCalibration
 from qmag_ray.embeddings import load_embeddings
+from qmag_ray.pairs.templates import Pooling
 from qmag_ray.workflows import reporting
 from qmag_ray.workflows.config import CalibrateConfig, PairMode
 from qmag_ray.workflows.provenance import embedding_provenance
-from qmag_ray.workflows.sides import PairSide, Sides, WorkflowError, build_sides
+from qmag_ray.workflows.sides import PairSide, Sides, WorkflowError, build_sides, templates_table
 from qmag_ray.workflows.validation import (
     format_held_out,
     format_methods,
@@ -217,10 +218,21 @@ def run_calibration(config: CalibrateConfig, *, use_ray: bool = True) -> Calibra
             cannot be used (named in the message): user errors for the entry point.
     """
     cfg = config
-    table = load_embeddings(cfg.embeddings)
+    table, pooled = templates_table(load_embeddings(cfg.embeddings), cfg)
     shards = _shards(cfg, use_ray)
     sides = build_sides(table, cfg, shards)
     notes = list(sides.notes)
+    if pooled is not None:
+        sides.table_info["templates"] = {
+            "uri": storage.redact(cfg.templates or ""),
+            "pooling": Pooling(cfg.pooling).value,
+            **pooled.to_dict(),
+        }
+        if pooled.missing_images:
+            notes.append(
+                f"{pooled.missing_images} image(s) of the template table are not in the "
+                "embeddings and were left out of their templates"
+            )
     for note in notes:
         logger.warning("%s", note)
     n_gen, n_imp = sides.fit.source.counts()

@@ -25,6 +25,7 @@ from qmag_ray.calibration.fit import METHODS
 from qmag_ray.calibration.result import CalibrationGrid
 from qmag_ray.pairs.protocols import PairProtocol
 from qmag_ray.pairs.resolve import Match, Policy
+from qmag_ray.pairs.templates import Pooling
 
 
 class PairMode(str, Enum):
@@ -151,6 +152,9 @@ class CalibrateConfig:
         compare_methods: also fit every other method on the fit side and report all of them
             on the held-out side (the chosen method's guard alone decides registration).
         shards: pair shards (Ray tasks); 0 picks two per CPU of the cluster.
+        templates: a template table (IJB ``*_face_tid_mid.txt`` or CSV ``path, template,
+            media``): the embeddings are pooled into templates and ``pairs`` name templates.
+        pooling: ``quality`` (the published quality-weighted rule) or ``mean``.
         on_missing, on_bad, on_self, on_duplicate: what to do with pairs naming images not in
             the table, unusable (NaN/zero) embeddings, self-pairs and repeated pairs:
             ``error`` (default) or ``skip`` (skips are counted and reported).
@@ -171,6 +175,8 @@ class CalibrateConfig:
     direct: DirectSearch = field(default_factory=DirectSearch)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     shards: int = 0
+    templates: str | None = None
+    pooling: Pooling = Pooling.QUALITY
     on_missing: Policy = Policy.ERROR
     on_bad: Policy = Policy.ERROR
     on_self: Policy = Policy.ERROR
@@ -190,6 +196,9 @@ class CalibrateConfig:
                 f"{', '.join(METHODS)}"
             )
         mode = self.resolved_pair_mode
+        _check_templates(self.templates, self.protocol, self.pairs)
+        if self.templates and mode is not PairMode.LISTED:
+            raise ValueError("templates need a template pair list (pairs), not generated pairs")
         if mode is PairMode.LISTED and not self.pairs:
             raise ValueError("pair_mode 'listed' needs pairs (a pair list URI)")
         if mode is not PairMode.LISTED and self.pairs:
@@ -214,6 +223,7 @@ class EvaluateConfig:
         calibration: a calibration.json; or give ``alpha`` and ``beta`` directly.
         output: folder or URI for metrics.json and plots.
         edc_fmr: FMR at which the error-versus-discard curve is measured.
+        templates, pooling: as in ``CalibrateConfig`` (template protocols ijbb/ijbc).
         on_missing, on_bad, on_self, on_duplicate: as in ``CalibrateConfig``; a benchmark
             list with images missing from the embeddings fails unless ``on_missing: skip``.
     """
@@ -228,6 +238,8 @@ class EvaluateConfig:
     alpha: float | None = None
     beta: float | None = None
     edc_fmr: float = 1e-3
+    templates: str | None = None
+    pooling: Pooling = Pooling.QUALITY
     on_missing: Policy = Policy.ERROR
     on_bad: Policy = Policy.ERROR
     on_self: Policy = Policy.ERROR
@@ -245,3 +257,21 @@ class EvaluateConfig:
             raise ValueError("give calibration (a calibration.json URI) or both alpha and beta")
         if not 0 < self.edc_fmr < 1:
             raise ValueError(f"edc_fmr must lie in (0, 1), got {self.edc_fmr}")
+        _check_templates(self.templates, self.protocol, self.pairs)
+
+
+def _check_templates(
+    templates: str | None, protocol: PairProtocol | None, pairs: str | None
+) -> None:
+    """A template protocol needs a template table, and a template table template pairs."""
+    proto = None if protocol is None else PairProtocol(protocol)
+    if proto is not None and proto.is_template and not templates:
+        raise ValueError(
+            f"protocol {proto.value} compares templates: give templates (--templates, the "
+            "*_face_tid_mid.txt or a CSV path, template, media)"
+        )
+    if templates and proto is not None and not (proto.is_template or proto is PairProtocol.GENERIC):
+        raise ValueError(
+            f"templates were given with the image protocol {proto.value}; use protocol ijbb, "
+            "ijbc or generic (a CSV a, b, label naming templates)"
+        )

@@ -25,10 +25,11 @@ from qmag_ray import metrics, storage
 from qmag_ray.calibration.result import QMagFaceCalibration
 from qmag_ray.embeddings import load_embeddings
 from qmag_ray.pairs.listed import ListedPairSource
+from qmag_ray.pairs.templates import Pooling
 from qmag_ray.workflows import reporting
 from qmag_ray.workflows.config import EvaluateConfig
 from qmag_ray.workflows.provenance import embedding_provenance
-from qmag_ray.workflows.sides import WorkflowError, read_listed
+from qmag_ray.workflows.sides import WorkflowError, read_listed, templates_table
 
 logger = logging.getLogger(__name__)
 
@@ -44,15 +45,23 @@ class EvaluationOutcome:
     pairs: dict[str, Any]
     params: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+    tar_at_far: dict[str, Any] | None = None
 
     def tracking_metrics(self) -> dict[str, float]:
         """Flat metrics for MLflow (``qmagface.fnmr_at_fmr_1e-03``...), alpha, beta, skips."""
-        return {
+        out = {
             "alpha": self.calibration.alpha,
             "beta": self.calibration.beta,
             "pairs_skipped": float(self.pairs["resolve"]["skipped"]),
             **reporting.flat_metrics(self.report),
         }
+        if self.tar_at_far is not None:
+            for conv in ("iso", "nearest"):
+                for name, row in self.tar_at_far[conv].items():
+                    for key, value in row.items():
+                        if value is not None:
+                            out[f"{name}.tar_at_far_{key}.{conv}"] = float(value)
+        return out
 
     def summary(self) -> str:
         """The console report: pairs used, the cosine vs QMagFace table, notes."""
@@ -63,6 +72,8 @@ class EvaluationOutcome:
             "",
             metrics.format_table(self.report),
         ]
+        if self.tar_at_far is not None:
+            lines += ["", metrics.format_tar_table(self.tar_at_far)]
         if self.notes:
             lines += ["", *[f"note: {n}" for n in self.notes]]
         lines += ["", f"results in {storage.redact(self.output)}"]
@@ -106,7 +117,7 @@ def run_evaluation(config: EvaluateConfig, *, use_ray: bool = True) -> Evaluatio
     """
     cfg = config
     cal = load_scorer(cfg)
-    table = load_embeddings(cfg.embeddings)
+    table, pooled = templates_table(load_embeddings(cfg.embeddings), cfg)
     expected_dim = cal.extra.get("embedding_dim")
     if expected_dim is not None and int(expected_dim) != table.dim:
         raise WorkflowError(
@@ -116,6 +127,11 @@ def run_evaluation(config: EvaluateConfig, *, use_ray: bool = True) -> Evaluatio
     resolved, protocol = read_listed(table, cfg.pairs, cfg.protocol, cfg)
     report_ = resolved.report
     notes = []
+    if pooled is not None and pooled.missing_images:
+        notes.append(
+            f"{pooled.missing_images} image(s) of the template table are not in the embeddings "
+            "and were left out of their templates"
+        )
     if report_.skipped:
         notes.append(
             f"{report_.skipped} of {report_.total} pairs skipped ({report_.summary()}); "
@@ -129,6 +145,9 @@ def run_evaluation(config: EvaluateConfig, *, use_ray: bool = True) -> Evaluatio
     cos, q, y = reporting.pair_arrays(source, use_ray=use_ray)
     rep = reporting.report(cos, q, y, cal, edc_fmr=cfg.edc_fmr)
     qmag = cal.score(cos, q)
+    tar = None
+    if pooled is not None:
+        tar = metrics.tar_table({"cosine": cos, "qmagface": qmag}, y)
     pairs_info = {
         "uri": storage.redact(cfg.pairs),
         "protocol": protocol,
@@ -152,6 +171,14 @@ def run_evaluation(config: EvaluateConfig, *, use_ray: bool = True) -> Evaluatio
             "fingerprint": cal.fingerprint,
         },
         "report": rep,
+        "tar_at_far": tar,
+        "templates": None
+        if pooled is None
+        else {
+            "uri": storage.redact(cfg.templates or ""),
+            "pooling": Pooling(cfg.pooling).value,
+            **pooled.to_dict(),
+        },
         "at_calibration_thresholds": at_operating_thresholds(cal, qmag, y),
         "notes": notes,
     }
@@ -172,4 +199,7 @@ def run_evaluation(config: EvaluateConfig, *, use_ray: bool = True) -> Evaluatio
         "embeddings_fingerprint": table.fingerprint(),
         "embedding_model": doc["embeddings"],
     }
-    return EvaluationOutcome(cal, cfg.output, files, rep, pairs_info, params, notes)
+    if pooled is not None:
+        params["templates"] = doc["templates"]["uri"]
+        params["pooling"] = doc["templates"]["pooling"]
+    return EvaluationOutcome(cal, cfg.output, files, rep, pairs_info, params, notes, tar)

@@ -23,6 +23,13 @@ from qmag_ray.pairs.listed import ListedPairSource
 from qmag_ray.pairs.protocols import PairProtocol, read_pairs
 from qmag_ray.pairs.resolve import Match, Policy, ResolvedPairs, resolve_pairs
 from qmag_ray.pairs.source import PairSource
+from qmag_ray.pairs.templates import (
+    PoolReport,
+    pool_templates,
+    read_template_pairs,
+    read_template_table,
+    resolve_template_pairs,
+)
 from qmag_ray.workflows.config import CalibrateConfig, PairMode, ValidationMode
 
 logger = logging.getLogger(__name__)
@@ -83,10 +90,33 @@ def read_listed(
         The resolved pairs and the protocol they were read as (guessed when ``protocol`` is
         None).
     """
+    if getattr(cfg, "templates", None):  # ``table`` holds pooled templates
+        tpairs = read_template_pairs(uri)
+        resolved = resolve_template_pairs(
+            tpairs, table, on_missing=Policy(cfg.on_missing), on_self=Policy(cfg.on_self)
+        )
+        name = PairProtocol(protocol).value if protocol is not None else "template pairs"
+        logger.info("template pairs %s: %s", storage.redact(uri), resolved.report.summary())
+        return resolved, name
     pairs = read_pairs(uri, None if protocol is None else PairProtocol(protocol))
     resolved = resolve_pairs(pairs, table, **_resolve_kwargs(cfg))
     logger.info("pairs %s (%s): %s", storage.redact(uri), pairs.protocol, resolved.report.summary())
     return resolved, pairs.protocol
+
+
+def templates_table(table: EmbeddingTable, cfg: Any) -> tuple[EmbeddingTable, PoolReport | None]:
+    """The embeddings pooled into ``cfg.templates`` (unchanged without a template table)."""
+    if not getattr(cfg, "templates", None):
+        return table, None
+    templates = read_template_table(cfg.templates)
+    return pool_templates(
+        table,
+        templates,
+        cfg.pooling,
+        prefix=cfg.prefix,
+        match=Match(cfg.match),
+        on_missing=Policy(cfg.on_missing),
+    )
 
 
 def _identities(table: EmbeddingTable, rows: np.ndarray | None = None) -> frozenset[str]:
