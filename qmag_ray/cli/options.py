@@ -47,3 +47,18 @@ PoolingRule = Annotated[
         "quality-weighted) or mean.",
     ),
 ]
+AllowIncomplete = Annotated[
+    bool | None,
+    typer.Option(
+        "--allow-incomplete/--no-allow-incomplete",
+        help="Use an embedding output without a finished summary.json (interrupted or failed "
+        "run); counted and reported. Default: refused.",
+    ),
+]
+AllowOtherModel = Annotated[
+    bool | None,
+    typer.Option(
+        "--allow-other-model/--no-allow-other-model",
+        help="Apply a calibration fitted on embeddings of another model. Default: refused.",
+    ),
+]

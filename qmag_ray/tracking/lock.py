@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 TAG = "qmag_ray.lock"
 DEFAULT_TTL_S = 120.0
 DEFAULT_WAIT_S = 900.0
+MAX_STORE_FAILURES = 8  # consecutive store errors while acquiring before giving up
 
 
 class RegistryLockBusyError(RuntimeError):
@@ -187,34 +188,24 @@ def acquire(
     name = lock_name(model_name)
     started = time.monotonic()
     token = uuid.uuid4().hex
-    holder: LeaseRecord | None = None
     waited_for: str | None = None
+    failures = 0
     while True:
-        now = time.time()
-        record = LeaseRecord(
-            token=token,
-            purpose=purpose,
-            user=_user(),
-            host=socket.gethostname(),
-            pid=os.getpid(),
-            pid_start=_process_start(os.getpid()),
-            created_utc=now,
-            heartbeat_utc=now,
-            ttl_s=float(ttl_s),
-        )
-        description = f"lock: promotions of {model_name} (qmag-ray); not a model"
-        created = _create(client, name, {TAG: _encode(record)}, description)
-        if not created:
-            holder = _read(client, name)
-            created = holder is not None and holder.token == token  # our own retried create
-            if holder is not None and not created and holder.stale(now):
-                _take_over(client, name, holder)
-                continue
-        if created:
-            lock = RegistryLock(client, name, record, ttl_s / 4)
+        try:
+            lock = _try_once(client, name, model_name, token, purpose, ttl_s)
+        except Exception as exc:  # noqa: BLE001 - an overloaded or unreachable store
+            failures += 1
+            if failures > MAX_STORE_FAILURES:
+                raise
+            logger.warning("promotion lock %s: store error (%s); trying again", name, exc)
+            time.sleep(min(10.0, poll_s * 2**failures))
+            continue
+        failures = 0
+        if isinstance(lock, RegistryLock):
             lock.waited_s = time.monotonic() - started
             lock.waited_for = waited_for
             return lock
+        holder = lock
         if holder is not None:
             waited_for = holder.describe()
         if time.monotonic() - started >= wait_s:
@@ -223,3 +214,33 @@ def acquire(
                 f"{holder.describe() if holder else 'released just now'}; waited {wait_s:.0f} s"
             )
         time.sleep(poll_s)
+
+
+def _try_once(
+    client: MlflowClient, name: str, model_name: str, token: str, purpose: str, ttl_s: float
+) -> RegistryLock | LeaseRecord | None:
+    """One attempt: the held lock, or the live holder found (None: it just went away)."""
+    now = time.time()
+    record = LeaseRecord(
+        token=token,
+        purpose=purpose,
+        user=_user(),
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        pid_start=_process_start(os.getpid()),
+        created_utc=now,
+        heartbeat_utc=now,
+        ttl_s=float(ttl_s),
+    )
+    description = f"lock: promotions of {model_name} (qmag-ray); not a model"
+    created = _create(client, name, {TAG: _encode(record)}, description)
+    holder = None
+    if not created:
+        holder = _read(client, name)
+        created = holder is not None and holder.token == token  # our own retried create
+        if holder is not None and not created and holder.stale(now):
+            _take_over(client, name, holder)
+            return None
+    if created:
+        return RegistryLock(client, name, holder or record, ttl_s / 4)
+    return holder

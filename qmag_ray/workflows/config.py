@@ -158,6 +158,8 @@ class CalibrateConfig:
         on_missing, on_bad, on_self, on_duplicate: what to do with pairs naming images not in
             the table, unusable (NaN/zero) embeddings, self-pairs and repeated pairs:
             ``error`` (default) or ``skip`` (skips are counted and reported).
+        allow_incomplete: use an embed output without a finished summary.json (interrupted
+            or failed run); counted and reported. Mixed models are refused regardless.
     """
 
     embeddings: str = ""
@@ -181,6 +183,7 @@ class CalibrateConfig:
     on_bad: Policy = Policy.ERROR
     on_self: Policy = Policy.ERROR
     on_duplicate: Policy = Policy.ERROR
+    allow_incomplete: bool = False
     tracking: CalibrateTrackingConfig = field(default_factory=CalibrateTrackingConfig)
 
     def __post_init__(self) -> None:
@@ -226,6 +229,9 @@ class EvaluateConfig:
         templates, pooling: as in ``CalibrateConfig`` (template protocols ijbb/ijbc).
         on_missing, on_bad, on_self, on_duplicate: as in ``CalibrateConfig``; a benchmark
             list with images missing from the embeddings fails unless ``on_missing: skip``.
+        allow_incomplete: as in ``CalibrateConfig``.
+        allow_other_model: apply a calibration fitted on embeddings of another model (the
+            model sha256s differ); refused by default.
     """
 
     embeddings: str = ""
@@ -244,6 +250,8 @@ class EvaluateConfig:
     on_bad: Policy = Policy.ERROR
     on_self: Policy = Policy.ERROR
     on_duplicate: Policy = Policy.ERROR
+    allow_incomplete: bool = False
+    allow_other_model: bool = False
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:

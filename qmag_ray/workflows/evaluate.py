@@ -28,7 +28,11 @@ from qmag_ray.pairs.listed import ListedPairSource
 from qmag_ray.pairs.templates import Pooling
 from qmag_ray.workflows import reporting
 from qmag_ray.workflows.config import EvaluateConfig
-from qmag_ray.workflows.provenance import embedding_provenance
+from qmag_ray.workflows.provenance import (
+    EmbeddingInput,
+    check_embedding_input,
+    embedding_provenance,
+)
 from qmag_ray.workflows.sides import WorkflowError, read_listed, templates_table
 
 logger = logging.getLogger(__name__)
@@ -108,6 +112,26 @@ def at_operating_thresholds(
     return out
 
 
+def check_calibration_model(
+    cal: QMagFaceCalibration, checked: EmbeddingInput, cfg: EvaluateConfig
+) -> str:
+    """Refuse a calibration fitted on embeddings of another model (unless allowed)."""
+    fitted = (cal.extra.get("embeddings") or {}).get("embed_model_sha256")
+    if not fitted or not checked.model_sha256 or fitted == checked.model_sha256:
+        return ""
+    text = (
+        f"the calibration was fitted on embeddings of model sha256 {str(fitted)[:12]}... but "
+        f"{storage.redact(cfg.embeddings)} was embedded with model sha256 "
+        f"{checked.model_sha256[:12]}..."
+    )
+    if not cfg.allow_other_model:
+        raise WorkflowError(
+            f"{text}; calibrate on this model's embeddings, or pass --allow-other-model"
+        )
+    logger.warning("%s; applied anyway (--allow-other-model)", text)
+    return f"{text}; applied anyway (--allow-other-model)"
+
+
 def run_evaluation(config: EvaluateConfig, *, use_ray: bool = True) -> EvaluationOutcome:
     """Evaluate cosine and QMagFace on ``config.pairs`` and write metrics.json and plots.
 
@@ -117,6 +141,8 @@ def run_evaluation(config: EvaluateConfig, *, use_ray: bool = True) -> Evaluatio
     """
     cfg = config
     cal = load_scorer(cfg)
+    checked = check_embedding_input(cfg.embeddings, allow_incomplete=cfg.allow_incomplete)
+    model_note = check_calibration_model(cal, checked, cfg)
     table, pooled = templates_table(load_embeddings(cfg.embeddings), cfg)
     expected_dim = cal.extra.get("embedding_dim")
     if expected_dim is not None and int(expected_dim) != table.dim:
@@ -126,7 +152,7 @@ def run_evaluation(config: EvaluateConfig, *, use_ray: bool = True) -> Evaluatio
         )
     resolved, protocol = read_listed(table, cfg.pairs, cfg.protocol, cfg)
     report_ = resolved.report
-    notes = []
+    notes = [n for n in (checked.note, model_note) if n]
     if pooled is not None and pooled.missing_images:
         notes.append(
             f"{pooled.missing_images} image(s) of the template table are not in the embeddings "
@@ -162,6 +188,7 @@ def run_evaluation(config: EvaluateConfig, *, use_ray: bool = True) -> Evaluatio
             "dim": table.dim,
             "fingerprint": table.fingerprint(),
             **embedding_provenance(cfg.embeddings),
+            **checked.to_dict(),
         },
         "calibration": {
             "uri": storage.redact(cfg.calibration) if cfg.calibration else None,

@@ -38,7 +38,8 @@ def setup_trials(tracking_uri: str, prefix: str, n: int) -> list[str]:
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     names = [f"{prefix}-{i:03d}" for i in range(n)]
     run_id = client.create_run(client.create_experiment(f"{prefix}-setup")).info.run_id
-    for name in names:
+
+    def one(name: str) -> None:
         client.create_registered_model(name)
         for version, fnmr in FNMR.items():
             made = client.create_model_version(
@@ -46,6 +47,9 @@ def setup_trials(tracking_uri: str, prefix: str, n: int) -> list[str]:
             )
             assert str(made.version) == version
         client.set_registered_model_alias(name, "champion", "1")
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        list(pool.map(one, names))
     return names
 
 
@@ -106,14 +110,21 @@ def worker(args: argparse.Namespace) -> None:
         with lock:
             print(json.dumps({"model": name, "version": args.version, **out}), flush=True)
 
+    Path(f"{args.go}.ready-{args.version}").touch()  # imported: ready to race
     while not os.path.exists(args.go):
         time.sleep(0.005)
-    with ThreadPoolExecutor(max_workers=len(names)) as pool:
+    with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
         list(pool.map(one, names))
 
 
 def race(
-    tracking_uri: str, names: list[str], workdir: Path, mode: str, jitter_ms: float, seed: int = 0
+    tracking_uri: str,
+    names: list[str],
+    workdir: Path,
+    mode: str,
+    jitter_ms: float,
+    seed: int = 0,
+    concurrency: int = 10,
 ) -> list[dict]:
     """Start the two sides (v2, v3) as processes, release them together, collect outcomes."""
     models = workdir / f"models-{seed}.json"
@@ -141,6 +152,8 @@ def race(
                 str(jitter_ms),
                 "--seed",
                 str(seed * 10 + int(version)),
+                "--concurrency",
+                str(concurrency),
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -149,8 +162,12 @@ def race(
         )
         for version in ("2", "3")
     ]
-    time.sleep(8.0)  # imports; the start file releases both sides at once
-    go.touch()
+    deadline = time.monotonic() + 600
+    while not all(Path(f"{go}.ready-{v}").exists() for v in ("2", "3")):
+        if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
+            break  # reported below with the worker's stderr
+        time.sleep(0.05)
+    go.touch()  # both sides have imported everything: release them together
     results = []
     for proc in procs:
         out, err = proc.communicate(timeout=1800)
@@ -177,6 +194,7 @@ def _main() -> None:
     parser.add_argument("--mode", choices=["locked", "unlocked"], default="locked")
     parser.add_argument("--jitter-ms", type=float, default=300.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--concurrency", type=int, default=10, help="trials racing at once")
     parser.add_argument("--trials", type=int, default=50)
     parser.add_argument("--latency-ms", type=float, default=150.0)
     args = parser.parse_args()
@@ -200,7 +218,9 @@ def _main() -> None:
             direct = f"http://127.0.0.1:{port}"
             names = setup_trials(direct, "race", args.trials)
             with LatencyProxy(port, args.latency_ms / 1000) as proxy:
-                results = race(proxy.url, names, root, args.mode, args.jitter_ms, args.seed)
+                results = race(
+                    proxy.url, names, root, args.mode, args.jitter_ms, args.seed, args.concurrency
+                )
             ends = champions(direct, names)
     worse = sorted(n for n, v in ends.items() if v != "3")
     errors = [r for r in results if "error" in r]
