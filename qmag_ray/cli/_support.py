@@ -109,13 +109,15 @@ def log_files(run: Any, files: Mapping[str, str], skip: tuple[str, ...] = ()) ->
 
 
 def take_output_lease(uri: str, purpose: str) -> Any:
-    """The output's lease (one writer per output), held until the process ends; exit 2 if
+    """The output's lease (one writer per output), held until the command ends; exit 2 if
     another writer holds it. Returns the ``lease.Lease`` (None where the store has none).
 
     Taking it also proves the output writable before any work: a read-only folder, a missing
     bucket or a full disk end here with one line naming the output.
     """
     import atexit
+
+    import click
 
     from qmag_ray import lease
 
@@ -129,7 +131,12 @@ def take_output_lease(uri: str, purpose: str) -> Any:
     except (OSError, ValueError) as exc:
         logger.debug("taking the output lease failed", exc_info=True)
         fail(f"output {storage.redact(uri)} cannot be written: {describe_os_error(exc)}")
-    atexit.register(held.release)
+    # Released when the command ends (also under typer's CliRunner), else at process exit.
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.call_on_close(held.release)
+    else:
+        atexit.register(held.release)
     return held
 
 

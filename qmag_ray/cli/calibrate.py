@@ -216,8 +216,8 @@ def calibrate(
         templates=cfg.templates,
         validation_embeddings=cfg.validation.embeddings,
     )
-    held = support.take_output_lease(cfg.output, "calibrate")
     uri = support.prepare_tracking(cfg.tracking.tracking_uri)
+    held = support.take_output_lease(cfg.output, "calibrate")
     address = support.connect(ray_address)
     from qmag_ray.workflows.calibrate import run_calibration
 

@@ -82,10 +82,10 @@ def recalibrate(
         holdout_embeddings=cfg.holdout.embeddings,
         holdout_pairs=cfg.holdout.pairs,
     )
+    support.prepare_tracking(cfg.tracking.tracking_uri)
     # One recalibration per config at a time (overlapping cron runs): the lease is on the
     # runs folder, taken before anything is embedded into the shared embeddings.
     support.take_output_lease(cfg.output, "recalibrate")
-    support.prepare_tracking(cfg.tracking.tracking_uri)
     address = support.connect(ray_address)
     from qmag_ray.embedding.config import EmbedError
     from qmag_ray.workflows.recalibrate import run_recalibration
