@@ -8,6 +8,7 @@ User errors end with exit code 2 and a one-paragraph message, never a traceback.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -47,6 +48,12 @@ def guarded(what: str, fn: Callable[[], T]) -> T:
         logger.debug("%s failed", what, exc_info=True)
         text = str(exc).strip() or type(exc).__name__
         fail(f"{what}: {text}")
+    except OSError as exc:  # a full disk, a read-only or vanished output: a failed run
+        if getattr(exc, "errno", None) not in _STORAGE_ERRNOS:
+            raise
+        logger.debug("%s failed", what, exc_info=True)
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        fail(f"{what}: writing{where} failed: {describe_os_error(exc)}", code=1)
 
 
 def load(cls: type[T], config: str | None, given: Mapping[str, Any]) -> T:
@@ -108,6 +115,10 @@ def log_files(run: Any, files: Mapping[str, str], skip: tuple[str, ...] = ()) ->
             run.log_bytes(name, storage.read_bytes(uri))
 
 
+_STORAGE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EPERM)
+MIN_FREE_BYTES = 16 * 2**20  # a calibration's files and plots take a few MB
+
+
 def take_output_lease(uri: str, purpose: str) -> Any:
     """The output's lease (one writer per output), held until the command ends; exit 2 if
     another writer holds it. Returns the ``lease.Lease`` (None where the store has none).
@@ -137,7 +148,23 @@ def take_output_lease(uri: str, purpose: str) -> Any:
         ctx.call_on_close(held.release)
     else:
         atexit.register(held.release)
+    _check_free_space(uri)
     return held
+
+
+def _check_free_space(uri: str) -> None:
+    """A local output with almost no free space is refused before any work."""
+    import shutil
+
+    if storage.protocol(uri) != "file":
+        return
+    free = shutil.disk_usage(storage.absolute(uri)).free
+    if free < MIN_FREE_BYTES:
+        fail(
+            f"output {storage.redact(uri)}: only {free / 2**20:.1f} MiB free on its file system "
+            f"(at least {MIN_FREE_BYTES // 2**20} MiB needed); free some space and run again",
+            code=1,
+        )
 
 
 def still_held(held: Any) -> None:
@@ -153,8 +180,6 @@ def still_held(held: Any) -> None:
 
 def describe_os_error(exc: BaseException) -> str:
     """One line for a storage error: what failed and the usual fix (no traceback)."""
-    import errno
-
     code = getattr(exc, "errno", None)
     hints = {
         errno.ENOSPC: "no space left on the device; free some space and run again to resume",

@@ -84,12 +84,14 @@ class EmbeddingInput:
 def _job_root(uri: str) -> str | None:
     """The embed job's output folder ``uri`` belongs to, or None for a plain table."""
     base = uri.rstrip("/")
-    markers = ("summary.json", "_embed_run.json", "embeddings")
+    # The embed job writes its run marker first and summary.json last; a folder of parts
+    # without either was written by a tool (write_embeddings) and is taken as a table.
+    markers = ("summary.json", "_embed_run.json")
     if any(storage.exists(storage.join(base, m)) for m in markers):
         return base
     if posixpath.basename(base) == "embeddings" and "/" in base:
         parent = base.rsplit("/", 1)[0]
-        if any(storage.exists(storage.join(parent, m)) for m in markers[:2]):
+        if any(storage.exists(storage.join(parent, m)) for m in markers):
             return parent
     return None
 
