@@ -34,25 +34,78 @@ def _save(fig: Figure, uri: str) -> str:
     return uri
 
 
-def det_curves(uri: str, scores: Mapping[str, np.ndarray], labels: np.ndarray) -> str:
-    """DET curves (FNMR against FMR, log-log) of several scores on the same pairs."""
+#: DET axis ticks (rates) on normal-deviate axes, as bob and scikit-learn's DetCurveDisplay.
+DET_TICKS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.05, 0.2, 0.5, 0.8, 0.95)
+
+
+def _tick_label(rate: float) -> str:
+    pct = 100.0 * rate
+    return f"{pct:g}%" if pct >= 0.01 else f"{pct:.0e}%"
+
+
+def det_curves(
+    uri: str,
+    scores: Mapping[str, np.ndarray],
+    labels: np.ndarray | Mapping[str, np.ndarray],
+    intervals: Mapping[str, Mapping[str, Any]] | None = None,
+    title: str | None = None,
+) -> str:
+    """DET curves (FNMR against FMR) on normal-deviate axes (probit of both rates).
+
+    ``labels`` is one array for all scores, or one per score name (systems compared on
+    different pairs). ``intervals`` (optional, by score name) holds bootstrap reports
+    (``BootstrapReport.to_dict()``): FNMR@FMR intervals are drawn as error bars and the EER
+    interval is stated in the legend.
+    """
+    from scipy.stats import norm
     from sklearn.metrics import roc_curve
 
-    y = np.asarray(labels).ravel()
     fig = _figure()
     ax = fig.add_subplot()
-    for name, s in scores.items():
+    lo_rate, counts = 1.0, []
+    for i, (name, s) in enumerate(scores.items()):
+        y = np.asarray(labels[name] if isinstance(labels, Mapping) else labels).ravel()
+        counts.append((int(y.sum()), int((y == 0).sum())))
         fpr, tpr, _ = roc_curve(y, np.asarray(s, np.float64).ravel())
         fnr = 1.0 - tpr
         ok = (fpr > 0) & (fnr > 0)
-        ax.plot(fpr[ok], fnr[ok], label=name, drawstyle="steps-post")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("false match rate (FMR)")
-    ax.set_ylabel("false non-match rate (FNMR)")
-    ax.set_title(f"DET: {int(y.sum())} genuine / {int((y == 0).sum())} impostor pairs")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+        lo_rate = min(lo_rate, 1.0 / max(1, int((y == 0).sum())))
+        label = name
+        boot = (intervals or {}).get(name)
+        if boot:
+            e = boot["eer"]
+            if e.get("low") is not None:
+                label += (
+                    f" (EER {100 * e['value']:.2f}% [{100 * e['low']:.2f}, "
+                    f"{100 * e['high']:.2f}])"
+                )
+        ax.plot(norm.ppf(fpr[ok]), norm.ppf(fnr[ok]), color=f"C{i}", label=label,
+                drawstyle="steps-post")
+        for key, iv in (boot or {}).get("fnmr_at_fmr", {}).items():
+            if iv.get("low") is None or not 0 < iv["value"] < 1:
+                continue
+            x = norm.ppf(float(key))
+            lo = norm.ppf(min(max(iv["low"], 1e-9), 1 - 1e-9))
+            hi = norm.ppf(min(max(iv["high"], 1e-9), 1 - 1e-9))
+            yv = norm.ppf(iv["value"])
+            ax.errorbar([x], [yv], yerr=[[yv - lo], [hi - yv]], color=f"C{i}", fmt="o",
+                        ms=3, capsize=3)
+    ticks = [t for t in DET_TICKS if t >= lo_rate / 2]
+    ax.set_xticks(norm.ppf(ticks), [_tick_label(t) for t in ticks], fontsize="small")
+    ax.set_yticks(norm.ppf(DET_TICKS), [_tick_label(t) for t in DET_TICKS], fontsize="small")
+    ax.set_xlim(norm.ppf(max(lo_rate / 2, 1e-7)), norm.ppf(0.6))
+    ax.set_ylim(norm.ppf(1e-4), norm.ppf(0.95))
+    ax.set_xlabel("false match rate (FMR), normal-deviate scale")
+    ax.set_ylabel("false non-match rate (FNMR), normal-deviate scale")
+    if title is None:
+        g, i_ = counts[0] if counts else (0, 0)
+        same = all(c == counts[0] for c in counts)
+        title = f"DET: {g} genuine / {i_} impostor pairs" if same else "DET"
+        if intervals:
+            title += " (bars: 95% identity-bootstrap intervals)"
+    ax.set_title(title, fontsize="medium")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
     return _save(fig, uri)
 
 
@@ -139,3 +192,54 @@ def write_plots(
         curves = {name: m["edc"] for name, m in report["scores"].items()}
         written.append(edc(storage.join(output_uri, "edc.png"), curves))
     return written
+
+
+def quality_edc(uri: str, evaluation: Mapping[str, Any]) -> str:
+    """Error versus discard of several quality measures (``QualityEvaluation.to_dict()``):
+    FNMR at the fixed threshold (solid) and the re-derived one (dotted) per measure, the
+    random-order baseline and the oracle, with each curve's pAUC in the legend."""
+    fig = _figure(6.5, 4.8)
+    ax = fig.add_subplot()
+    curves = list(evaluation["curves"].values())
+    lim = evaluation["random"]["pauc_limit"]
+    for i, c in enumerate(curves):
+        x = 100.0 * np.asarray(c["discard"], np.float64)
+        y = 100.0 * np.asarray([np.nan if v is None else v for v in c["fnmr_fixed"]])
+        ax.step(x, y, where="post", color=f"C{i}", label=f"{c['name']} (pAUC@{lim:.0%} "
+                f"{c['pauc']:.4f})")
+        xr = 100.0 * np.asarray(c["rederived_discard"], np.float64)
+        yr = 100.0 * np.asarray([np.nan if v is None else v for v in c["fnmr_rederived"]])
+        ax.plot(xr, yr, ":", color=f"C{i}", lw=1)
+    for c, style in ((evaluation["random"], "--"), (evaluation["oracle"], "-.")):
+        x = 100.0 * np.asarray(c["discard"], np.float64)
+        y = 100.0 * np.asarray(c["fnmr_fixed"], np.float64)
+        ax.step(x, y, style, where="post", color="grey",
+                label=f"{c['name']} (pAUC {c['pauc']:.4f})")
+    ax.axvline(100 * lim, color="black", lw=0.6, alpha=0.4)
+    ax.set_xlabel("genuine pairs discarded, lowest pair quality first (%)")
+    ax.set_ylabel(f"FNMR (%) at FMR {evaluation['fmr']:g}")
+    ax.set_title(
+        f"Error versus discard, {evaluation['n_genuine']} genuine pairs "
+        "(solid: threshold fixed before discarding; dotted: re-derived)",
+        fontsize="small",
+    )
+    ax.set_xlim(0, 100 * evaluation["limit"])
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    return _save(fig, uri)
+
+
+def group_quality(uri: str, quality: Mapping[str, np.ndarray], measure: str, column: str) -> str:
+    """Image quality distributions per group (one box per group value)."""
+    fig = _figure(6.0, 4.0)
+    ax = fig.add_subplot()
+    names = list(quality)
+    ax.boxplot([np.asarray(quality[n], np.float64) for n in names], showfliers=False)
+    ax.set_xticks(range(1, len(names) + 1), [f"{n}\n({len(quality[n])})" for n in names],
+                  fontsize="small")
+    ax.set_xlabel(f"group ({column})")
+    ax.set_ylabel(f"image quality ({measure})")
+    ax.set_title(f"Quality by {column}", fontsize="medium")
+    ax.grid(True, axis="y", alpha=0.3)
+    return _save(fig, uri)

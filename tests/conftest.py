@@ -8,6 +8,7 @@ starts so that every worker inherits them.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +35,25 @@ def free_port() -> int:
 def pytest_configure(config: pytest.Config) -> None:
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def _terminate_as_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Clean up after earlier runs of this checkout and guard this one (tests/proc_guard.py).
+
+    Servers started by tests run in sessions of their own; a watchdog stops them if this
+    pytest process dies, and SIGTERM (a timeout) becomes an interrupt so that fixture
+    teardown runs.
+    """
+    import proc_guard
+
+    for line in proc_guard.reap():
+        print(f"stopped a leftover of an earlier test run: {line}")
+    session.config._qmag_watchdog = proc_guard.start_watchdog()  # type: ignore[attr-defined]
+    signal.signal(signal.SIGTERM, _terminate_as_interrupt)
 
 
 #: Every skip for missing shared data starts with this, so the summary can count them.

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import proc_guard
 import pytest
 
 from qmag_ray.calibration.result import QMagFaceCalibration
@@ -127,23 +128,19 @@ def wait_for_http(url: str, proc: subprocess.Popen, log: Path, timeout: float) -
 
 
 def stop(proc: subprocess.Popen) -> None:
-    """Stop a process started in its own session, and its children (workers)."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+    """Stop a process started by :func:`running`, and its children (workers)."""
+    proc_guard.stop(proc)
 
 
 @contextmanager
 def running(args: list[str], log: Path, url: str, env: dict[str, str]) -> Iterator[None]:
-    """Run ``args`` in a new session with output to ``log``; ready once ``url`` answers."""
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
+    """Run ``args`` in a new session with output to ``log``; ready once ``url`` answers.
+
+    The process is registered with :mod:`proc_guard`, so it is stopped even when the test run
+    itself is killed.
+    """
+    log.write_bytes(b"")
+    proc = proc_guard.spawn(args, name=Path(args[0]).name, log=log, env=env)
     try:
         wait_for_http(url, proc, log, START_TIMEOUT)
         yield

@@ -231,14 +231,37 @@ def test_no_genuine_or_no_impostor_pairs_is_an_error() -> None:
         fit_qmagface(cos, q, np.ones(1_000, int), fmr_min=1e-2, fmr_max=0.1)
 
 
-def test_too_few_impostors_names_the_smallest_supported_fmr() -> None:
+def test_a_given_fmr_min_too_small_for_the_data_names_the_flags() -> None:
     cos, q, y = synthetic(n=20_000, seed=7)
     n_imp = int((y == 0).sum())
     with pytest.raises(ValueError) as err:
-        fit_qmagface(cos, q, y)
+        fit_qmagface(cos, q, y, fmr_min=1e-5)
     msg = str(err.value)
-    assert f"FMR 1e-05 cannot be measured on {n_imp} impostor pairs" in msg
-    assert f"~1/N = {1 / n_imp:.3g}" in msg and "set fmr_min" in msg
+    assert f"--fmr-min (grid.fmr_min) 1e-05 cannot be measured on {n_imp} impostor" in msg
+    assert f"1/N = {1 / n_imp:.3g}" in msg and "--impostors-per-side" in msg
+
+
+def test_the_default_floor_is_raised_to_what_the_impostors_measure() -> None:
+    cos, q, y = synthetic(n=20_000, seed=7)
+    n_imp = int((y == 0).sum())
+    # Worked by hand: the smallest 3-significant-digit FMR with FMR * n_imp >= 1.
+    floor = min(
+        m * 10.0**e
+        for e in range(-8, 0)
+        for m in np.arange(100, 1000) / 100
+        if m * 10.0**e * n_imp >= 1
+    )
+    cal = fit_qmagface(cos, q, y)
+    assert cal.grid.fmr_min == pytest.approx(floor, rel=1e-9)
+    assert cal.fmrs[0] == pytest.approx(floor, rel=1e-9) and floor * n_imp >= 1
+    assert cal.extra["grid_note"] == (
+        f"grid FMR floor raised from 1e-05 to {floor:.3g}: {n_imp} impostor pairs measure no "
+        "smaller FMR (--fmr-min sets it; --impostors-per-side gives more impostors)"
+    )
+    saved = type(cal).from_dict(cal.to_dict())
+    assert saved.grid == cal.grid and saved.extra["grid_note"] == cal.extra["grid_note"]
+    # Enough impostors for the paper's 1e-5: the grid is the paper's, with no note.
+    assert "grid_note" not in fit_qmagface(cos, q, y, fmr_min=1e-3).extra
 
 
 def test_fmr_without_any_threshold_is_an_error() -> None:

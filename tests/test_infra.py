@@ -374,6 +374,8 @@ def check_ray_cluster_spec(spec: dict[str, Any]) -> None:
             assert int(gpus) >= 1 and group_containers[0]["image"].endswith("-gpu")
     assert "cpu" in kinds, "a CPU worker group is required"
     assert spec.get("enableInTreeAutoscaling") is True
+    # token auth through the operator, so that the autoscaler sidecar gets the token too
+    assert spec.get("authOptions", {}).get("mode") == "token"
 
 
 def check_ray_cluster(doc: dict[str, Any]) -> None:
@@ -485,9 +487,16 @@ def test_cronjob_submits_to_the_long_lived_cluster_with_its_token() -> None:
     assert 8265 in [p["containerPort"] for p in head["ports"]]
     check_job_command(list(ctx.params["entrypoint"]))
     env = {e["name"]: e for e in container["env"]}
-    head_env = {e["name"]: e for e in head["env"]}
-    assert env["RAY_AUTH_MODE"]["value"] == head_env["RAY_AUTH_MODE"]["value"] == "token"
-    assert env["RAY_AUTH_TOKEN"]["valueFrom"] == head_env["RAY_AUTH_TOKEN"]["valueFrom"]
+    # the cluster's token comes from spec.authOptions: the operator injects it into every Ray
+    # container (head, workers, autoscaler sidecar) from the Secret it names
+    auth = cluster["spec"]["authOptions"]
+    assert auth["mode"] == env["RAY_AUTH_MODE"]["value"] == "token"
+    assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+        "name": auth["secretName"],
+        "key": "auth_token",  # the key KubeRay reads from a user-provided Secret
+    }
+    head_env = {e["name"] for e in head.get("env", [])}
+    assert not head_env & {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}, "set once, by authOptions"
 
 
 def test_project_images_are_the_built_variants() -> None:
@@ -504,7 +513,7 @@ def test_project_images_are_the_built_variants() -> None:
     assert seen == {f"{PROJECT_VERSION}-gpu", f"{PROJECT_VERSION}-cpu"}
 
 
-def test_mlflow_server_command_and_image() -> None:
+def test_mlflow_server_command_and_image(monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow.cli import server
 
     ((_, deployment),) = [
@@ -515,9 +524,15 @@ def test_mlflow_server_command_and_image() -> None:
     args = [re.sub(r"\$\((\w+)\)", lambda m: f"<{m.group(1)}>", a) for a in container["command"]]
     for ref in re.findall(r"<(\w+)>", " ".join(args)):
         assert ref in env_names, f"$({ref}) is not an env entry of the container"
+    # the store URIs come from the environment (mlflow server's own env vars), never from the
+    # command line, where the database password would show in the process list
+    assert not any("STORE_URI" in a or "backend-store" in a for a in args), args
+    for name in env_names:
+        monkeypatch.setenv(name, f"<{name}>")
     ctx = server.make_context("server", args[2:])
     assert ctx.params["backend_store_uri"] == "<MLFLOW_BACKEND_STORE_URI>"
     assert ctx.params["artifacts_destination"] == "<MLFLOW_ARTIFACTS_DESTINATION>"
+    assert ctx.params["serve_artifacts"] is True
     uri = next(e["value"] for e in container["env"] if e["name"] == "MLFLOW_BACKEND_STORE_URI")
     assert uri.startswith("postgresql://")
     ((_, config),) = [

@@ -77,7 +77,8 @@ def test_unreachable_tracking_fails_before_any_work(tmp_path: Path) -> None:
     tmp_path.joinpath("images").mkdir()
     tmp_path.joinpath("demo.pth").write_bytes(b"not used")
     tmp_path.joinpath("holdout_emb").mkdir()
-    tmp_path.joinpath("holdout.csv").write_text("a,b,label\n")
+    rows = "".join(f"x{i}.jpg,y{i}.jpg,0\n" for i in range(100))  # measures the gate's 1e-2
+    tmp_path.joinpath("holdout.csv").write_text("a,b,label\n" + rows)
     uri = f"http://user:pw-secret@127.0.0.1:{free_port()}"
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(base_config(tmp_path, uri)))
@@ -85,6 +86,31 @@ def test_unreachable_tracking_fails_before_any_work(tmp_path: Path) -> None:
     assert result.exit_code == 2, result.output
     assert "127.0.0.1" in result.output and "not reachable" in result.output
     assert "pw-secret" not in result.output
+    assert not (tmp_path / "embeddings").exists() and not (tmp_path / "runs").exists()
+
+
+def test_a_gate_fmr_the_holdout_cannot_measure_is_refused_before_any_work(
+    tmp_path: Path,
+) -> None:
+    from qmag_ray.cli import app
+
+    tmp_path.joinpath("images").mkdir()
+    tmp_path.joinpath("demo.pth").write_bytes(b"not used")
+    tmp_path.joinpath("holdout_emb").mkdir()
+    # 30 genuine + 270 impostor pairs: the smallest FMR they measure is 1/270 = 0.0037.
+    rows = [f"g{i}a.jpg,g{i}b.jpg,1" for i in range(30)]
+    rows += [f"x{i}.jpg,y{i}.jpg,0" for i in range(270)]
+    tmp_path.joinpath("holdout.csv").write_text("a,b,label\n" + "\n".join(rows) + "\n")
+    cfg = base_config(tmp_path, f"http://127.0.0.1:{free_port()}")  # never reached
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = CliRunner().invoke(app, ["recalibrate", "--config", str(path), "--target-fmr", "1e-3"])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) <= 2, result.output
+    assert "--target-fmr (gate.target_fmr) 0.001 cannot be measured" in result.output
+    assert "270 impostor pairs measure no FMR below 0.0037" in result.output
+    assert str(tmp_path / "holdout.csv") in result.output
     assert not (tmp_path / "embeddings").exists() and not (tmp_path / "runs").exists()
 
 

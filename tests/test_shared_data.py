@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-PROBE = '''
+PROBE = """
 from pathlib import Path
 
 def test_uses_folder(shared_data):
@@ -26,7 +26,7 @@ def test_uses_file():
 
 def test_plain():
     assert True
-'''
+"""
 
 
 def run_probe(root: Path, ci: str | None) -> subprocess.CompletedProcess[str]:

@@ -15,7 +15,9 @@ an exact grid search (``direct``), starting from the published fit.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -91,12 +93,41 @@ def check_data(n_genuine: int, n_impostor: int, grid: CalibrationGrid) -> None:
             f"calibration needs impostor pairs (label 0); the data has none "
             f"({n_genuine} genuine pairs)"
         )
-    if n_impostor * grid.fmr_min < 1:
+    if n_impostor * grid.floor < 1 - 1e-9:
         raise ValueError(
-            f"FMR {grid.fmr_min:g} cannot be measured on {n_impostor} impostor pairs; the "
-            f"smallest FMR this data supports is ~1/N = {1 / n_impostor:.3g}; set fmr_min >= "
-            "that (or provide more impostor pairs)"
+            f"--fmr-min (grid.fmr_min) {grid.floor:g} cannot be measured on {n_impostor} "
+            f"impostor pairs (smallest measurable FMR 1/N = {1 / n_impostor:.3g}); leave "
+            "--fmr-min unset to start at what the data supports, or give more impostor pairs "
+            "(--impostors-per-side, generate.impostors_per_side)"
         )
+
+
+def resolve_grid(grid: CalibrationGrid, n_impostor: int) -> tuple[CalibrationGrid, str | None]:
+    """``grid`` with its floor fixed for ``n_impostor`` impostor pairs, and a note if raised.
+
+    A grid without ``fmr_min`` starts at the paper's 1e-5 when the data can measure it; with
+    fewer than 1e5 impostor pairs it starts at 1/N (one false match), the smallest FMR they
+    measure, and the note says so. A given ``fmr_min`` is returned unchanged (``check_data``
+    refuses it when the data cannot measure it).
+    """
+    if grid.fmr_min is not None or n_impostor <= 0:
+        return dataclasses.replace(grid, fmr_min=grid.floor), None
+    if n_impostor * grid.floor >= 1 - 1e-9:
+        return dataclasses.replace(grid, fmr_min=grid.floor), None
+    step = 10.0 ** (math.floor(math.log10(1.0 / n_impostor)) - 2)  # 3 significant digits, up
+    floor = float(f"{math.ceil(1.0 / n_impostor / step - 1e-9) * step:.3g}")
+    if floor >= grid.fmr_max:
+        raise ValueError(
+            f"{n_impostor} impostor pairs measure no FMR below 1/N = {1 / n_impostor:.3g}, "
+            f"not below the grid's --fmr-max (grid.fmr_max) {grid.fmr_max:g}: give more "
+            "impostor pairs (--impostors-per-side, generate.impostors_per_side) or a larger "
+            "--fmr-max"
+        )
+    note = (
+        f"grid FMR floor raised from {grid.floor:g} to {floor:.3g}: {n_impostor} impostor pairs "
+        f"measure no smaller FMR (--fmr-min sets it; --impostors-per-side gives more impostors)"
+    )
+    return dataclasses.replace(grid, fmr_min=floor), note
 
 
 def supported_fmrs(fmrs: tuple[float, ...], n_impostor: int) -> list[float]:
@@ -119,7 +150,10 @@ def run_calibration(
     if method not in METHODS:
         raise ValueError(f"unknown calibration method {method!r}; available: {', '.join(METHODS)}")
     n_gen, n_imp = source.counts()
+    grid, grid_note = resolve_grid(grid, n_imp)
     check_data(n_gen, n_imp, grid)
+    if grid_note:
+        logger.info("calibration: %s", grid_note)
     max_q = float(source.max_quality())
     weights = grid.weights(max_q)
     fmrs = grid.fmrs()
@@ -215,6 +249,7 @@ def run_calibration(
             "passes": passes,
             "operating_fnmr": op_fnmr,
             "threshold_convention": "match iff qmagface score >= threshold; FMR <= target",
+            **({"grid_note": grid_note} if grid_note else {}),
             **method_extra,
         },
     )
@@ -240,7 +275,7 @@ def fit_qmagface(
     label: np.ndarray,
     *,
     n_fmr: int = 50,
-    fmr_min: float = 1e-5,
+    fmr_min: float | None = None,
     fmr_max: float = 1e-2,
     n_weights: int = 20,
     max_ratio: float = 0.5,
@@ -254,8 +289,9 @@ def fit_qmagface(
         cosine: cosine score of each pair.
         quality: pair quality, ``min(||e_a||, ||e_b||)``.
         label: 1 for genuine (mated) pairs, 0 for impostor pairs.
-        n_fmr, fmr_min, fmr_max, n_weights, max_ratio: the search grid (paper's defaults);
-            alternatively pass a whole ``grid``.
+        n_fmr, fmr_min, fmr_max, n_weights, max_ratio: the search grid (paper's defaults;
+            ``fmr_min=None`` starts at 1e-5 or at what the impostor pairs can measure, see
+            ``resolve_grid``); alternatively pass a whole ``grid``.
         method: ``paper`` (spec section 3, the default), ``raw`` or ``direct`` (see the module
             docstring and ``qmag_ray.calibration.direct``).
         direct: settings of the ``direct`` search (its defaults when None).

@@ -24,12 +24,21 @@ def fmr_key(fmr: float) -> str:
     return f"{fmr:.0e}"
 
 
+#: The paper's smallest grid FMR: the floor of a grid whose ``fmr_min`` is not given.
+PAPER_FMR_MIN = 1e-5
+
+
 @dataclass(frozen=True)
 class CalibrationGrid:
-    """The search grid of spec section 3; every value settable, the paper's as defaults."""
+    """The search grid of spec section 3; every value settable, the paper's as defaults.
+
+    ``fmr_min=None`` (the default) means the paper's 1e-5 *unless the data cannot measure it*:
+    calibration then raises the floor to the smallest FMR its impostor pairs support and says
+    so (``qmag_ray.calibration.fit.resolve_grid``). A given ``fmr_min`` is kept or refused.
+    """
 
     n_fmr: int = 50
-    fmr_min: float = 1e-5
+    fmr_min: float | None = None
     fmr_max: float = 1e-2
     n_weights: int = 20
     max_ratio: float = 0.5
@@ -39,17 +48,22 @@ class CalibrationGrid:
             raise ValueError(f"grid.n_fmr must be at least 2 to fit a line, got {self.n_fmr}")
         if self.n_weights < 1:
             raise ValueError(f"grid.n_weights must be at least 1, got {self.n_weights}")
-        if not 0 < self.fmr_min < self.fmr_max < 1:
+        if not 0 < self.floor < self.fmr_max < 1:
             raise ValueError(
-                f"grid needs 0 < fmr_min < fmr_max < 1, got fmr_min={self.fmr_min}, "
+                f"grid needs 0 < fmr_min < fmr_max < 1, got fmr_min={self.floor}, "
                 f"fmr_max={self.fmr_max}"
             )
         if not self.max_ratio > 0:
             raise ValueError(f"grid.max_ratio must be positive, got {self.max_ratio}")
 
+    @property
+    def floor(self) -> float:
+        """The smallest FMR: ``fmr_min``, or the paper's 1e-5 when it is not given."""
+        return PAPER_FMR_MIN if self.fmr_min is None else float(self.fmr_min)
+
     def fmrs(self) -> np.ndarray:
-        """The FMR values, log-spaced from fmr_min to fmr_max."""
-        return np.logspace(math.log10(self.fmr_min), math.log10(self.fmr_max), self.n_fmr)
+        """The FMR values, log-spaced from the floor to fmr_max."""
+        return np.logspace(math.log10(self.floor), math.log10(self.fmr_max), self.n_fmr)
 
     def weights(self, max_quality: float) -> np.ndarray:
         """The candidate weights, linear in [-m, m] with m = max_ratio / max_quality."""

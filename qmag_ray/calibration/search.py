@@ -175,7 +175,8 @@ def select_optimal(
         raise ValueError(
             f"no threshold exists for FMR {f:.3g}: at every candidate weight, each threshold "
             f"with FMR below {f:.3g} rejects all {n_genuine} genuine pairs (too few impostor "
-            "pairs above the genuine scores to measure it); raise fmr_min above this FMR"
+            "pairs above the genuine scores to measure it); raise --fmr-min (grid.fmr_min) above "
+            "this FMR or give more impostor pairs (--impostors-per-side)"
         )
     return best, np.asarray(weights)[best], thresholds[best, cols]
 

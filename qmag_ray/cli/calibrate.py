@@ -75,7 +75,13 @@ def calibrate(
         Match | None, typer.Option(help="Match pair names to paths exactly or by path suffix.")
     ] = None,
     n_fmr: Annotated[int | None, typer.Option(min=2, help="FMR grid points (default 50).")] = None,
-    fmr_min: Annotated[float | None, typer.Option(help="Smallest grid FMR (default 1e-5).")] = None,
+    fmr_min: Annotated[
+        float | None,
+        typer.Option(
+            help="Smallest grid FMR (default 1e-5, raised with a note to what the impostor "
+            "pairs measure, 1/N, when they cannot measure 1e-5; a given value is kept or refused)."
+        ),
+    ] = None,
     fmr_max: Annotated[float | None, typer.Option(help="Largest grid FMR (default 1e-2).")] = None,
     n_weights: Annotated[
         int | None, typer.Option(min=1, help="Candidate quality weights (default 20).")
@@ -141,6 +147,8 @@ def calibrate(
     shards: Annotated[
         int | None, typer.Option(min=0, help="Pair shards (Ray tasks); 0: two per CPU.")
     ] = None,
+    quality_column: opts.QualityColumn = None,
+    quality_file: opts.QualityFile = None,
     on_missing: opts.OnMissing = None,
     on_bad: opts.OnBad = None,
     on_self: opts.OnSelf = None,
@@ -205,6 +213,8 @@ def calibrate(
         "pooling": pooling,
         "tracking.tracking_uri": tracking_uri,
         "tracking.experiment": experiment,
+        "quality.column": quality_column,
+        "quality.file": quality_file,
         "tracking.register_as": register_as,
         "tracking.register": register,
     }
@@ -215,6 +225,7 @@ def calibrate(
         validation_pairs=cfg.validation.pairs,
         templates=cfg.templates,
         validation_embeddings=cfg.validation.embeddings,
+        **{"--quality-file": cfg.quality.file},
     )
     uri = support.prepare_tracking(cfg.tracking.tracking_uri)
     held = support.take_output_lease(cfg.output, "calibrate")

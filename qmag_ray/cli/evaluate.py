@@ -48,6 +48,33 @@ def evaluate(
     edc_fmr: Annotated[
         float | None, typer.Option(help="FMR of the error-versus-discard curve (default 1e-3).")
     ] = None,
+    quality_column: opts.QualityColumn = None,
+    quality_file: opts.QualityFile = None,
+    edc_quality: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Quality measures compared in the error-versus-discard evaluation (repeat the "
+            "option; columns of the embeddings or --quality-file; default: --quality-column)."
+        ),
+    ] = None,
+    bootstrap: Annotated[
+        int | None,
+        typer.Option(help="Identity-bootstrap replicates for FNMR@FMR/EER intervals (0: none)."),
+    ] = None,
+    group_column: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Report per group of this column (repeatable; a column of the embeddings or "
+            "--group-file): quality, FNMR and FMR at the global threshold, max/min ratio."
+        ),
+    ] = None,
+    group_file: Annotated[
+        str | None, typer.Option(help="CSV/Parquet file with 'path' and the --group-column(s).")
+    ] = None,
+    score_files: Annotated[
+        bool | None,
+        typer.Option(help="Write per-pair score files (bob.bio CSV) under scores/ (default on)."),
+    ] = None,
     on_missing: opts.OnMissing = None,
     on_bad: opts.OnBad = None,
     on_self: opts.OnSelf = None,
@@ -89,6 +116,13 @@ def evaluate(
         "pooling": pooling,
         "tracking.tracking_uri": tracking_uri,
         "tracking.experiment": experiment,
+        "quality.column": quality_column,
+        "quality.file": quality_file,
+        "quality.compare": edc_quality or None,
+        "report.bootstrap": bootstrap,
+        "report.groups": group_column or None,
+        "report.group_file": group_file,
+        "report.score_files": score_files,
     }
     plain = {k: (v.value if hasattr(v, "value") else v) for k, v in given.items()}
     cfg = support.load(EvaluateConfig, config, plain)
@@ -96,6 +130,7 @@ def evaluate(
         embeddings=cfg.embeddings,
         pairs=cfg.pairs,
         calibration=cfg.calibration,
+        **{"--quality-file": cfg.quality.file, "--group-file": cfg.report.group_file},
         templates=cfg.templates,
     )
     uri = support.prepare_tracking(cfg.tracking.tracking_uri)

@@ -32,6 +32,20 @@ RayAddress = Annotated[
     str | None,
     typer.Option(help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)."),
 ]
+QualityColumn = Annotated[
+    str | None,
+    typer.Option(
+        help="Per-image quality QMagFace uses: 'quality' (the MagFace norm, default), another "
+        "column of the embeddings (e.g. serfiq) or of --quality-file."
+    ),
+]
+QualityFile = Annotated[
+    str | None,
+    typer.Option(
+        help="CSV/Parquet file with 'path' (as in the embeddings) and the --quality-column; "
+        "images without a value count as missing images."
+    ),
+]
 Templates = Annotated[
     str | None,
     typer.Option(

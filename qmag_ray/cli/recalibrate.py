@@ -82,6 +82,9 @@ def recalibrate(
         holdout_embeddings=cfg.holdout.embeddings,
         holdout_pairs=cfg.holdout.pairs,
     )
+    from qmag_ray.workflows.recalibrate_inputs import check_gate_measurable
+
+    support.guarded("recalibrate", lambda: check_gate_measurable(cfg))
     support.prepare_tracking(cfg.tracking.tracking_uri)
     # One recalibration per config at a time (overlapping cron runs): the lease is on the
     # runs folder, taken before anything is embedded into the shared embeddings.

@@ -39,6 +39,12 @@ def train(
         int, typer.Option(min=1, help="CPUs (torch threads) per worker.")
     ] = 1,
     gpu: Annotated[bool, typer.Option(help="One GPU per worker.")] = False,
+    max_failures: Annotated[
+        int,
+        typer.Option(
+            min=0, help="Restarts after a lost worker, each resuming from the last saved epoch."
+        ),
+    ] = 2,
     init_checkpoint: Annotated[
         str | None, typer.Option(help="Fine-tune from this checkpoint (MagFace layout).")
     ] = None,
@@ -80,6 +86,7 @@ def train(
         num_workers=num_workers,
         use_gpu=gpu,
         cpus_per_worker=cpus_per_worker,
+        max_failures=max_failures,
         init_checkpoint=init_checkpoint,
         dropout=dropout,
         flip=flip,
@@ -95,6 +102,7 @@ def train(
         f"checkpoint: {storage.redact(result.checkpoint)} (epoch {result.epoch}); "
         f"last loss {final.get('loss', float('nan')):.3f}, accuracy {final.get('acc', 0.0):.3f}, "
         f"mean norm {final.get('norm', 0.0):.1f}"
+        + (f"; resumed {result.resumes} time(s) after a lost worker" if result.resumes else "")
     )
     if tracking:
         from qmag_ray.training.mlflow_log import log_training

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from mlflow.models.model import ModelInfo
 
 DEFAULT_FMR = 1e-3
-PARAMS = ("fmr",)
+PARAMS = ("fmr", "quality")
 COSINE_SLACK = 1e-6  # rounding of a computed cosine; anything further out is not a cosine
 EMBEDDING_COLUMNS = ("embedding_a", "embedding_b")
 SCORE_COLUMNS = ("cosine", "quality_a", "quality_b")
@@ -38,6 +38,11 @@ ENTRY_FILE = Path(__file__).with_name("pyfunc_entry.py")
 
 class ScoringError(ValueError):
     """Input the scorer cannot score; the message names the column and row."""
+
+
+def expected_quality(calibration: QMagFaceCalibration) -> str:
+    """The per-image quality the calibration was fitted on (``quality``: the MagFace norm)."""
+    return str(calibration.extra.get("quality_column", "quality"))
 
 
 def _check_finite(name: str, values: np.ndarray) -> None:
@@ -216,6 +221,11 @@ def score_frame(
             f"{', '.join(EMBEDDING_COLUMNS)} or {', '.join(SCORE_COLUMNS)} "
             f"(got: {', '.join(map(str, frame.columns)) or 'no columns'})"
         )
+    if has_embeddings and expected_quality(calibration) != "quality":
+        raise ScoringError(
+            f"this scorer was fitted on the quality {expected_quality(calibration)!r}, not on "
+            "the embedding norm: give cosine, quality_a and quality_b with that quality"
+        )
     if has_embeddings:
         a, b = (_column_matrix(frame, name) for name in EMBEDDING_COLUMNS)
         if not len(frame):
@@ -244,14 +254,22 @@ class QMagFaceScorerModel(mlflow.pyfunc.PythonModel):
 
         if self.calibration is None:
             raise MlflowException("the scorer's calibration was not loaded (load_context)")
+        asked = (params or {}).get("quality")
+        if asked is not None and str(asked) != expected_quality(self.calibration):
+            raise MlflowException(
+                f"params quality={asked!r} but this scorer expects the quality "
+                f"{expected_quality(self.calibration)!r} in quality_a/quality_b",
+                error_code=INVALID_PARAMETER_VALUE,
+            )
         try:
             return score_frame(self.calibration, model_input, fmr=check_params(params))
         except ScoringError as exc:  # a 400 answer over REST, with the message
             raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
 
 
-def scorer_signature() -> ModelSignature:
-    """Outputs and the ``fmr`` parameter; no input schema, on purpose.
+def scorer_signature(quality: str = "quality") -> ModelSignature:
+    """Outputs and the parameters ``fmr`` and ``quality`` (whose default names the per-image
+    quality ``quality_a``/``quality_b`` must be); no input schema, on purpose.
 
     With an input schema MLflow drops unknown columns silently and echoes the whole input in
     its enforcement errors; without one ``score_frame`` sees the columns as sent, refuses
@@ -266,7 +284,12 @@ def scorer_signature() -> ModelSignature:
         [ColSpec(DataType.double, name) for name in ("score", "cosine", "quality")]
         + [ColSpec(DataType.boolean, "match")]
     )
-    params = ParamSchema([ParamSpec("fmr", DataType.double, DEFAULT_FMR)])
+    params = ParamSchema(
+        [
+            ParamSpec("fmr", DataType.double, DEFAULT_FMR),
+            ParamSpec("quality", DataType.string, quality),
+        ]
+    )
     return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
 
@@ -298,7 +321,7 @@ def log_scorer(
             name=name,
             python_model=str(ENTRY_FILE),
             artifacts={CALIBRATION_ARTIFACT: str(path)},
-            signature=scorer_signature(),
+            signature=scorer_signature(expected_quality(calibration)),
             input_example=input_example(),
             pip_requirements=[f"qmag-ray=={__version__}", f"mlflow=={mlflow.__version__}"],
             registered_model_name=registered_model_name,

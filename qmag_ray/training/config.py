@@ -26,6 +26,8 @@ class TrainConfig:
         lr, momentum, weight_decay, optimizer: SGD (MagFace's choice) or AdamW.
         warmup_steps: linear learning-rate warm-up, followed by cosine decay to zero.
         num_workers, use_gpu, cpus_per_worker: Ray Train scaling.
+        max_failures: worker-group restarts Ray Train may make after a lost worker; each
+            resumes from the latest saved epoch.
         init_checkpoint: fine-tune from this checkpoint (any MagFace layout).
         dropout: override of the backbone's dropout rate (shapes are unaffected).
         flip: random horizontal flips.
@@ -49,6 +51,7 @@ class TrainConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: int = 1
+    max_failures: int = 2
     init_checkpoint: str | None = None
     dropout: float | None = None
     flip: bool = False
@@ -65,6 +68,8 @@ class TrainConfig:
                 raise ValueError(
                     f"TrainConfig.{name} must be at least 1, got {getattr(self, name)}"
                 )
+        if self.max_failures < 0:
+            raise ValueError(f"TrainConfig.max_failures must be >= 0, got {self.max_failures}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"TrainConfig.max_steps must be at least 1, got {self.max_steps}")
         if self.optimizer not in OPTIMIZERS:

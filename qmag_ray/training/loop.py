@@ -2,9 +2,15 @@
 
 Each worker lists the data, builds the backbone (or loads ``init_checkpoint``) and a MagFace
 head, and trains with DDP through ``ray.train.torch``. Metrics averaged over workers go to
-``ray.train.report`` every ``log_every`` steps and at each epoch's end; rank 0 writes the
-checkpoints in MagFace's layout with :func:`qmag_ray.model.save_checkpoint` and the metric
-history as ``history.json`` beside them.
+``ray.train.report`` every ``log_every`` steps; rank 0 writes the checkpoints in MagFace's
+layout with :func:`qmag_ray.model.save_checkpoint` and the metric history as ``history.json``
+beside them.
+
+At every saved epoch the full training state (network with its margin head, optimizer,
+learning-rate schedule, step, history) is also reported to Ray Train as a checkpoint. When a
+worker dies, Ray Train restarts the worker group (``TrainConfig.max_failures`` times) and the
+loop resumes from the latest reported state instead of starting over; the state file holds
+tensors and plain values only and is read with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from qmag_ray.training.magface import MagFaceHead
 logger = logging.getLogger(__name__)
 
 HISTORY = "history.json"
+STATE_FILE = "train_state.pt"  # inside a Ray Train checkpoint directory
 HEAD_KEY = "fc.weight"  # the margin head's key in MagFace training checkpoints
 
 
@@ -140,8 +147,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total)
     )
     history: list[dict[str, float]] = []
-    step, skipped, start = 0, 0, time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
+    step, skipped, first_epoch, resumes = 0, 0, 1, 0
+    restored = _restore(model, optimizer, sched)
+    if restored is not None:
+        history, step, skipped, resumes = (
+            restored["history"],
+            restored["step"],
+            restored["skipped"],
+            restored["resumes"] + 1,
+        )
+        first_epoch = restored["epoch"] + 1
+        logger.warning(
+            "resuming training after epoch %d (step %d): restart %d",
+            restored["epoch"],
+            step,
+            resumes,
+        )
+    start, start_step = time.perf_counter(), step
+    if step >= total or first_epoch > cfg.epochs:
+        return
+    for epoch in range(first_epoch, cfg.epochs + 1):
         if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
         window: dict[str, float] = {"loss": 0.0, "id": 0.0, "g": 0.0, "acc": 0.0, "norm": 0.0}
@@ -163,7 +188,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     epoch=epoch,
                     lr=sched.get_last_lr()[0],
                     skipped=skipped,
-                    images_per_s=step
+                    resumes=resumes,
+                    images_per_s=(step - start_step)
                     * cfg.batch_size
                     * cfg.num_workers
                     / (time.perf_counter() - start),
@@ -175,10 +201,69 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if last:
                 break
         done = step >= total or epoch == cfg.epochs
-        if rank == 0 and (done or epoch % cfg.checkpoint_every == 0):
-            _save(cfg, model, head_weight, epoch, history)
+        if done or epoch % cfg.checkpoint_every == 0:
+            if rank == 0:
+                _save(cfg, model, head_weight, epoch, history, resumes)
+            _report_state(
+                rank,
+                model,
+                optimizer,
+                sched,
+                {"epoch": epoch, "step": step, "skipped": skipped, "resumes": resumes},
+                history,
+            )
         if done:
             break
+
+
+def _report_state(
+    rank: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    counters: dict[str, int],
+    history: list[dict[str, float]],
+) -> None:
+    """Report the resumable state of the run to Ray Train (every rank calls this together)."""
+    import tempfile
+
+    import ray.train
+
+    metrics = {"epoch_done": counters["epoch"], "step": counters["step"]}
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    net = model.module if hasattr(model, "module") else model
+    state = {
+        "model": net.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": sched.state_dict(),
+        "history": history,
+        **counters,
+    }
+    with tempfile.TemporaryDirectory(prefix="qmag-train-") as folder:
+        torch.save(state, f"{folder}/{STATE_FILE}")
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def _restore(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+) -> dict[str, Any] | None:
+    """Load the latest state Ray Train kept for this run (after a restart), else ``None``."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        state = torch.load(f"{folder}/{STATE_FILE}", map_location="cpu", weights_only=True)
+    net = model.module if hasattr(model, "module") else model
+    net.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    return state
 
 
 def _save(
@@ -187,6 +272,7 @@ def _save(
     head_weight: torch.Tensor,
     epoch: int,
     history: list[dict[str, float]],
+    resumes: int = 0,
 ) -> None:
     from qmag_ray.model import save_checkpoint
 
@@ -195,6 +281,6 @@ def _save(
     save_checkpoint(
         net.backbone, uri, cfg.arch, epoch=epoch, extra_state={HEAD_KEY: head_weight.detach()}
     )
-    payload = {"checkpoint": uri, "epoch": epoch, "history": history}
+    payload = {"checkpoint": uri, "epoch": epoch, "history": history, "resumes": resumes}
     storage.write_bytes(storage.join(cfg.output, HISTORY), json.dumps(payload, indent=1).encode())
     logger.info("saved %s", storage.redact(uri))

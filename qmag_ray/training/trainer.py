@@ -35,6 +35,7 @@ class TrainResult:
     history: list[dict[str, float]]
     num_classes: int
     num_images: int
+    resumes: int = 0
 
     @property
     def final(self) -> dict[str, float]:
@@ -62,7 +63,7 @@ def train(config: TrainConfig, *, run_name: str | None = None) -> TrainResult:
     Raises:
         TrainingError: the run failed on a worker (the worker's error is chained).
     """
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     # Workers run in other working directories: ship absolute local paths.
@@ -91,7 +92,13 @@ def train(config: TrainConfig, *, run_name: str | None = None) -> TrainResult:
             use_gpu=config.use_gpu,
             resources_per_worker={"CPU": config.cpus_per_worker},
         ),
-        run_config=RunConfig(name=name, storage_path=_ray_storage(config.output)),
+        run_config=RunConfig(
+            name=name,
+            storage_path=_ray_storage(config.output),
+            # a lost worker restarts the group from the latest reported training state
+            failure_config=FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
     )
     try:
         trainer.fit()
@@ -112,4 +119,5 @@ def read_result(output: str, *, num_classes: int = 0, num_images: int = 0) -> Tr
         history=list(payload["history"]),
         num_classes=num_classes,
         num_images=num_images,
+        resumes=int(payload.get("resumes", 0)),
     )

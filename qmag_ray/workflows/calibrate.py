@@ -28,6 +28,7 @@ from qmag_ray.calibration.fit import METHODS, calibrate
 from qmag_ray.calibration.result import QMagFaceCalibration
 from qmag_ray.embeddings import load_embeddings
 from qmag_ray.pairs.templates import Pooling
+from qmag_ray.quality.columns import QualityColumnError, with_quality
 from qmag_ray.workflows import reporting
 from qmag_ray.workflows.config import CalibrateConfig, PairMode
 from qmag_ray.workflows.provenance import check_embedding_input, embedding_provenance
@@ -219,10 +220,15 @@ def run_calibration(config: CalibrateConfig, *, use_ray: bool = True) -> Calibra
     """
     cfg = config
     checked = check_embedding_input(cfg.embeddings, allow_incomplete=cfg.allow_incomplete)
-    table, pooled = templates_table(load_embeddings(cfg.embeddings), cfg)
+    table = load_embeddings(cfg.embeddings)
+    try:
+        table, qinfo = with_quality(table, cfg.embeddings, cfg.quality.column, cfg.quality.file)
+    except QualityColumnError as exc:
+        raise WorkflowError(str(exc)) from None
+    table, pooled = templates_table(table, cfg)
     shards = _shards(cfg, use_ray)
     sides = build_sides(table, cfg, shards)
-    notes = list(sides.notes) + ([checked.note] if checked.note else [])
+    notes = [n for n in (checked.note, qinfo.note()) if n] + list(sides.notes)
     if pooled is not None:
         sides.table_info["templates"] = {
             "uri": storage.redact(cfg.templates or ""),
@@ -246,6 +252,8 @@ def run_calibration(config: CalibrateConfig, *, use_ray: bool = True) -> Calibra
         sides.fit.source.num_shards(),
     )
     cal = _fit(sides.fit, cfg, use_ray)
+    if cal.extra.get("grid_note"):
+        notes.append(cal.extra["grid_note"])
     logger.info("fitted alpha=%.6f beta=%.6f; measuring in-sample metrics", cal.alpha, cal.beta)
     fit_arrays = _metric_arrays(sides.fit, cfg, use_ray)
     in_sample = reporting.report(*fit_arrays, cal)
@@ -261,6 +269,8 @@ def run_calibration(config: CalibrateConfig, *, use_ray: bool = True) -> Calibra
         extra={
             **cal.extra,
             "embedding_dim": table.dim,
+            "quality_column": cfg.quality.column,
+            "quality": qinfo.to_dict(),
             "embeddings": {**sides.table_info, **provenance},
             "pairs": sides.fit.info,
             "validation": validation,
@@ -269,6 +279,8 @@ def run_calibration(config: CalibrateConfig, *, use_ray: bool = True) -> Calibra
     files = _write(cfg.output, cal, in_sample, held_report, validation, fit_arrays, held_arrays)
     params = _params(cfg, sides, shards)
     params["embedding_model"] = provenance
+    params["quality_column"] = cfg.quality.column
+    params["quality_file"] = storage.redact(cfg.quality.file) if cfg.quality.file else None
     if cfg.resolved_pair_mode is PairMode.EXHAUSTIVE:
         params["exhaustive_metrics"] = "sample of generated pairs"
     return CalibrationOutcome(

@@ -120,6 +120,63 @@ class ValidationConfig:
 
 
 @dataclass(frozen=True)
+class QualitySettings:
+    """Which per-image quality scores use, and which measures the quality evaluation compares.
+
+    Attributes:
+        column: the quality QMagFace uses: ``quality`` (the MagFace norm, default), or another
+            column of the embeddings (``serfiq``) or of ``file``.
+        file: a joined CSV/Parquet file (``path`` + columns) read instead of the embeddings.
+        compare: quality measures drawn side by side in the error-versus-discard evaluation
+            (columns of the embeddings or of ``file``); empty: ``column`` alone.
+        edc_limit: largest share of genuine pairs discarded on the curves.
+        pauc_limit: the partial area under each curve is taken up to this share.
+    """
+
+    column: str = "quality"
+    file: str | None = None
+    compare: tuple[str, ...] = ()
+    edc_limit: float = 0.5
+    pauc_limit: float = 0.2
+
+    def __post_init__(self) -> None:
+        if not self.column:
+            raise ValueError("quality.column must name a column")
+        if not 0 < self.pauc_limit <= self.edc_limit <= 1:
+            raise ValueError(
+                "need 0 < quality.pauc_limit <= quality.edc_limit <= 1, got "
+                f"{self.pauc_limit} and {self.edc_limit}"
+            )
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    """What an evaluation writes beside metrics.json.
+
+    Attributes:
+        score_files: per-pair score files (bob.bio CSV layout) under ``scores/``.
+        bootstrap: identity-bootstrap replicates for the FNMR@FMR and EER intervals (0: none).
+        level: the intervals' confidence level.
+        seed: the bootstrap's seed.
+        groups: group columns (of the embeddings or ``group_file``) reported per group.
+        group_file: a joined CSV/Parquet file (``path`` + the group columns).
+    """
+
+    score_files: bool = True
+    bootstrap: int = 1000
+    level: float = 0.95
+    seed: int = 0
+    groups: tuple[str, ...] = ()
+    group_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.bootstrap < 0:
+            raise ValueError(f"report.bootstrap must be >= 0, got {self.bootstrap}")
+        if not 0 < self.level < 1:
+            raise ValueError(f"report.level must lie in (0, 1), got {self.level}")
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     """Where the run is recorded. ``tracking_uri`` None: ``MLFLOW_TRACKING_URI``, else SQLite."""
 
@@ -160,6 +217,8 @@ class CalibrateConfig:
             ``error`` (default) or ``skip`` (skips are counted and reported).
         allow_incomplete: use an embed output without a finished summary.json (interrupted
             or failed run); counted and reported. Mixed models are refused regardless.
+        quality: the per-image quality alpha and beta are fitted on (``quality.column``,
+            ``quality.file``; the other fields only matter for evaluate).
     """
 
     embeddings: str = ""
@@ -185,6 +244,7 @@ class CalibrateConfig:
     on_duplicate: Policy = Policy.ERROR
     allow_incomplete: bool = False
     tracking: CalibrateTrackingConfig = field(default_factory=CalibrateTrackingConfig)
+    quality: QualitySettings = field(default_factory=QualitySettings)
 
     def __post_init__(self) -> None:
         if not self.embeddings:
@@ -232,6 +292,9 @@ class EvaluateConfig:
         allow_incomplete: as in ``CalibrateConfig``.
         allow_other_model: apply a calibration fitted on embeddings of another model (the
             model sha256s differ); refused by default.
+        quality: which per-image quality the QMagFace score uses and which measures the
+            quality evaluation compares (``QualitySettings``).
+        report: score files, bootstrap intervals and group reports (``ReportSettings``).
     """
 
     embeddings: str = ""
@@ -253,6 +316,8 @@ class EvaluateConfig:
     allow_incomplete: bool = False
     allow_other_model: bool = False
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    quality: QualitySettings = field(default_factory=QualitySettings)
+    report: ReportSettings = field(default_factory=ReportSettings)
 
     def __post_init__(self) -> None:
         for name in ("embeddings", "pairs", "output"):
@@ -283,3 +348,61 @@ def _check_templates(
             f"templates were given with the image protocol {proto.value}; use protocol ijbb, "
             "ijbc or generic (a CSV a, b, label naming templates)"
         )
+
+
+@dataclass(frozen=True)
+class IdentifyConfig:
+    """Everything ``run_identification`` needs.
+
+    Attributes:
+        embeddings: the embeddings (embed job output, ``embeddings/`` folder or a Parquet file).
+        output: folder or URI for metrics.json and candidates.parquet.
+        gallery, probes: CSV/Parquet lists ``path, identity[, subset]`` (or template lists
+            ``path, template[, media], identity``; IJB's 1:N CSVs); exclusive with ``layout``.
+        layout: ``scface`` or ``tinyface``: gallery and probes found among the embeddings'
+            paths as the release lays them out.
+        prefix, match: how list paths map onto the embeddings' ``path`` column.
+        calibration, alpha, beta: the QMagFace scorer (a calibration.json, or alpha and beta).
+        pooling: pooling rule of template lists.
+        shards: gallery shards (Ray tasks); 0 picks two per CPU of the cluster.
+        on_missing: listed images not in the embeddings (or unusable): error or skip (counted).
+        on_unlabelled: probes without an identity: error or skip (counted). Probes whose
+            identity is not enrolled are the open-set non-mated searches, never skipped.
+    """
+
+    embeddings: str = ""
+    output: str = ""
+    gallery: str | None = None
+    probes: str | None = None
+    layout: str | None = None
+    prefix: str = ""
+    match: Match = Match.EXACT
+    calibration: str | None = None
+    alpha: float | None = None
+    beta: float | None = None
+    pooling: Pooling = Pooling.QUALITY
+    shards: int = 0
+    on_missing: Policy = Policy.ERROR
+    on_unlabelled: Policy = Policy.ERROR
+
+    def __post_init__(self) -> None:
+        for name in ("embeddings", "output"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} is required")
+        if self.layout is not None:
+            if self.layout not in ("scface", "tinyface"):
+                raise ValueError(f"layout must be scface or tinyface, got {self.layout!r}")
+            if self.gallery or self.probes:
+                raise ValueError("give either layout or gallery and probes lists, not both")
+        elif not (self.gallery and self.probes):
+            raise ValueError("give gallery and probes (CSV lists) or a layout (scface, tinyface)")
+        given = (self.alpha is not None, self.beta is not None)
+        if self.calibration and any(given):
+            raise ValueError("give either calibration (a calibration.json) or alpha and beta")
+        if not self.calibration and not all(given):
+            raise ValueError(
+                "QMagFace ranking needs a scorer: give calibration (a calibration.json) or both "
+                "alpha and beta"
+            )
+        if self.shards < 0:
+            raise ValueError(f"shards must be >= 0 (0: automatic), got {self.shards}")

@@ -7,7 +7,10 @@ task per shard when ``use_ray``), and writes into ``config.output``::
     metrics.json    FNMR@FMR, EER, AUC, 10-fold accuracy with std, EDC for both scores;
                     the calibration used, the pairs' resolve report (skips counted) and, when
                     the calibration has operating thresholds, FMR/FNMR measured at them
-    plots/*.png     DET curves, quality histograms, EDC
+    plots/*.png     DET curves (normal-deviate axes, bootstrap intervals), quality
+                    histograms, EDC, the quality evaluation (EDC of several measures) and
+                    quality by group
+    scores/*.csv    per-pair score files in bob.bio's CSV layout (cosine.csv, qmagface.csv)
 
 A benchmark list naming images that are not in the embeddings fails, listing them, unless
 ``on_missing`` is ``skip``; then the skipped pairs and images are counted in the outcome.
@@ -26,8 +29,10 @@ from qmag_ray.calibration.result import QMagFaceCalibration
 from qmag_ray.embeddings import load_embeddings
 from qmag_ray.pairs.listed import ListedPairSource
 from qmag_ray.pairs.templates import Pooling
+from qmag_ray.quality.columns import QualityColumnError, with_quality
 from qmag_ray.workflows import reporting
 from qmag_ray.workflows.config import EvaluateConfig
+from qmag_ray.workflows.extra_reports import ExtraReports, write_extra_reports
 from qmag_ray.workflows.provenance import (
     EmbeddingInput,
     check_embedding_input,
@@ -50,6 +55,7 @@ class EvaluationOutcome:
     params: dict[str, Any]
     notes: list[str] = field(default_factory=list)
     tar_at_far: dict[str, Any] | None = None
+    extra: ExtraReports | None = None
 
     def tracking_metrics(self) -> dict[str, float]:
         """Flat metrics for MLflow (``qmagface.fnmr_at_fmr_1e-03``...), alpha, beta, skips."""
@@ -59,6 +65,13 @@ class EvaluationOutcome:
             "pairs_skipped": float(self.pairs["resolve"]["skipped"]),
             **reporting.flat_metrics(self.report),
         }
+        if self.extra is not None:
+            for system, dist in self.extra.doc.get("distributions", {}).items():
+                if dist.get("d_prime") is not None:
+                    out[f"{system}.d_prime"] = float(dist["d_prime"])
+            if self.extra.quality is not None:
+                for name, curve in self.extra.quality.curves.items():
+                    out[f"quality_edc.{name}.pauc"] = curve.pauc
         if self.tar_at_far is not None:
             for conv in ("iso", "nearest"):
                 for name, row in self.tar_at_far[conv].items():
@@ -78,6 +91,9 @@ class EvaluationOutcome:
         ]
         if self.tar_at_far is not None:
             lines += ["", metrics.format_tar_table(self.tar_at_far)]
+        if self.extra is not None:
+            for block in self.extra.text:
+                lines += ["", block]
         if self.notes:
             lines += ["", *[f"note: {n}" for n in self.notes]]
         lines += ["", f"results in {storage.redact(self.output)}"]
@@ -143,7 +159,21 @@ def run_evaluation(config: EvaluateConfig, *, use_ray: bool = True) -> Evaluatio
     cal = load_scorer(cfg)
     checked = check_embedding_input(cfg.embeddings, allow_incomplete=cfg.allow_incomplete)
     model_note = check_calibration_model(cal, checked, cfg)
-    table, pooled = templates_table(load_embeddings(cfg.embeddings), cfg)
+    base_table = load_embeddings(cfg.embeddings)
+    try:
+        table, qinfo = with_quality(
+            base_table, cfg.embeddings, cfg.quality.column, cfg.quality.file
+        )
+    except QualityColumnError as exc:
+        raise WorkflowError(str(exc)) from None
+    expected_quality = cal.extra.get("quality_column", "quality")
+    if cfg.calibration and expected_quality != cfg.quality.column:
+        raise WorkflowError(
+            f"the calibration was fitted with quality {expected_quality!r} but --quality-column "
+            f"is {cfg.quality.column!r}: alpha and beta are on that quality's scale; evaluate "
+            f"with --quality-column {expected_quality} or calibrate on {cfg.quality.column!r}"
+        )
+    table, pooled = templates_table(table, cfg)
     expected_dim = cal.extra.get("embedding_dim")
     if expected_dim is not None and int(expected_dim) != table.dim:
         raise WorkflowError(
@@ -152,7 +182,7 @@ def run_evaluation(config: EvaluateConfig, *, use_ray: bool = True) -> Evaluatio
         )
     resolved, protocol = read_listed(table, cfg.pairs, cfg.protocol, cfg)
     report_ = resolved.report
-    notes = [n for n in (checked.note, model_note) if n]
+    notes = [n for n in (checked.note, model_note, qinfo.note()) if n]
     if pooled is not None and pooled.missing_images:
         notes.append(
             f"{pooled.missing_images} image(s) of the template table are not in the embeddings "
@@ -210,10 +240,22 @@ def run_evaluation(config: EvaluateConfig, *, use_ray: bool = True) -> Evaluatio
         "notes": notes,
     }
     files = {"metrics.json": storage.join(cfg.output, "metrics.json")}
-    reporting.write_json(files["metrics.json"], doc)
     plots_dir = storage.join(cfg.output, "plots")
     for uri in reporting.write_figures(plots_dir, cos, q, y, cal, rep, with_calibration_plot=False):
         files[storage.join("plots", uri[len(plots_dir.rstrip("/")) + 1 :])] = uri
+    try:
+        extra = write_extra_reports(
+            cfg, table=table, base_table=base_table, idx_a=resolved.idx_a,
+            idx_b=resolved.idx_b, cosine=cos, qmagface=qmag, labels=y,
+            fmrs=tuple(f for f in metrics.REPORT_FMRS if metrics.supports(f, int((y == 0).sum()))),
+        )
+    except QualityColumnError as exc:
+        raise WorkflowError(str(exc)) from None
+    files.update(extra.files)
+    notes += extra.notes
+    doc.update(extra.doc)
+    doc["quality"] = qinfo.to_dict()
+    reporting.write_json(files["metrics.json"], doc)
     params = {
         "embeddings": storage.redact(cfg.embeddings),
         "pairs": pairs_info["uri"],
@@ -225,8 +267,11 @@ def run_evaluation(config: EvaluateConfig, *, use_ray: bool = True) -> Evaluatio
         "on_missing": cfg.on_missing.value,
         "embeddings_fingerprint": table.fingerprint(),
         "embedding_model": doc["embeddings"],
+        "quality_column": cfg.quality.column,
+        "quality_file": storage.redact(cfg.quality.file) if cfg.quality.file else None,
+        "bootstrap_replicates": cfg.report.bootstrap,
     }
     if pooled is not None:
         params["templates"] = doc["templates"]["uri"]
         params["pooling"] = doc["templates"]["pooling"]
-    return EvaluationOutcome(cal, cfg.output, files, rep, pairs_info, params, notes, tar)
+    return EvaluationOutcome(cal, cfg.output, files, rep, pairs_info, params, notes, tar, extra)

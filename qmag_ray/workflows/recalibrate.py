@@ -40,6 +40,7 @@ from qmag_ray.tracking.runs import TrackedRun, tracked_run
 from qmag_ray.workflows.recalibrate_config import RecalibrateConfig
 from qmag_ray.workflows.recalibrate_inputs import (
     RecalibrationError,
+    check_gate_measurable,
     check_holdout_model,
     embed_new_images,
     inputs_fingerprint,
@@ -149,6 +150,7 @@ def run_recalibration(
     from qmag_ray.workflows.calibrate import run_calibration
     from qmag_ray.workflows.config import CalibrateConfig
 
+    check_gate_measurable(cfg)  # before anything is embedded or fitted
     out = storage.join(cfg.output, _stamp())
     name = cfg.register_as
     with tracked_run(

@@ -99,3 +99,27 @@ def check_holdout_model(cfg: RecalibrateConfig, model_sha256: str) -> None:
             f"a checkpoint of sha256 {sha[:12]}..., not the recalibration model "
             f"({model_sha256[:12]}...); embed the held-out images with the same model"
         )
+
+
+def check_gate_measurable(cfg: RecalibrateConfig) -> int:
+    """Refuse, before anything is embedded, a gate FMR the held-out protocol cannot measure.
+
+    The gate compares FNMR at ``gate.target_fmr`` on ``holdout.pairs``; with N impostor pairs
+    no FMR below 1/N is measured (the metric would be empty after embedding, fitting and
+    registering a challenger). Returns N.
+    """
+    from qmag_ray.metrics import supports
+    from qmag_ray.pairs.protocols import read_pairs
+
+    assert cfg.holdout is not None
+    _, n_impostor = read_pairs(cfg.holdout.pairs, cfg.holdout.protocol).counts()
+    target = cfg.gate.target_fmr
+    if not supports(target, n_impostor):
+        smallest = 1.0 / n_impostor if n_impostor else float("inf")
+        raise RecalibrationError(
+            f"--target-fmr (gate.target_fmr) {target:g} cannot be measured on the held-out "
+            f"protocol {storage.redact(cfg.holdout.pairs)}: its {n_impostor} impostor pairs "
+            f"measure no FMR below {smallest:.3g}; set --target-fmr >= {smallest:.3g} "
+            "(e.g. --set gate.target_fmr=1e-3) or use a larger held-out pair list"
+        )
+    return n_impostor

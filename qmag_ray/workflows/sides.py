@@ -275,7 +275,11 @@ def _pairs_held_out(
     assert val.pairs is not None
     val_table = table
     if val.embeddings:
-        val_table = load_embeddings(val.embeddings)
+        from qmag_ray.quality.columns import with_quality
+
+        val_table, _ = with_quality(
+            load_embeddings(val.embeddings), val.embeddings, cfg.quality.column, cfg.quality.file
+        )
     resolved, protocol = read_listed(val_table, val.pairs, val.protocol, cfg)
     listed = ListedPairSource(val_table, resolved, shards=shards)
     used = np.unique(np.concatenate([resolved.idx_a, resolved.idx_b]))

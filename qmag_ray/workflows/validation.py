@@ -22,12 +22,21 @@ import numpy as np
 from qmag_ray import metrics
 from qmag_ray.calibration.result import CalibrationGrid, QMagFaceCalibration
 
+#: Below this many false matches an FNMR at FMR is marked as resting on little evidence.
+FEW_FALSE_MATCHES = 10
+
+
+def fmr_text(fmr: float) -> str:
+    """``1e-03`` for a decade, ``1.12e-05`` otherwise (a raised grid floor)."""
+    mantissa = fmr / 10.0 ** math.floor(math.log10(fmr))
+    return f"{fmr:.0e}" if math.isclose(mantissa, 1.0, rel_tol=1e-6) else f"{fmr:.2e}"
+
 
 def target_fmrs(grid: CalibrationGrid) -> list[float]:
     """The decade FMRs inside ``[fmr_min, fmr_max]``, plus both ends of the range."""
-    lo, hi = math.log10(grid.fmr_min), math.log10(grid.fmr_max)
+    lo, hi = math.log10(grid.floor), math.log10(grid.fmr_max)
     decades = [10.0**e for e in range(math.ceil(lo - 1e-9), math.floor(hi + 1e-9) + 1)]
-    values = sorted({*decades, grid.fmr_min, grid.fmr_max})
+    values = sorted({*decades, grid.floor, grid.fmr_max})
     out: list[float] = []
     for v in values:  # drop near-duplicates (an end that is a decade up to rounding)
         if not out or abs(math.log10(v) - math.log10(out[-1])) > 1e-6:
@@ -120,12 +129,13 @@ def check_guard(
         c, q, f = row["cosine_fnmr"], row["qmagface_fnmr"], row["fmr"]
         if c is None or q is None:
             reasons.append(
-                f"NOTE: FMR {f:.0e} cannot be measured on {n_impostor} held-out impostor pairs"
+                f"NOTE: FMR {fmr_text(f)} cannot be measured on {n_impostor} held-out "
+                "impostor pairs"
             )
             continue
         if f * n_impostor < min_false_matches - 1e-9:
             reasons.append(
-                f"NOTE: FMR {f:.0e} not judged: {n_impostor} held-out impostor pairs allow "
+                f"NOTE: FMR {fmr_text(f)} not judged: {n_impostor} held-out impostor pairs allow "
                 f"{f * n_impostor:.1f} false matches there (fewer than {min_false_matches})"
             )
             continue
@@ -134,8 +144,8 @@ def check_guard(
         worse = q - c > allowed
         failed |= worse
         reasons.append(
-            f"{'FAIL' if worse else 'PASS'}: FMR {f:.0e}: QMagFace FNMR {100 * q:.3f}% vs cosine "
-            f"{100 * c:.3f}% (allowed excess {100 * allowed:.3f} points)"
+            f"{'FAIL' if worse else 'PASS'}: FMR {fmr_text(f)}: QMagFace FNMR {100 * q:.3f}% vs "
+            f"cosine {100 * c:.3f}% (allowed excess {100 * allowed:.3f} points)"
         )
     passed: bool | None = not failed
     if measured == 0:
@@ -164,16 +174,26 @@ def format_held_out(validation: dict[str, Any], *, targets_only: bool = True) ->
     def pct(x: float | None) -> str:
         return "-" if x is None else f"{100 * x:.3f}"
 
+    n_imp = validation["n_impostor"]
+
+    def evidence(fmr: float) -> str:  # the false matches an FNMR at this FMR rests on
+        n = int(math.floor(fmr * n_imp + 1e-9))
+        return f"{n}{'*' if n < FEW_FALSE_MATCHES else ' '}"
+
     lines = [
-        f"held-out: {validation['n_genuine']} genuine / {validation['n_impostor']} impostor pairs",
-        f"{'FNMR % @ FMR':<14}  {'cosine':>9}  {'QMagFace':>9}",
-        "-" * 36,
+        f"held-out: {validation['n_genuine']} genuine / {n_imp} impostor pairs",
+        f"{'FNMR % @ FMR':<14}  {'cosine':>9}  {'QMagFace':>9}  {'false matches':>14}",
+        "-" * 52,
     ]
     lines += [
-        f"{r['fmr']:<14.0e}  {pct(r['cosine_fnmr']):>9}  {pct(r['qmagface_fnmr']):>9}" for r in rows
+        f"{fmr_text(r['fmr']):<14}  {pct(r['cosine_fnmr']):>9}  {pct(r['qmagface_fnmr']):>9}  "
+        f"{evidence(r['fmr']):>14}"
+        for r in rows
     ]
     eer = validation["eer"]
     lines.append(f"{'EER %':<14}  {pct(eer.get('cosine')):>9}  {pct(eer.get('qmagface')):>9}")
+    if any(math.floor(r["fmr"] * n_imp + 1e-9) < FEW_FALSE_MATCHES for r in rows):
+        lines.append(f"* fewer than {FEW_FALSE_MATCHES} false matches: that FNMR is a rough figure")
     guard = validation["guard"]
     verdict = {True: "PASSED", False: "FAILED", None: "NOT DECIDED"}[guard["passed"]]
     lines.append(f"guard (QMagFace not worse than cosine): {verdict}")
@@ -247,7 +267,7 @@ def format_methods(comparison: dict[str, Any], *, targets_only: bool = True) -> 
         f"held-out: {comparison['n_genuine']} genuine / {comparison['n_impostor']} impostor pairs",
     )
     lines.append(f"{'FNMR % @ FMR':<14}  " + "-" * (11 * len(names) - 2))
-    lines += [f"{r['fmr']:<14.0e}  {cells([pct(r[n]) for n in names])}" for r in rows]
+    lines += [f"{fmr_text(r['fmr']):<14}  {cells([pct(r[n]) for n in names])}" for r in rows]
     lines.append(f"{'EER %':<14}  {cells([pct(comparison['eer'].get(n)) for n in names])}")
     verdicts = {True: "PASSED", False: "FAILED", None: "-"}
     guard = [verdicts[comparison["guard"].get(m)] for m in methods]

@@ -23,6 +23,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import proc_guard
 import yaml
 from mlflow_fixtures import mlflow_server_args
 
@@ -135,7 +136,14 @@ def _alive(pids: set[int]) -> set[int]:
 
 def stop_tree(proc: subprocess.Popen, marker: str | None = None) -> None:
     """Stop ``proc``, its descendants and every process naming ``marker`` (if given):
-    SIGTERM, a short grace, then SIGKILL; reaps ``proc``."""
+    SIGTERM, a short grace, then SIGKILL; reaps ``proc`` and drops its clean-up record."""
+    try:
+        _stop_tree(proc, marker)
+    finally:
+        proc_guard.unregister(proc.pid)
+
+
+def _stop_tree(proc: subprocess.Popen, marker: str | None) -> None:
     pids = related_processes(proc.pid, marker)
     _signal_all(pids, signal.SIGTERM)
     deadline = time.monotonic() + STOP_GRACE
@@ -206,10 +214,8 @@ def _http_ok(url: str, headers: dict[str, str]) -> bool:
 
 def launch(name: str, args: list[str], log: Path, ready_url: str, env: dict[str, str], **kw):
     """Start ``args`` in a new session with its output in ``log``; returns the Service."""
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
+    log.write_bytes(b"")
+    proc = proc_guard.spawn(args, name=name, log=log, env=env, marker=kw.get("marker"))
     return Service(name, proc, ready_url, log, **kw)
 
 
