@@ -182,10 +182,10 @@ def describe_os_error(exc: BaseException) -> str:
     """One line for a storage error: what failed and the usual fix (no traceback)."""
     code = getattr(exc, "errno", None)
     hints = {
-        errno.ENOSPC: "no space left on the device; free some space and run again to resume",
+        errno.ENOSPC: "no space left on the device; free some space and run the same command again",
         errno.EROFS: "the file system is read-only; choose a writable --output",
         errno.EACCES: "permission denied; choose an --output you may write to",
-        errno.EDQUOT: "disk quota exceeded; free some space and run again to resume",
+        errno.EDQUOT: "disk quota exceeded; free some space and run the same command again",
     }
     if code in hints:
         return hints[code]

@@ -222,3 +222,24 @@ def test_bogus_3gb_checkpoint_is_refused_without_reading_it(tmp_path: Path) -> N
     assert embed.returncode != 0, embed.stderr  # the embed command's own exit code (1 today)
     assert embed.stderr.strip().splitlines()[-1].startswith("error: checkpoint ")
     assert "is not a torch checkpoint" in embed.stderr and "Traceback" not in embed.stderr
+
+
+def test_disk_filling_up_during_the_work_is_one_line(capsys: pytest.CaptureFixture) -> None:
+    # Fault-injected: the write error a full disk raises part-way through a step.
+    import errno
+
+    import typer
+
+    from qmag_ray.cli._support import guarded
+
+    def step() -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", "/out/cal/plots/det.png")
+
+    with pytest.raises(typer.Exit) as exit_:
+        guarded("calibrate", step)
+    assert exit_.value.exit_code == 1
+    line = capsys.readouterr().err.strip()
+    assert line == (
+        "error: calibrate: writing (/out/cal/plots/det.png) failed: no space left on the device; "
+        "free some space and run the same command again"
+    )
