@@ -237,6 +237,28 @@ def score_frame(
     return pd.DataFrame(out, columns=OUTPUT_COLUMNS)
 
 
+def _input_error(text: str) -> Exception:
+    """An MLflow 400 error whose message stays ``text``.
+
+    MLflow's scoring server rewrites the message of an ``MlflowException`` raised by
+    ``predict`` to ``Failed to predict data '<the whole input>'...``, which would echo every
+    vector of the request; this exception keeps its own message (the assignment is ignored).
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    class InputError(MlflowException):
+        @property  # type: ignore[override]
+        def message(self) -> str:
+            return text
+
+        @message.setter
+        def message(self, value: str) -> None:
+            pass
+
+    return InputError(text, error_code=INVALID_PARAMETER_VALUE)
+
+
 class QMagFaceScorerModel(mlflow.pyfunc.PythonModel):
     """The pyfunc model: reads the calibration JSON in ``load_context``, scores in ``predict``."""
 
@@ -250,21 +272,19 @@ class QMagFaceScorerModel(mlflow.pyfunc.PythonModel):
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
         from mlflow.exceptions import MlflowException
-        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
         if self.calibration is None:
             raise MlflowException("the scorer's calibration was not loaded (load_context)")
         asked = (params or {}).get("quality")
         if asked is not None and str(asked) != expected_quality(self.calibration):
-            raise MlflowException(
+            raise _input_error(
                 f"params quality={asked!r} but this scorer expects the quality "
-                f"{expected_quality(self.calibration)!r} in quality_a/quality_b",
-                error_code=INVALID_PARAMETER_VALUE,
+                f"{expected_quality(self.calibration)!r} in quality_a/quality_b"
             )
         try:
             return score_frame(self.calibration, model_input, fmr=check_params(params))
         except ScoringError as exc:  # a 400 answer over REST, with the message
-            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
+            raise _input_error(str(exc)) from None
 
 
 def scorer_signature(quality: str = "quality") -> ModelSignature:

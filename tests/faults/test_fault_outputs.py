@@ -101,7 +101,9 @@ def test_overlapping_recalibration_stops_before_touching_the_shared_embeddings(
     (tmp_path / "images").mkdir()
     (tmp_path / "demo.pth").write_bytes(b"unused: refused before it is read")
     (tmp_path / "holdout").mkdir()
-    (tmp_path / "holdout.csv").write_text("a,b,label\n")
+    rows = [f"p{i}/a.jpg,p{i}/b.jpg,1" for i in range(5)]
+    rows += [f"p{i}/a.jpg,p{i + 1}/b.jpg,0" for i in range(20)]
+    (tmp_path / "holdout.csv").write_text("a,b,label\n" + "\n".join(rows) + "\n")
     config = {
         "images": str(tmp_path / "images"),
         "embeddings": str(tmp_path / "shared-embeddings"),
@@ -112,6 +114,7 @@ def test_overlapping_recalibration_stops_before_touching_the_shared_embeddings(
             "embeddings": str(tmp_path / "holdout"),
             "pairs": str(tmp_path / "holdout.csv"),
         },
+        "gate": {"target_fmr": 0.1},
         "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
     }
     (tmp_path / "recal.yaml").write_text(yaml.safe_dump(config))
