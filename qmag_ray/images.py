@@ -14,7 +14,9 @@ converts grayscale, palette, alpha and CMYK images to colour explicitly.
 from __future__ import annotations
 
 import io
+import struct
 import warnings
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,15 +72,15 @@ def decode(data: bytes, *, resize: bool = False) -> DecodedFace:
     """
     if len(data) == 0:
         raise ImageError("empty file (0 bytes)")
+    if data.startswith(PNG_SIGNATURE):
+        check_png(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=FORMATS)
-    except UnidentifiedImageError:
-        head = data[:8]
+    except UnidentifiedImageError:  # the file's bytes are never quoted (they may be secret)
         raise ImageError(
-            f"not an image in a supported format ({', '.join(FORMATS)}); "
-            f"file starts with {head!r}, {len(data)} bytes"
+            f"not an image in a supported format ({', '.join(FORMATS)}); {len(data)} bytes"
         ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"image too large to decode safely: {exc}") from None
@@ -87,6 +89,12 @@ def decode(data: bytes, *, resize: bool = False) -> DecodedFace:
             f"truncated or corrupt image header ({type(exc).__name__}: {exc})"
         ) from None
     with img:
+        frames = int(getattr(img, "n_frames", 1) or 1)
+        if frames > 1:
+            raise ImageError(
+                f"{img.format} file has {frames} frames (animated or multi-page); an aligned "
+                "face is one frame: export the frame to embed as its own file"
+            )
         width, height = img.size
         if (width, height) != (INPUT_SIZE, INPUT_SIZE):
             if not resize:
@@ -116,6 +124,47 @@ def decode(data: bytes, *, resize: bool = False) -> DecodedFace:
     # RGB -> BGR: reverse the channel axis, then make the array own contiguous memory.
     bgr = np.ascontiguousarray(array[:, :, ::-1])
     return DecodedFace(image=bgr, mode=mode, resized_from=resized_from)
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def check_png(data: bytes) -> None:
+    """Refuse PNG data Pillow would decode silently although it is damaged or lossy to convert.
+
+    Every chunk's CRC is checked (Pillow skips the CRC of image data), 16-bit samples are
+    refused rather than silently cut to 8 bits, and animated PNGs (``acTL``) are refused
+    rather than reduced to their first frame.
+
+    Raises:
+        ImageError: naming the chunk or the property and what to do.
+    """
+    at = len(PNG_SIGNATURE)
+    while at + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[at : at + 8])
+        end = at + 8 + length + 4
+        if end > len(data):
+            return  # truncated: Pillow's full decode reports it
+        body = data[at + 4 : at + 8 + length]
+        (crc,) = struct.unpack(">I", data[at + 8 + length : end])
+        name = kind.decode("latin-1")
+        if zlib.crc32(body) & 0xFFFFFFFF != crc:
+            raise ImageError(
+                f"PNG chunk {name!r} has a bad CRC (the file is corrupt); re-export the file"
+            )
+        if kind == b"IHDR" and length >= 9 and data[at + 16] == 16:
+            raise ImageError(
+                "PNG has 16 bits per sample; convert it to 8-bit RGB or grayscale (it is not "
+                "down-converted silently)"
+            )
+        if kind == b"acTL":
+            raise ImageError(
+                "PNG is animated (APNG); an aligned face is one frame: export the frame to "
+                "embed as its own file"
+            )
+        if kind == b"IEND":
+            return
+        at = end
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -204,7 +204,7 @@ def test_cli_help_documents_every_option() -> None:
     result = CliRunner().invoke(app, ["embed", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
     for field in EmbedConfig.__dataclass_fields__:
-        if field in ("read_block_rows", "progress_seconds"):
+        if field in ("read_block_rows", "progress_seconds", "resources"):
             continue  # tuning knobs for the config file only
         assert f"--{field.replace('_', '-')}" in result.output, field
     for option in ("--ray-address", "--config", "--no-mixed-precision"):
@@ -294,7 +294,9 @@ def test_mixed_good_and_bad_files_reconcile_and_fail_loudly(
     np.testing.assert_allclose(emb, expected, rtol=1e-4, atol=1e-5)
     quality = table["quality"].to_numpy()
     np.testing.assert_array_equal(quality, np.linalg.norm(emb, axis=1).astype(np.float32))
-    assert not [p for p in out.rglob("*") if p.name.startswith(".")]  # no temporary files left
+    leftovers = [p for p in out.rglob("*") if p.name.startswith(".") and p.suffix == ".tmp"]
+    assert not leftovers  # no temporary files left
+    assert not (out / ".lease.json").exists()  # the lease is released (its .lock file stays)
 
     from qmag_ray.embeddings import load_embeddings  # the loader reads what the job writes
 
@@ -326,14 +328,14 @@ def test_interrupted_run_resumes_and_overwrite_starts_afresh(
     )
     first = run_embed(cfg)
     assert (first.inputs, first.embedded, first.failed, first.resized) == (12, 11, 1, 1)
-    parts = sorted((out / "embeddings").glob("part-*.parquet"))
+    parts = sorted((out / "embeddings").rglob("part-*.parquet"))
     assert len(parts) >= 2
 
     # Simulate a run that died: no summary, one part lost, a temporary file left behind.
     (out / "summary.json").unlink()
     lost = pq.read_table(parts[0])["path"].to_pylist()
     parts[0].unlink()
-    (out / "embeddings" / ".part-00009-x.parquet.tmp").write_bytes(b"half")
+    (parts[0].parent / ".part-00009-x.parquet.tmp").write_bytes(b"half")
     second = run_embed(cfg)
     assert second.skipped_existing == 11 - len(lost)
     assert second.embedded_this_run == len(lost)
@@ -355,7 +357,7 @@ def test_interrupted_run_resumes_and_overwrite_starts_afresh(
         run_embed(cfg, connect=Never())
     third = run_embed(EmbedConfig(**{**cfg.__dict__, "overwrite": True}))
     assert (third.skipped_existing, third.embedded_this_run, third.failed) == (0, 11, 1)
-    names = [p.name for p in (out / "embeddings").iterdir()]
+    names = [p.name for p in (out / "embeddings").rglob("*.parquet")]
     assert names and all(third.run_id in n for n in names)
 
 

@@ -112,7 +112,7 @@ def test_truncated_jpeg_is_an_error_not_grey_padding(shared_data) -> None:
 
 def test_sixteen_bit_png_is_refused_with_advice() -> None:
     img = Image.fromarray(np.full((112, 112), 40000, dtype=np.uint16))
-    with pytest.raises(ImageError, match="unsupported pixel format.*8-bit"):
+    with pytest.raises(ImageError, match="16 bits per sample.*8-bit"):
         decode_face(encode(img))
 
 

@@ -140,7 +140,11 @@ def embed(
     ] = None,
     rows_per_part: Annotated[
         int | None,
-        typer.Option(min=1, help="Embeddings per Parquet part file." + _d("rows_per_part")),
+        typer.Option(
+            min=1,
+            help="No longer used: the model actors write one part per batch (accepted so that "
+            "older configs still run).",
+        ),
     ] = None,
     ray_address: Annotated[
         str | None,
@@ -160,6 +164,7 @@ def embed(
     """Embed face images with a MagFace network into Parquet (embeddings/, failures/, summary)."""
     from qmag_ray.config import load_config
     from qmag_ray.embedding import EmbedError, run_embed
+    from qmag_ray.lease import LeaseHeldError
     from qmag_ray.runtime import connect_ray
 
     given: dict[str, Any] = {
@@ -188,6 +193,9 @@ def embed(
     try:
         cfg = load_config(EmbedConfig, config, overrides)
         summary = run_embed(cfg, connect=lambda: connect_ray(ray_address))
+    except LeaseHeldError as exc:  # another run writes this output: a user error
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from None
     except (EmbedError, ValueError) as exc:  # ConfigError, CheckpointError are ValueErrors
         logger.debug("embed failed", exc_info=True)
         typer.echo(f"error: {exc}", err=True)

@@ -43,8 +43,12 @@ class EmbedConfig:
         wait_for_resources: start even when the Ray cluster does not yet have the CPUs and
             GPUs the actor pool needs (an autoscaling cluster adds nodes); without it such a
             run is refused at once instead of waiting for resources that may never come.
-        rows_per_part: embeddings per Parquet part file (bounds the driver's memory).
+        rows_per_part: unused since the actors write one part per batch (kept so that older
+            config files still load).
         progress_seconds: interval between progress log lines.
+        resources: custom Ray resources every task and actor of the run requires (e.g.
+            ``{"embed_node": 0.01}`` keeps the work on the nodes that declare it); config file
+            only.
     """
 
     images: str | None = None
@@ -69,6 +73,7 @@ class EmbedConfig:
     wait_for_resources: bool = False
     rows_per_part: int = 10_000
     progress_seconds: float = 10.0
+    resources: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         if bool(self.images) == bool(self.manifest):
@@ -95,6 +100,9 @@ class EmbedConfig:
             )
         if self.amp_dtype not in ("float16", "bfloat16"):
             raise ValueError(f"amp_dtype must be float16 or bfloat16, got {self.amp_dtype!r}")
+        for name, amount in (self.resources or {}).items():
+            if not isinstance(amount, (int, float)) or amount <= 0:
+                raise ValueError(f"resources.{name} must be a positive number, got {amount!r}")
         if self.progress_seconds <= 0:
             raise ValueError(f"progress_seconds must be positive, got {self.progress_seconds}")
 

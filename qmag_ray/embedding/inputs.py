@@ -1,7 +1,9 @@
-"""The inputs of an embedding run: listing them on the driver, reading and decoding them in tasks.
+"""The inputs of an embedding run: reading and decoding them in tasks (and small listings).
 
-Inputs are a table of ``path`` (relative to the images root, with ``/``) and ``identity``
-(``None`` when unknown), from a folder tree ``<identity>/<file>`` or from a manifest.
+Inputs are rows of ``path`` (relative to the images root, with ``/``) and ``identity``
+(``None`` when unknown), from a folder tree ``<identity>/<file>`` or from a manifest; the
+embedding job lists them in Ray tasks (:mod:`qmag_ray.embedding.listing`), while
+:func:`list_tree` and :func:`read_manifest` list small sets in one process (training data).
 :func:`read_and_decode` is the per-batch function the Ray Data read stage runs: it never raises
 for a bad file; the file becomes a row with an error message instead.
 """
@@ -9,15 +11,19 @@ for a bad file; the file becomes a row with an error message instead.
 from __future__ import annotations
 
 import logging
+import os
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from qmag_ray import storage
-from qmag_ray.embedding.config import EmbedConfig, EmbedError
+from qmag_ray.embedding.config import EmbedError
+from qmag_ray.embedding.listing import LINK_OUTSIDE, _inside, normalise_path
+from qmag_ray.embedding.retry import READ_ATTEMPTS, is_transient, store_options, with_retries
 from qmag_ray.images import IMAGE_EXTENSIONS, INPUT_SIZE, ImageError, decode
 
 logger = logging.getLogger(__name__)
@@ -40,17 +46,6 @@ class Inputs:
     table: pd.DataFrame
     root: str
     ignored: list[str] = field(default_factory=list)
-
-
-def list_inputs(config: EmbedConfig) -> Inputs:
-    """List the run's inputs from ``config.images`` (a tree) or ``config.manifest``."""
-    if config.images:
-        return list_tree(config.images)
-    assert config.manifest is not None
-    root = config.images_root or storage.unstrip(
-        config.manifest, posixpath.dirname(storage.filesystem(config.manifest)[1])
-    )
-    return Inputs(table=read_manifest(config.manifest), root=root)
 
 
 def _hidden(rel: str) -> bool:
@@ -102,7 +97,7 @@ def read_manifest(uri: str) -> pd.DataFrame:
         raise EmbedError(
             f"manifest {where} has no 'path' column (columns: {', '.join(map(str, frame.columns))})"
         )
-    paths = [_clean_path(p, where, i) for i, p in enumerate(frame["path"].tolist())]
+    paths = [normalise_path(p, where, i) for i, p in enumerate(frame["path"].tolist())]
     if "identity" in frame.columns:
         identities = [
             None if v is None or (isinstance(v, float) and np.isnan(v)) or str(v) == "" else str(v)
@@ -123,20 +118,6 @@ def read_manifest(uri: str) -> pd.DataFrame:
     return table
 
 
-def _clean_path(value: object, where: str, row: int) -> str:
-    if value is None or (isinstance(value, float) and np.isnan(value)) or str(value) == "":
-        raise EmbedError(f"manifest {where} row {row + 2}: empty path")
-    text = str(value).replace("\\", "/")
-    while text.startswith("./"):
-        text = text[2:]
-    if text.startswith("/") or "://" in text or ".." in text.split("/"):
-        raise EmbedError(
-            f"manifest {where} row {row + 2}: path {text!r} must be relative to the images root "
-            "(no leading '/', no scheme, no '..')"
-        )
-    return text
-
-
 def _read_error(exc: BaseException, uri: str) -> str:
     if isinstance(exc, FileNotFoundError):
         return f"file not found: {uri}"
@@ -147,41 +128,70 @@ def _read_error(exc: BaseException, uri: str) -> str:
     return f"cannot read {uri}: {type(exc).__name__}: {exc}"
 
 
-def _read_one(fs, path: str) -> bytes | BaseException:  # noqa: ANN001 - any fsspec filesystem
+def _read_one(fs, path: str, what: str, monitor: Any) -> bytes | BaseException:  # noqa: ANN001
     try:
-        return bytes(fs.cat_file(path))
+        return with_retries(lambda: bytes(fs.cat_file(path)), what=what, monitor=monitor)
     except Exception as exc:  # recorded per file, never raised: the run goes on
         return exc
 
 
-def read_and_decode(batch: dict[str, np.ndarray], *, root: str, resize: bool) -> dict:
+def read_and_decode(
+    batch: dict[str, np.ndarray], *, root: str, resize: bool, monitor: Any = None
+) -> dict:
     """Read and decode one batch of inputs (a Ray Data ``map_batches`` function).
 
     Args:
-        batch: ``index`` (int64) and ``path`` (relative paths).
+        batch: ``shard``, ``pos``, ``path`` (relative), ``identity`` and ``listed_error``
+            (a reason found while listing, e.g. a link leaving the root: such rows are not read).
         root: URI the paths are relative to.
         resize: resize faces that are not 112x112 instead of failing them.
+        monitor: a :class:`~qmag_ray.embedding.retry.StoreMonitor` handle told of retries.
 
     Returns:
-        ``index``, ``image`` (uint8 N x 112 x 112 x 3, BGR; zeros where it failed), ``error``
-        (empty string when the image is good) and ``resized_from`` (``WxH`` or empty).
+        The input columns plus ``index`` (= ``pos``), ``image`` (uint8 N x 112 x 112 x 3, BGR;
+        zeros where it failed), ``error`` (empty string when the image is good), ``transient``
+        (the store could not be reached: retried by the next run) and ``resized_from``.
     """
-    fs, root_path = storage.filesystem(root)
+    local = storage.protocol(root) == "file"
+    fs, root_path = storage.filesystem(root, **store_options(root))
     root_path = root_path.rstrip("/")
+    real_root = os.path.realpath(root_path) if local else ""
     rels = [str(p) for p in batch["path"]]
-    fs_paths = [f"{root_path}/{rel}" for rel in rels]
-    if storage.protocol(root) == "file" or len(fs_paths) == 1:
-        blobs = [_read_one(fs, p) for p in fs_paths]
-    else:
-        with ThreadPoolExecutor(max_workers=min(REMOTE_READ_THREADS, len(fs_paths))) as pool:
-            blobs = list(pool.map(lambda p: _read_one(fs, p), fs_paths))
+    listed = [str(e) if e is not None else "" for e in batch.get("listed_error", [""] * len(rels))]
     n = len(rels)
-    images = np.zeros((n, INPUT_SIZE, INPUT_SIZE, 3), dtype=np.uint8)
     errors = np.full(n, "", dtype=object)
+    transient = np.zeros(n, dtype=bool)
+    todo = []
+    for i, rel in enumerate(rels):
+        full = f"{root_path}/{rel}"
+        if listed[i]:
+            errors[i] = listed[i]
+        elif local and not _inside(os.path.realpath(full), real_root):
+            errors[i] = LINK_OUTSIDE  # checked again at read time: never read
+        else:
+            todo.append(i)
+    what = [storage.redact(storage.unstrip(root, f"{root_path}/{rels[i]}")) for i in todo]
+    paths = [f"{root_path}/{rels[i]}" for i in todo]
+    if local or len(paths) <= 1:
+        blobs = [_read_one(fs, p, w, monitor) for p, w in zip(paths, what, strict=True)]
+    else:
+        with ThreadPoolExecutor(max_workers=min(REMOTE_READ_THREADS, len(paths))) as pool:
+            blobs = list(
+                pool.map(
+                    lambda pw: _read_one(fs, pw[0], pw[1], monitor), zip(paths, what, strict=True)
+                )
+            )
+    images = np.zeros((n, INPUT_SIZE, INPUT_SIZE, 3), dtype=np.uint8)
     resized = np.full(n, "", dtype=object)
-    for i, blob in enumerate(blobs):
+    for i, w, blob in zip(todo, what, blobs, strict=True):
         if isinstance(blob, BaseException):
-            errors[i] = _read_error(blob, storage.redact(storage.unstrip(root, fs_paths[i])))
+            transient[i] = is_transient(blob)
+            errors[i] = _read_error(blob, w)
+            if transient[i]:
+                errors[i] = (
+                    f"store unreachable after {READ_ATTEMPTS} attempts ({errors[i]}); "
+                    "run the same command again to retry"
+                )
             continue
         try:
             face = decode(blob, resize=resize)
@@ -191,9 +201,15 @@ def read_and_decode(batch: dict[str, np.ndarray], *, root: str, resize: bool) ->
         images[i] = face.image
         if face.resized_from is not None:
             resized[i] = f"{face.resized_from[0]}x{face.resized_from[1]}"
+    pos = np.asarray(batch["pos"], dtype=np.int64)
     return {
-        "index": np.asarray(batch["index"], dtype=np.int64),
+        "index": pos,
+        "shard": np.asarray(batch["shard"], dtype=np.int64),
+        "pos": pos,
+        "path": np.asarray(rels, dtype=object),
+        "identity": np.asarray(batch["identity"], dtype=object),
         "image": images,
         "error": errors,
+        "transient": transient,
         "resized_from": resized,
     }

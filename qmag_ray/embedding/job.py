@@ -1,9 +1,12 @@
-"""``run_embed``: the embedding job from images in storage to Parquet, on Ray Data.
+"""``run_embed``: the embedding job from images in storage to Parquet, on Ray.
 
-Stages: the driver lists inputs and checks the checkpoint (before any Ray work), then Ray Data
-reads and decodes files in CPU tasks, a pool of :class:`EmbedActor` runs the network, and
-the driver streams the results into Parquet parts, so memory stays bounded whatever the number
-of images. Every input ends up exactly once in ``embeddings/`` or ``failures/``.
+Stages: the driver checks the checkpoint and looks at the inputs' first level (before any Ray
+work), takes the output's lease, then Ray tasks list the inputs shard by shard and subtract
+what the output already holds; Ray Data reads and decodes files in CPU tasks and a pool of
+:class:`~qmag_ray.embedding.writer.PartWritingActor` embeds them and writes the Parquet parts
+where they are produced; checking tasks verify that every input is exactly once in
+``embeddings/`` or ``failures/``. The driver holds object references and counts only, so its
+memory does not grow with the number of images.
 """
 
 from __future__ import annotations
@@ -16,22 +19,19 @@ from datetime import datetime, timezone
 from importlib import metadata
 from typing import Any
 
-import numpy as np
-import pandas as pd
-
-from qmag_ray import storage
+from qmag_ray import lease, storage
+from qmag_ray.embedding import tasks
 from qmag_ray.embedding.config import EmbedConfig, EmbedError
-from qmag_ray.embedding.inputs import Inputs, list_inputs
 from qmag_ray.embedding.output import (
-    FAILURES_SCHEMA,
     EmbedSummary,
     OutputLayout,
-    PartWriter,
-    embeddings_schema,
-    prepare,
+    inspect,
+    start,
     write_summary,
 )
-from qmag_ray.embedding.pipeline import Progress, run_pipeline
+from qmag_ray.embedding.pipeline import Progress, check_resources, run_pipeline
+from qmag_ray.embedding.retry import StoreMonitor
+from qmag_ray.embedding.writer import PartSpec
 from qmag_ray.images import PREPROCESSING
 
 logger = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def run_embed(config: EmbedConfig, *, connect: Callable[[], Any] | None = None) 
 
     Args:
         config: the run's settings.
-        connect: called once inputs, checkpoint and output have been checked, just before the
+        connect: called once checkpoint, inputs and output have been checked, just before the
             first Ray work (entry points pass ``lambda: runtime.connect_ray(address)``). Without
             it Ray must already be connected.
 
@@ -79,70 +79,171 @@ def run_embed(config: EmbedConfig, *, connect: Callable[[], Any] | None = None) 
             ``max_failure_fraction`` allows (everything is still written, with a summary whose
             status is ``failed``).
         CheckpointError: the checkpoint does not fit the architecture or is unsafe.
+        lease.LeaseHeldError: another run is writing the output (the message names it).
     """
     started = time.perf_counter()
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     dim, model_sha, arch = check_checkpoint(config.model, config.arch)
-    inputs = list_inputs(config)
-    table = inputs.table
-    if inputs.ignored:
-        logger.warning(
-            "%d files under %s are not images and were not taken as inputs (e.g. %s)",
-            len(inputs.ignored),
-            storage.redact(inputs.root),
-            ", ".join(inputs.ignored[:3]),
-        )
+    config = _absolute(config)
+    source = tasks.describe_source(config)
     layout = OutputLayout(config.output)
     fingerprint = {
         "model_sha256": model_sha,
         "arch": arch,
         "preprocessing": PREPROCESSING,
         "resize": config.resize,
-        "images_root": storage.redact(inputs.root),
+        "images_root": storage.redact(source.root),
     }
-    done = prepare(layout, fingerprint, set(table["path"]), overwrite=config.overwrite)
-    todo_mask = ~table["path"].isin(done).to_numpy()
-    todo = pd.DataFrame(
-        {"index": np.flatnonzero(todo_mask).astype(np.int64), "path": table["path"][todo_mask]}
-    )
-    logger.info(
-        "embedding %d images (%d inputs, %d already done) from %s with %s (%d-d) on %d actor(s)",
-        len(todo),
-        len(table),
-        len(done),
-        storage.redact(inputs.root),
-        config.arch,
-        dim,
-        config.actors,
-    )
-    emb_writer = PartWriter(layout.embeddings, run_id, embeddings_schema(dim), config.rows_per_part)
-    fail_writer = PartWriter(layout.failures, run_id, FAILURES_SCHEMA, config.rows_per_part)
-    failure_examples: list[dict[str, str]] = []
-    progress = Progress(len(todo), config.progress_seconds)
-    if len(todo):
-        run_pipeline(
-            config, todo, inputs, emb_writer, fail_writer, failure_examples, progress, connect
-        )
-    emb_writer.flush()
-    fail_writer.flush()
+    held = _take_lease(config.output)
+    try:
+        state = inspect(layout, fingerprint, overwrite=config.overwrite)
+        connect_seconds = _connect(connect)
+        check_resources(config)
+        import ray
 
+        shards = state.shards or source.default_shards()
+        listings, list_metas = tasks.list_shards(config, source, shards, layout)
+        total = sum(m["rows"] for m in list_metas)
+        start(layout, state, fingerprint, shards)
+        todo_refs, plans = tasks.plan_shards(config, listings, layout.root)
+        todo = sum(p["todo"] for p in plans)
+        done_embedded = sum(p["done_embedded"] for p in plans)
+        retried = sum(p["retried_transient"] for p in plans)
+        logger.info(
+            "embedding %d images (%d inputs in %d shards, %d already embedded, %d kept "
+            "failures%s) from %s with %s (%d-d) on %d actor(s)",
+            todo,
+            total,
+            shards,
+            done_embedded,
+            sum(p["done_failed"] for p in plans),
+            f", {retried} transient failures retried" if retried else "",
+            storage.redact(source.root),
+            config.arch,
+            dim,
+            config.actors,
+        )
+        spec = PartSpec(layout.root, run_id, model_sha, arch, dim)
+        monitor = ray.remote(num_cpus=0)(StoreMonitor).remote()
+        progress = Progress(todo, config.progress_seconds, monitor)
+        progress.connect_seconds = connect_seconds
+        counts = None
+        try:
+            if todo_refs:
+                counts = run_pipeline(config, todo_refs, source.root, spec, progress, monitor)
+        finally:
+            ray.kill(monitor)
+        checks = tasks.check_shards(config, listings, layout.root, model_sha)
+        summary = _summary(
+            config,
+            source,
+            layout,
+            run_id,
+            started,
+            progress,
+            counts,
+            checks,
+            plans,
+            shards,
+            model_sha,
+            arch,
+            dim,
+            sum(m["ignored"] for m in list_metas),
+        )
+        _verify(summary, checks)
+        if held is not None:
+            held.check()
+        write_summary(layout, summary)
+    finally:
+        if held is not None:
+            held.release()
+    logger.info("%s", summary.line())
+    if summary.status == "failed":
+        listed = "; ".join(f"{e['path']}: {e['error']}" for e in summary.failure_examples[:5])
+        fraction = summary.failed / max(summary.inputs, 1)
+        raise EmbedError(
+            f"{summary.failed} of {summary.inputs} inputs failed ({100 * fraction:.2f}% > "
+            f"--max-failure-fraction {100 * config.max_failure_fraction:.2f}%), e.g. {listed}; "
+            f"all failures are in {storage.redact(layout.failures)}"
+            + (
+                f"; {summary.transient} of them could not be read from the store: run the same "
+                "command again to retry them"
+                if summary.transient
+                else ""
+            )
+        )
+    return summary
+
+
+def _absolute(config: EmbedConfig) -> EmbedConfig:
+    """Local paths made absolute: tasks and actors run in other working directories."""
+    import dataclasses
+
+    changes = {
+        name: storage.absolute(getattr(config, name))
+        for name in ("images", "manifest", "images_root", "model", "output")
+        if getattr(config, name)
+    }
+    return dataclasses.replace(config, **changes)
+
+
+def _take_lease(output: str) -> lease.Lease | None:
+    if not lease.supported(output):
+        logger.warning(
+            "%s:// outputs cannot be leased: make sure no other run writes %s",
+            storage.protocol(output),
+            storage.redact(output),
+        )
+        return None
+    return lease.acquire(output, purpose="embed")
+
+
+def _connect(connect: Callable[[], Any] | None) -> float:
+    import ray
+
+    began = time.perf_counter()
+    if connect is not None:
+        connect()
+    if not ray.is_initialized():
+        raise EmbedError("Ray is not connected: call qmag_ray.runtime.connect_ray() first")
+    return time.perf_counter() - began
+
+
+def _summary(
+    config: EmbedConfig,
+    source: tasks.Source,
+    layout: OutputLayout,
+    run_id: str,
+    started: float,
+    progress: Progress,
+    counts: Any,
+    checks: list[dict[str, Any]],
+    plans: list[dict[str, Any]],
+    shards: int,
+    model_sha: str,
+    arch: str,
+    dim: int,
+    ignored: int,
+) -> EmbedSummary:
     wall = time.perf_counter() - started
     busy = wall - progress.connect_seconds  # starting a local Ray is not the job's throughput
-    processed = emb_writer.rows + fail_writer.rows
-    failed = fail_writer.rows
-    fraction = failed / max(len(table), 1)
-    status = "failed" if fraction > config.max_failure_fraction else "succeeded"
-    summary = EmbedSummary(
-        status=status,
+    inputs = sum(c["inputs"] for c in checks)
+    failed = sum(c["failed"] for c in checks)
+    processed = (counts.embedded + counts.failed) if counts else 0
+    fraction = failed / max(inputs, 1)
+    examples = list(counts.examples) if counts else []
+    return EmbedSummary(
+        status="failed" if fraction > config.max_failure_fraction else "succeeded",
         output=storage.redact(config.output),
         run_id=run_id,
-        inputs=len(table),
-        embedded=len(done) + emb_writer.rows,
+        inputs=inputs,
+        embedded=sum(c["embedded"] for c in checks),
         failed=failed,
-        skipped_existing=len(done),
-        embedded_this_run=emb_writer.rows,
-        resized=progress.resized,
-        ignored_files=len(inputs.ignored),
+        transient=sum(c["transient"] for c in checks),
+        skipped_existing=sum(p["done_embedded"] for p in plans),
+        embedded_this_run=counts.embedded if counts else 0,
+        resized=counts.resized if counts else 0,
+        ignored_files=ignored,
         model_uri=storage.redact(config.model),
         model_sha256=model_sha,
         arch=arch,
@@ -150,33 +251,48 @@ def run_embed(config: EmbedConfig, *, connect: Callable[[], Any] | None = None) 
         preprocessing=PREPROCESSING,
         images_per_second=processed / busy if busy > 0 else 0.0,
         wall_seconds=wall,
-        timings=progress.timings() if len(todo) else {},
-        settings=_settings(config, inputs),
+        timings=progress.timings() if counts else {},
+        settings=_settings(config, source.root),
         versions=package_versions(),
-        failure_examples=failure_examples,
+        failure_examples=examples,
+        shards=shards,
+        nodes=sorted({n for c in checks for n in c["nodes"]}),
     )
+
+
+def _verify(summary: EmbedSummary, checks: list[dict[str, Any]]) -> None:
+    """Refuse to finish an output whose parts do not hold every input exactly once."""
+    where = summary.output
+    problems = []
+    for key, what in (
+        ("missing", "inputs have no result"),
+        ("repeated", "paths have more than one result"),
+        ("stray", "results are for paths that are not inputs"),
+    ):
+        n = sum(c[key] for c in checks)
+        if n:
+            examples = [e for c in checks for e in c[f"{key}_examples"]][:3]
+            problems.append(f"{n} {what} (e.g. {', '.join(examples)})")
+    other = [e for c in checks for e in c["other_model_parts"]]
+    if other:
+        problems.append(f"parts written with another model: {', '.join(other[:3])}")
+    if problems:
+        raise EmbedError(
+            f"{where} is not complete: {'; '.join(problems)}; it is left without summary.json: "
+            "run again to resume (or --overwrite to start over)"
+        )
     if summary.embedded + summary.failed != summary.inputs:
         raise EmbedError(
             f"internal error: {summary.embedded} embedded + {summary.failed} failed != "
-            f"{summary.inputs} inputs; the output in {summary.output} is left unfinished"
+            f"{summary.inputs} inputs; the output in {where} is left unfinished"
         )
-    write_summary(layout, summary)
-    logger.info("%s", summary.line())
-    if status == "failed":
-        listed = "; ".join(f"{e['path']}: {e['error']}" for e in failure_examples[:5])
-        raise EmbedError(
-            f"{failed} of {len(table)} inputs failed ({100 * fraction:.2f}% > "
-            f"--max-failure-fraction {100 * config.max_failure_fraction:.2f}%), e.g. {listed}; "
-            f"all failures are in {storage.redact(layout.failures)}"
-        )
-    return summary
 
 
-def _settings(config: EmbedConfig, inputs: Inputs) -> dict[str, Any]:
+def _settings(config: EmbedConfig, root: str) -> dict[str, Any]:
     return {
         "images": storage.redact(config.images) if config.images else None,
         "manifest": storage.redact(config.manifest) if config.manifest else None,
-        "images_root": storage.redact(inputs.root),
+        "images_root": storage.redact(root),
         "actors": config.actors,
         "gpus_per_actor": config.gpus_per_actor,
         "cpus_per_actor": config.cpus_per_actor,
@@ -190,4 +306,5 @@ def _settings(config: EmbedConfig, inputs: Inputs) -> dict[str, Any]:
         "resize": config.resize,
         "max_failure_fraction": config.max_failure_fraction,
         "wait_for_resources": config.wait_for_resources,
+        "resources": dict(config.resources or {}),
     }

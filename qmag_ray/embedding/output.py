@@ -2,13 +2,16 @@
 
 Layout under the output URI::
 
-    embeddings/part-00000-<run>.parquet   path, identity, embedding (fixed-size float32), quality
-    failures/part-00000-<run>.parquet     path, error
-    _embed_run.json                       what the run embeds with (checked when resuming)
-    summary.json                          written last: its presence means the run finished
+    embeddings/shard-00003/part-<start>-<end>-<run>.parquet   path, identity, embedding, quality
+    failures/shard-00003/part-<start>-<end>-<run>.parquet     path, error, transient
+    _embed_run.json      what the run embeds with and how inputs are sharded (kept for resuming)
+    _inputs/             a CSV manifest converted to Parquet row groups (listing input)
+    .lease.json          the running writer's lease (qmag_ray.lease)
+    summary.json         written last: its presence means the run finished
 
-Parts appear atomically (temporary names start with ``.``), and names starting with ``.`` or
-``_`` are not data, so a reader never mistakes a half-written output for a complete one.
+Parts are written by the model actors (:mod:`qmag_ray.embedding.writer`) and appear
+atomically (temporary names start with ``.``); names starting with ``.`` or ``_`` are not data,
+so a reader never mistakes a half-written output for a complete one.
 """
 
 from __future__ import annotations
@@ -21,14 +24,18 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from qmag_ray import storage
 from qmag_ray.embedding.config import EmbedError
 
 logger = logging.getLogger(__name__)
 
-FAILURES_SCHEMA = pa.schema([("path", pa.string()), ("error", pa.string())])
+FAILURES_SCHEMA = pa.schema(
+    [("path", pa.string()), ("error", pa.string()), ("transient", pa.bool_())]
+)
+
+LAYOUT_VERSION = 2
+"""Version of this layout in the run marker (1: parts directly under embeddings/)."""
 
 
 def embeddings_schema(dim: int) -> pa.Schema:
@@ -65,6 +72,15 @@ class OutputLayout:
     def marker(self) -> str:
         return storage.join(self.root, "_embed_run.json")
 
+    @property
+    def inputs(self) -> str:
+        return storage.join(self.root, "_inputs")
+
+
+def shard_folder(folder: str, shard: int) -> str:
+    """The folder of one listing shard's parts under ``embeddings/`` or ``failures/``."""
+    return storage.join(folder, f"shard-{shard:05d}")
+
 
 def is_data_file(name: str) -> bool:
     """A part file a reader should load (not a temporary or private file)."""
@@ -81,23 +97,6 @@ def list_parts(folder: str) -> list[str]:
     return [storage.unstrip(folder, p) for p in sorted(fs.find(path)) if is_data_file(p)]
 
 
-def read_done_paths(layout: OutputLayout) -> set[str]:
-    """Paths that already have an embedding in ``layout``'s parts."""
-    done: set[str] = set()
-    for uri in list_parts(layout.embeddings):
-        fs, path = storage.filesystem(uri)
-        try:
-            with fs.open(path, "rb") as f:
-                column = pq.read_table(f, columns=["path"]).column("path").to_pylist()
-        except Exception as exc:
-            raise EmbedError(
-                f"cannot read existing part {storage.redact(uri)} ({exc}); "
-                "pass --overwrite to start the output afresh"
-            ) from None
-        done.update(column)
-    return done
-
-
 def clear(layout: OutputLayout) -> None:
     """Remove everything an embedding run writes under ``layout`` (and nothing else)."""
     for uri in (layout.summary, layout.marker):
@@ -106,105 +105,96 @@ def clear(layout: OutputLayout) -> None:
             fs.rm(path)
     storage.remove_tree(layout.embeddings)
     storage.remove_tree(layout.failures)
+    storage.remove_tree(layout.inputs)
     fs, path = storage.filesystem(layout.root)
     fs.invalidate_cache()
 
 
-def prepare(
-    layout: OutputLayout, fingerprint: dict[str, Any], input_paths: set[str], *, overwrite: bool
-) -> set[str]:
-    """Make ``layout`` ready for a run and return the input paths already embedded there.
+@dataclass(frozen=True)
+class OutputState:
+    """What an output holds before a run: nothing, an unfinished run to resume, or a run to
+    replace (``overwrite``)."""
 
-    A finished output (``summary.json`` present) is refused unless ``overwrite``, which clears
-    it. An interrupted one (marker but no summary) is resumed: its embeddings are kept, its
-    failures are dropped so that those inputs are tried again. Resuming needs the same model,
-    architecture and preprocessing, and no embeddings for paths outside the inputs.
+    resume: bool
+    shards: int | None
+    reopen_summary: bool = False
+
+
+def inspect(layout: OutputLayout, fingerprint: dict[str, Any], *, overwrite: bool) -> OutputState:
+    """Decide what a run does with ``layout`` (reads only; the caller holds the lease).
+
+    A complete output (``summary.json`` of a succeeded run without transient failures) is
+    refused unless ``overwrite``. An output that failed or was interrupted is resumed: its
+    parts are kept, its transient failures retried. Resuming needs the same model,
+    architecture, preprocessing and images root as the marker recorded.
     """
     where = storage.redact(layout.root)
-    if storage.exists(layout.summary):
-        if not overwrite:
-            status = _summary_status(layout)
+    has_summary = storage.exists(layout.summary)
+    if overwrite:
+        if has_summary:
+            logger.info("overwriting the finished run in %s", where)
+        return OutputState(resume=False, shards=None)
+    if has_summary:
+        status, transient = _summary_status(layout)
+        if status == "succeeded" and not transient:
             raise EmbedError(
                 f"{where} already holds a finished embedding run (summary.json, status "
                 f"{status}); pass --overwrite to replace it, or choose another --output"
             )
-        logger.info("overwriting the finished run in %s", where)
-        clear(layout)
-    elif overwrite:
-        clear(layout)
-    done: set[str] = set()
     if storage.exists(layout.marker):
         previous = json.loads(storage.read_bytes(layout.marker))
+        if previous.get("layout") != LAYOUT_VERSION:
+            raise EmbedError(
+                f"{where} holds a run written by an earlier qmag-ray (parts directly under "
+                "embeddings/); pass --overwrite to start again, or choose another --output"
+            )
         changed = sorted(k for k in fingerprint if previous.get(k) != fingerprint[k])
         if changed:
             details = "; ".join(f"{k}: {previous.get(k)!r} -> {fingerprint[k]!r}" for k in changed)
             raise EmbedError(
-                f"{where} holds an interrupted run with different settings ({details}); "
+                f"{where} holds an unfinished run with different settings ({details}); "
                 "pass --overwrite to start again, or choose another --output"
             )
-        done = read_done_paths(layout)
-        stray = done - input_paths
-        if stray:
-            raise EmbedError(
-                f"{where} holds embeddings for {len(stray)} paths that are not among the inputs "
-                f"(e.g. {', '.join(sorted(stray)[:3])}); pass --overwrite or choose another "
-                "--output"
-            )
-        storage.remove_tree(layout.failures)
-        logger.info(
-            "resuming the interrupted run in %s: %d inputs already embedded are skipped, "
-            "earlier failures are retried",
-            where,
-            len(done),
-        )
-    elif list_parts(layout.embeddings) or list_parts(layout.failures):
+        return OutputState(resume=True, shards=int(previous["shards"]), reopen_summary=has_summary)
+    if _any_file(layout.embeddings) or _any_file(layout.failures) or has_summary:
         raise EmbedError(
             f"{where} holds embedding parts but no run marker, so it cannot be resumed safely; "
             "pass --overwrite or choose another --output"
         )
-    storage.write_bytes(layout.marker, json.dumps(fingerprint, indent=2).encode())
-    return done
+    return OutputState(resume=False, shards=None)
 
 
-def _summary_status(layout: OutputLayout) -> str:
+def start(
+    layout: OutputLayout, state: OutputState, fingerprint: dict[str, Any], shards: int
+) -> None:
+    """Make ``layout`` ready: clear it (new or overwritten) or reopen it (summary removed), and
+    write the run marker. The lease file is kept."""
+    if not state.resume:
+        clear(layout)
+    elif state.reopen_summary:
+        fs, path = storage.filesystem(layout.summary)
+        fs.rm(path)
+        logger.info("reopening %s: retrying its transient failures", storage.redact(layout.root))
+    marker = {**fingerprint, "layout": LAYOUT_VERSION, "shards": shards}
+    storage.write_bytes(layout.marker, json.dumps(marker, indent=2).encode())
+
+
+def _any_file(folder: str) -> bool:
+    fs, path = storage.filesystem(folder)
+    fs.invalidate_cache(path)
+    if not fs.exists(path):
+        return False
+    return any(is_data_file(p) for p in fs.find(path))
+
+
+def _summary_status(layout: OutputLayout) -> tuple[str, int]:
+    """The finished run's status and its number of transient failures."""
     try:
-        return str(json.loads(storage.read_bytes(layout.summary)).get("status", "unknown"))
+        data = json.loads(storage.read_bytes(layout.summary))
     except (ValueError, OSError):
-        return "unreadable"
-
-
-class PartWriter:
-    """Buffers record batches and writes them as atomic Parquet parts of bounded size."""
-
-    def __init__(self, folder: str, run_id: str, schema: pa.Schema, rows_per_part: int) -> None:
-        self.folder = folder
-        self.run_id = run_id
-        self.schema = schema
-        self.rows_per_part = rows_per_part
-        self._buffer: list[pa.RecordBatch] = []
-        self._buffered = 0
-        self.parts = 0
-        self.rows = 0
-
-    def add(self, batch: pa.RecordBatch) -> None:
-        if batch.num_rows == 0:
-            return
-        self._buffer.append(batch)
-        self._buffered += batch.num_rows
-        if self._buffered >= self.rows_per_part:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self._buffered:
-            return
-        table = pa.Table.from_batches(self._buffer, schema=self.schema)
-        uri = storage.join(self.folder, f"part-{self.parts:05d}-{self.run_id}.parquet")
-        with storage.atomic_open(uri) as f:
-            pq.write_table(table, f)
-        self.parts += 1
-        self.rows += table.num_rows
-        self._buffer.clear()
-        self._buffered = 0
+        return "unreadable", 0
+    transient = int(data.get("counts", {}).get("transient", 0) or 0)
+    return str(data.get("status", "unknown")), transient
 
 
 def embedding_batch(
@@ -225,10 +215,18 @@ def embedding_batch(
     )
 
 
-def failure_batch(paths: np.ndarray, errors: np.ndarray) -> pa.RecordBatch:
-    """Rows for the failures parts."""
+def failure_batch(
+    paths: np.ndarray, errors: np.ndarray, transient: np.ndarray | None = None
+) -> pa.RecordBatch:
+    """Rows for the failures parts (``transient``: the store was unreachable; retried by the
+    next run of the same command)."""
+    flags = np.zeros(len(paths), dtype=bool) if transient is None else np.asarray(transient, bool)
     return pa.RecordBatch.from_arrays(
-        [pa.array(paths.tolist(), type=pa.string()), pa.array(errors.tolist(), type=pa.string())],
+        [
+            pa.array(paths.tolist(), type=pa.string()),
+            pa.array(errors.tolist(), type=pa.string()),
+            pa.array(flags, type=pa.bool_()),
+        ],
         schema=FAILURES_SCHEMA,
     )
 
@@ -237,6 +235,7 @@ _COUNTS = (
     "inputs",
     "embedded",
     "failed",
+    "transient",
     "skipped_existing",
     "embedded_this_run",
     "resized",
@@ -259,6 +258,7 @@ class EmbedSummary:
     inputs: int
     embedded: int
     failed: int
+    transient: int
     skipped_existing: int
     embedded_this_run: int
     resized: int
@@ -274,6 +274,8 @@ class EmbedSummary:
     settings: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     failure_examples: list[dict[str, str]] = field(default_factory=list)
+    shards: int = 0
+    nodes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, with the counts grouped under ``counts``."""
@@ -284,10 +286,15 @@ class EmbedSummary:
 
     def line(self) -> str:
         """One-line human summary."""
+        transient = (
+            f" ({self.transient} unreachable: run the same command again to retry them)"
+            if self.transient
+            else ""
+        )
         return (
-            f"{self.status}: {self.embedded}/{self.inputs} embedded, {self.failed} failed, "
-            f"{self.skipped_existing} already done, {self.images_per_second:.1f} images/s, "
-            f"{self.wall_seconds:.1f} s -> {self.output}"
+            f"{self.status}: {self.embedded}/{self.inputs} embedded, {self.failed} failed"
+            f"{transient}, {self.skipped_existing} already done, "
+            f"{self.images_per_second:.1f} images/s, {self.wall_seconds:.1f} s -> {self.output}"
         )
 
 

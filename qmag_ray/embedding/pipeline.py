@@ -1,34 +1,43 @@
-"""The Ray side of an embedding run: the Ray Data pipeline and streaming its results to Parquet.
+"""The Ray side of an embedding run: listing and accounting tasks, and the Ray Data pipeline.
 
-Read-and-decode tasks (one CPU each by default) feed a pool of :class:`EmbedActor`; the driver
-consumes the results block by block with ``iter_batches`` and hands them to the part writers,
-so memory stays bounded whatever the number of images.
+Listing tasks (one per shard) produce each shard's inputs in the object store; planning tasks
+subtract what the output already holds; read-and-decode tasks (one CPU each by default) feed a
+pool of :class:`~qmag_ray.embedding.writer.PartWritingActor`, which embed and write Parquet
+parts on the worker nodes; checking tasks then verify every shard. The driver only holds
+object references, per-shard counts and the per-batch counts it logs as progress.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-import pandas as pd
-
 from qmag_ray import storage
-from qmag_ray.embedding.actor import EmbedActor
 from qmag_ray.embedding.config import EmbedConfig, EmbedError
-from qmag_ray.embedding.inputs import Inputs, read_and_decode
-from qmag_ray.embedding.output import PartWriter, embedding_batch, failure_batch
+from qmag_ray.embedding.inputs import read_and_decode
+from qmag_ray.embedding.writer import PartSpec, PartWritingActor
 
 logger = logging.getLogger(__name__)
 
+STALL_SECONDS = 30.0
+"""A store retry this recent shows in the progress line."""
+
 
 class Progress:
-    """Counts results, logs a progress line every ``interval`` seconds, times the pipeline."""
+    """Counts results, logs a progress line every ``interval`` seconds, times the pipeline.
 
-    def __init__(self, total: int, interval: float) -> None:
+    While the pipeline runs a daemon thread also logs the line when no result arrived for an
+    interval, so that a stalled store (``store: retrying ...``) shows while the tasks wait.
+    """
+
+    def __init__(self, total: int, interval: float, monitor: Any = None) -> None:
         self.total, self.interval = total, interval
+        self.monitor = monitor
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
         self.begin()
         self.first: float | None = None
         self.first_images = 0
@@ -40,7 +49,22 @@ class Progress:
         """Start the clock (when the pipeline starts)."""
         self.start = self.last = time.perf_counter()
 
+    def __enter__(self) -> Progress:
+        threading.Thread(target=self._beat, name="qmag-progress", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.update(0, 0)
+
     def update(self, embedded: int, failed: int, *, force: bool = False) -> None:
+        with self._lock:
+            self._update(embedded, failed, force)
+
+    def _update(self, embedded: int, failed: int, force: bool) -> None:
         now = time.perf_counter()
         if self.first is None and embedded + failed:
             self.first, self.first_images = now, embedded + failed
@@ -50,14 +74,29 @@ class Progress:
         if (force and done != self.logged) or now - self.last >= self.interval:
             self.last, self.logged = now, done
             logger.info(
-                "embedded %d, failed %d, %d/%d done (%.1f%%), %.1f images/s",
+                "embedded %d, failed %d, %d/%d done (%.1f%%), %.1f images/s%s",
                 self.embedded,
                 self.failed,
                 done,
                 self.total,
                 100.0 * done / max(self.total, 1),
                 done / max(now - self.start, 1e-9),
+                self.store_note(),
             )
+
+    def store_note(self) -> str:
+        """``, store: retrying ...`` while the object store is failing, else empty."""
+        if self.monitor is None:
+            return ""
+        import ray
+
+        try:
+            snap = ray.get(self.monitor.snapshot.remote(), timeout=5)
+        except Exception:  # noqa: BLE001 - the note is informative only
+            return ""
+        if not snap["retries"] or time.time() - snap["when"] > STALL_SECONDS:
+            return ""
+        return f", store: retrying ({snap['retries']} retries so far; last: {snap['last']})"
 
     def timings(self) -> dict[str, float]:
         """Seconds from the pipeline's start to its first result (of ``first_result_images``
@@ -93,6 +132,14 @@ def check_resources(config: EmbedConfig) -> None:
             f"CPU for reading need {need_cpus:g} CPUs but the Ray cluster has {cpus:g}; lower "
             "--actors or --cpus-per-actor so that decoding can run next to the actors"
         )
+    for name, amount in (config.resources or {}).items():
+        need = amount * (config.actors + 1)
+        have = float(res.get(name, 0))
+        if need > have:
+            problems.append(
+                f"the actors and a read task need {need:g} of the custom resource {name!r} "
+                f"but the Ray cluster has {have:g} (resources)"
+            )
     if not problems:
         return
     if config.wait_for_resources:
@@ -105,23 +152,36 @@ def check_resources(config: EmbedConfig) -> None:
     )
 
 
-def build_dataset(config: EmbedConfig, todo: pd.DataFrame, root: str):  # noqa: ANN202 - ray Dataset
+def remote_options(config: EmbedConfig, cpus: float) -> dict[str, Any]:
+    """Ray options of the job's tasks: ``cpus`` and the configured custom resources."""
+    options: dict[str, Any] = {"num_cpus": cpus}
+    if config.resources:
+        options["resources"] = dict(config.resources)
+    return options
+
+
+def build_dataset(  # noqa: ANN201 - a ray Dataset
+    config: EmbedConfig, todo_refs: list, root: str, spec: PartSpec, monitor: Any
+):
+    """Ray Data over the shards' todo tables: read+decode tasks, then the part-writing actors."""
     import ray
 
-    step = config.block_rows
-    blocks = [todo.iloc[i : i + step].reset_index(drop=True) for i in range(0, len(todo), step)]
-    ds = ray.data.from_pandas(blocks)
+    ds = ray.data.from_arrow_refs(todo_refs)
+    extra = {"resources": dict(config.resources)} if config.resources else {}
     ds = ds.map_batches(
         read_and_decode,
-        fn_kwargs={"root": root, "resize": config.resize},
-        batch_size=None,
+        fn_kwargs={"root": root, "resize": config.resize, "monitor": monitor},
+        batch_size=config.block_rows,
         batch_format="numpy",
         num_cpus=config.read_cpus,
+        **extra,
     )
     return ds.map_batches(
-        EmbedActor,
+        PartWritingActor,
         fn_constructor_args=(config.model, config.arch),
         fn_constructor_kwargs={
+            "spec": spec,
+            "monitor": monitor,
             "use_gpu": config.gpus_per_actor > 0,
             "threads": config.torch_threads,
             "mixed_precision": config.mixed_precision,
@@ -133,66 +193,62 @@ def build_dataset(config: EmbedConfig, todo: pd.DataFrame, root: str):  # noqa: 
         num_gpus=config.gpus_per_actor,
         batch_size=config.batch_size,
         batch_format="numpy",
+        **extra,
     )
+
+
+class BatchCounts:
+    """What the driver keeps of the pipeline's results: counts and a few failure examples."""
+
+    def __init__(self) -> None:
+        self.embedded = self.failed = self.transient = self.resized = self.parts = 0
+        self.examples: list[dict[str, str]] = []
+        self._seen: set[tuple[int, int, int]] = set()
+
+    def add(self, batch: dict) -> tuple[int, int]:
+        """Count one result batch (one row per part); a range delivered twice counts once."""
+        embedded = failed = 0
+        for i in range(len(batch["shard"])):
+            key = (int(batch["shard"][i]), int(batch["start"][i]), int(batch["end"][i]))
+            if key in self._seen:
+                logger.warning("the pipeline delivered part %s twice; counted once", key)
+                continue
+            self._seen.add(key)
+            self.parts += 1
+            embedded += int(batch["embedded"][i])
+            failed += int(batch["failed"][i])
+            self.transient += int(batch["transient"][i])
+            self.resized += int(batch["resized"][i])
+            for example in json.loads(str(batch["examples"][i])):
+                if len(self.examples) < 20:
+                    self.examples.append(example)
+        self.embedded += embedded
+        self.failed += failed
+        return embedded, failed
 
 
 def run_pipeline(
     config: EmbedConfig,
-    todo: pd.DataFrame,
-    inputs: Inputs,
-    emb_writer: PartWriter,
-    fail_writer: PartWriter,
-    failure_examples: list[dict[str, str]],
+    todo_refs: list,
+    root: str,
+    spec: PartSpec,
     progress: Progress,
-    connect: Callable[[], Any] | None,
-) -> None:
-    """Run the Ray Data pipeline over ``todo`` and stream its results into the writers."""
-    import ray
-
-    if connect is not None:
-        started = time.perf_counter()
-        connect()
-        progress.connect_seconds = time.perf_counter() - started
-    if not ray.is_initialized():
-        raise EmbedError("Ray is not connected: call qmag_ray.runtime.connect_ray() first")
-    check_resources(config)
-    paths = inputs.table["path"].to_numpy(dtype=object)
-    identities = inputs.table["identity"].to_numpy(dtype=object)
-    seen = np.zeros(len(paths), dtype=bool)
+    monitor: Any,
+) -> BatchCounts:
+    """Run the Ray Data pipeline over the todo tables; the actors write the parts."""
+    counts = BatchCounts()
     progress.begin()
-    ds = build_dataset(config, todo, inputs.root)
+    ds = build_dataset(config, todo_refs, root, spec, monitor)
     try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
-            index = np.asarray(batch["index"], dtype=np.int64)
-            errors = np.asarray(batch["error"], dtype=object)
-            emb = np.asarray(batch["embedding"], dtype=np.float32)
-            fresh = ~seen[index]
-            if not fresh.all():
-                logger.warning("dropping %d rows the pipeline delivered twice", (~fresh).sum())
-                index, errors, emb = index[fresh], errors[fresh], emb[fresh]
-            seen[index] = True
-            ok = errors == ""
-            finite = np.isfinite(emb).all(axis=1)
-            if (ok & ~finite).any():
-                errors = errors.copy()
-                errors[ok & ~finite] = "embedding is not finite (NaN or inf): check the checkpoint"
-                ok &= finite
-            emb_writer.add(embedding_batch(paths[index[ok]], identities[index[ok]], emb[ok]))
-            bad = index[~ok]
-            fail_writer.add(failure_batch(paths[bad], errors[~ok]))
-            for path, error in zip(paths[bad][:3], errors[~ok][:3], strict=False):
-                if len(failure_examples) < 20:
-                    failure_examples.append({"path": str(path), "error": str(error)})
-            resized_here = np.asarray(batch["resized_from"], dtype=object)[fresh] != ""
-            if resized_here.any():
-                if progress.resized == 0:
-                    example = paths[index[resized_here][0]]
-                    logger.info("resizing images that are not 112x112 (first: %s)", example)
-                progress.resized += int(resized_here.sum())
-            progress.update(int(ok.sum()), int((~ok).sum()))
+        with progress:
+            batches = ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1)
+            for batch in batches:
+                embedded, failed = counts.add(batch)
+                if counts.resized and progress.resized == 0:
+                    logger.info("resizing images that are not 112x112 (--resize)")
+                progress.resized = counts.resized
+                progress.update(embedded, failed)
     except Exception as exc:
-        emb_writer.flush()
-        fail_writer.flush()
         raise EmbedError(
             f"the embedding pipeline failed ({type(exc).__name__}: {_first_line(exc)}); what was "
             f"finished is kept in {storage.redact(config.output)}: run again to resume"
@@ -200,12 +256,7 @@ def run_pipeline(
     progress.update(0, 0, force=True)
     if progress.resized:
         logger.info("%d images were resized to 112x112 (--resize)", progress.resized)
-    missing = todo["index"].to_numpy()[~seen[todo["index"].to_numpy()]]
-    if len(missing):
-        raise EmbedError(
-            f"internal error: {len(missing)} inputs never came back from the pipeline "
-            f"(e.g. {paths[missing[0]]}); run again to resume"
-        )
+    return counts
 
 
 def _first_line(exc: BaseException) -> str:

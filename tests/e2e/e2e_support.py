@@ -242,6 +242,7 @@ class RayHead:
     service: Service
     address: str  # the job API (dashboard) URL
     token: str
+    gcs_address: str = ""  # host:port worker nodes join (ray start --address)
 
     def cli_env(self, **extra: str) -> dict[str, str]:
         """Environment for ``ray job ...``: token authentication with this head's token."""
@@ -252,8 +253,8 @@ class RayHead:
         self.service.stop()
 
 
-def launch_ray_head(log: Path, *, object_store_mb: int = 150) -> RayHead:
-    """Launch a 2-CPU Ray head with the dashboard (job API) on a free loopback port.
+def launch_ray_head(log: Path, *, object_store_mb: int = 150, num_cpus: int = 2) -> RayHead:
+    """Launch a Ray head (2 CPUs unless told) with the dashboard (job API) on a free port.
 
     Token authentication stays on, with a token made for this head (``RAY_AUTH_TOKEN``), so
     ``~/.ray/auth_token`` is neither read nor written. Every port is a free one and the temp
@@ -279,7 +280,7 @@ def launch_ray_head(log: Path, *, object_store_mb: int = 150) -> RayHead:
         "start",
         "--head",
         "--block",
-        "--num-cpus=2",
+        f"--num-cpus={num_cpus}",
         "--num-gpus=0",
         "--include-dashboard=true",
         "--dashboard-host=127.0.0.1",
@@ -299,7 +300,71 @@ def launch_ray_head(log: Path, *, object_store_mb: int = 150) -> RayHead:
         marker=f"{temp_dir}/",
         scratch=temp_dir,
     )
-    return RayHead(service, address, token)
+    return RayHead(service, address, token, gcs_address=f"127.0.0.1:{ports['--port']}")
+
+
+def launch_ray_worker(
+    head: RayHead, log: Path, *, num_cpus: int, resources: dict[str, float], object_store_mb=100
+) -> Service:
+    """Launch a worker node joining ``head`` (``ray start --address --block``) with its own
+    temp dir and ports and the given custom ``resources``. Ready once it has started (the
+    caller waits for the node to register with the head, see ``alive_nodes``)."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="qrw-", dir="/tmp"))
+    ports = {
+        "--node-manager-port": free_port(),
+        "--object-manager-port": free_port(),
+        "--metrics-export-port": free_port(),
+        "--dashboard-agent-listen-port": free_port(),
+        "--dashboard-agent-grpc-port": free_port(),
+        "--runtime-env-agent-port": free_port(),
+    }
+    args = [
+        RAY,
+        "start",
+        "--block",
+        f"--address={head.gcs_address}",
+        f"--num-cpus={num_cpus}",
+        "--num-gpus=0",
+        f"--resources={json.dumps(resources)}",
+        f"--object-store-memory={object_store_mb * 1024 * 1024}",
+        "--disable-usage-stats",
+        f"--temp-dir={temp_dir}",
+        *(f"{flag}={port}" for flag, port in ports.items()),
+    ]
+    return launch(
+        "ray start --address",
+        args,
+        log,
+        f"{head.address}/api/jobs/",
+        base_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=head.token),
+        headers={"Authorization": f"Bearer {head.token}"},
+        marker=f"{temp_dir}/",
+        scratch=temp_dir,
+    )
+
+
+def kill_node(service: Service) -> None:
+    """SIGKILL a node at once (its raylet, its workers): a machine that is lost."""
+    pids = related_processes(service.proc.pid, service.marker)
+    _signal_all(pids, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        service.proc.wait(timeout=10)
+
+
+def alive_nodes(head: RayHead) -> list[dict]:
+    """The cluster's live nodes as ``ray list nodes`` reports them (id, head?, resources)."""
+    result = subprocess.run(
+        [RAY, "list", "nodes", "--address", head.address, "--format", "json", "--detail"],
+        cwd=REPO,
+        env=head.cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"ray list nodes failed: {result.stderr[-2000:]}")
+    return [n for n in json.loads(result.stdout) if n.get("state") == "ALIVE"]
 
 
 # ----------------------------------------------------------------------------- jobs
