@@ -128,8 +128,6 @@ def take_output_lease(uri: str, purpose: str) -> Any:
     """
     import atexit
 
-    import click
-
     from qmag_ray import lease
 
     if not lease.supported(uri):
@@ -142,12 +140,11 @@ def take_output_lease(uri: str, purpose: str) -> Any:
     except (OSError, ValueError) as exc:
         logger.debug("taking the output lease failed", exc_info=True)
         fail(f"output {storage.redact(uri)} cannot be written: {describe_os_error(exc)}")
-    # Released when the command ends (also under typer's CliRunner), else at process exit.
-    ctx = click.get_current_context(silent=True)
+    # Released when the command ends (also under typer's CliRunner), at the latest at exit.
+    ctx = _command_context()
     if ctx is not None:
         ctx.call_on_close(held.release)
-    else:
-        atexit.register(held.release)
+    atexit.register(held.release)
     _check_free_space(uri)
     return held
 
@@ -165,6 +162,21 @@ def _check_free_space(uri: str) -> None:
             f"(at least {MIN_FREE_BYTES // 2**20} MiB needed); free some space and run again",
             code=1,
         )
+
+
+def _command_context() -> Any:
+    """The running command's context (typer ships its own copy of click), or None."""
+    import importlib
+
+    for name in ("typer._click.globals", "click"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        ctx = module.get_current_context(silent=True)
+        if ctx is not None:
+            return ctx
+    return None
 
 
 def still_held(held: Any) -> None:

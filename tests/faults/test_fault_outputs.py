@@ -246,3 +246,29 @@ def test_disk_filling_up_during_the_work_is_one_line(capsys: pytest.CaptureFixtu
         "error: calibrate: writing (/out/cal/plots/det.png) failed: no space left on the device; "
         "free some space and run the same command again"
     )
+
+
+def test_output_lease_is_released_when_the_command_ends(tmp_path: Path) -> None:
+    # In one process (typer's CliRunner, a notebook): a second command on the same output
+    # must not find the first one's lease still held.
+    import typer
+    from typer.testing import CliRunner
+
+    from qmag_ray.cli import _support as support
+
+    app = typer.Typer()
+
+    @app.command()
+    def write(out: str) -> None:
+        held = support.take_output_lease(out, "calibrate")
+        typer.echo(f"held {held.held}")
+
+    @app.command()
+    def other() -> None:
+        pass
+
+    out = str(tmp_path / "o")
+    for _ in range(2):
+        result = CliRunner().invoke(app, ["write", out])
+        assert (result.exit_code, result.output.strip()) == (0, "held True"), result.output
+        assert lease.read_holder(out) is None
