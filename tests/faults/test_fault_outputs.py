@@ -98,16 +98,15 @@ def test_overlapping_recalibration_stops_before_touching_the_shared_embeddings(
     # Issue 12: two overlapping recalibrations of one config both wrote the shared embeddings.
     import yaml
 
-    (tmp_path / "images").mkdir()
-    (tmp_path / "demo.pth").write_bytes(b"unused: refused before it is read")
-    (tmp_path / "holdout").mkdir()
+    (tmp_path / "images" / "p0").mkdir(parents=True)
+    write_table(synthetic_table(10, 2, dim=16), tmp_path / "holdout")
     rows = [f"p{i}/a.jpg,p{i}/b.jpg,1" for i in range(5)]
     rows += [f"p{i}/a.jpg,p{i + 1}/b.jpg,0" for i in range(20)]
     (tmp_path / "holdout.csv").write_text("a,b,label\n" + "\n".join(rows) + "\n")
     config = {
         "images": str(tmp_path / "images"),
         "embeddings": str(tmp_path / "shared-embeddings"),
-        "model": str(tmp_path / "demo.pth"),
+        "model": str(ROOT / "qmag_ray" / "assets" / "demo_iresnet.pth"),
         "arch": "iresnet-demo",
         "output": str(tmp_path / "runs"),
         "holdout": {
