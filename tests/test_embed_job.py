@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from model_oracle import magface_input
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -50,10 +51,11 @@ def demo_model(seed: int = 0) -> torch.nn.Module:
 
 
 def reference(model: torch.nn.Module, blobs: list[bytes]) -> np.ndarray:
-    """The in-memory model's embeddings of the decoded images."""
-    batch = np.stack([decode_face(b) for b in blobs])
+    """The in-memory model's embeddings of the images, decoded by the spec's plain recipe
+    (``model_oracle.magface_input``: BGR, / 255, NCHW; nothing from the product's decoder)."""
+    batch = np.stack([magface_input(b) for b in blobs])
     with torch.inference_mode():
-        return model(torch.from_numpy(to_input(batch))).numpy()
+        return model(torch.from_numpy(batch)).numpy()
 
 
 def png(mode: str, size: tuple[int, int], colour: object) -> bytes:

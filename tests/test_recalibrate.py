@@ -17,6 +17,7 @@ import torch
 import yaml
 from mlflow_fixtures import free_port, tracking_at
 from typer.testing import CliRunner
+from workflow_data import synthetic_table, write_table
 
 from qmag_ray.config import ConfigError, load_config
 from qmag_ray.embedding import EmbedConfig, run_embed
@@ -76,7 +77,7 @@ def test_unreachable_tracking_fails_before_any_work(tmp_path: Path) -> None:
 
     tmp_path.joinpath("images").mkdir()
     tmp_path.joinpath("demo.pth").write_bytes(b"not used")
-    tmp_path.joinpath("holdout_emb").mkdir()
+    write_table(synthetic_table(4, 2, 8), tmp_path / "holdout_emb")  # a real (tiny) one
     rows = "".join(f"x{i}.jpg,y{i}.jpg,0\n" for i in range(100))  # measures the gate's 1e-2
     tmp_path.joinpath("holdout.csv").write_text("a,b,label\n" + rows)
     uri = f"http://user:pw-secret@127.0.0.1:{free_port()}"
@@ -96,7 +97,7 @@ def test_a_gate_fmr_the_holdout_cannot_measure_is_refused_before_any_work(
 
     tmp_path.joinpath("images").mkdir()
     tmp_path.joinpath("demo.pth").write_bytes(b"not used")
-    tmp_path.joinpath("holdout_emb").mkdir()
+    write_table(synthetic_table(4, 2, 8), tmp_path / "holdout_emb")  # a real (tiny) one
     # 30 genuine + 270 impostor pairs: the smallest FMR they measure is 1/270 = 0.0037.
     rows = [f"g{i}a.jpg,g{i}b.jpg,1" for i in range(30)]
     rows += [f"x{i}.jpg,y{i}.jpg,0" for i in range(270)]

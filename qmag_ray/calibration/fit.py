@@ -215,7 +215,7 @@ def _run_pipeline(
             grid.max_ratio,
             n_gen,
             direct or DirectSearch(),
-            progress=lambda text: logger.info("calibration: direct %s", text),
+            progress=lambda text: logger.debug("calibration: direct %s", text),
         )
         alpha, beta = found.alpha, found.beta
         method_extra["direct"] = found.record()

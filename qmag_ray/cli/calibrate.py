@@ -49,6 +49,8 @@ def calibrate(
         validation_embeddings=cfg.validation.embeddings,
         **{"--quality-file": cfg.quality.file},
     )
+    support.require_pairs("pairs", cfg.pairs, cfg.protocol)
+    support.require_pairs("validation_pairs", cfg.validation.pairs, cfg.validation.protocol)
     uri = support.prepare_tracking(cfg.tracking.tracking_uri)
     address = support.connect(ray_address)
     from qmag_ray.workflows.calibrate import run_calibration
@@ -75,6 +77,8 @@ def _record(outcome: Any, cfg: Any, address: str) -> None:
         "qmag_ray.data_fingerprint": cal.fingerprint,
         "qmag_ray.method": cal.method,
     }
+    if cal.extra.get("grid_note"):  # the raised grid floor (also in calibration.json)
+        tags["qmag_ray.grid_note"] = cal.extra["grid_note"]
     compared = outcome.validation.get("methods")
     if compared and compared.get("guard"):
         tags["qmag_ray.methods_guard"] = ", ".join(

@@ -28,6 +28,8 @@ def evaluate(given: GivenSettings, ray_address: opts.RayAddress = None) -> None:
         **{"--quality-file": cfg.quality.file, "--group-file": cfg.report.group_file},
         templates=cfg.templates,
     )
+    if not cfg.templates:
+        support.require_pairs("pairs", cfg.pairs, cfg.protocol)
     uri = support.prepare_tracking(cfg.tracking.tracking_uri)
     address = support.connect(ray_address)
     from qmag_ray.workflows.evaluate import run_evaluation

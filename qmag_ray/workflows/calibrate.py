@@ -336,7 +336,7 @@ def _write(
         )
     plots_dir = storage.join(output, "plots")
     written = reporting.write_figures(
-        plots_dir, *fit_arrays, cal, in_sample, with_calibration_plot=True
+        plots_dir, *fit_arrays, cal, in_sample, with_calibration_plot=True, subset="in-sample"
     )
     if held_arrays is not None:
         written += reporting.write_figures(
@@ -345,6 +345,7 @@ def _write(
             cal,
             held_report,
             with_calibration_plot=False,
+            subset="held-out",
         )
     for uri in written:
         files[storage.join("plots", _relative(plots_dir, uri))] = uri

@@ -127,6 +127,21 @@ def at_operating_thresholds(
     return out
 
 
+def sorted_by_label_note(label: np.ndarray, protocol: str) -> str | None:
+    """A warning when a generic pair list is sorted by label: its 10-fold accuracy (folds in
+    file order, as the benchmarks define them) would then test folds of one class only."""
+    y = np.asarray(label).ravel()
+    if protocol != "generic" or len(y) < 20 or y.min() == y.max():
+        return None
+    if np.count_nonzero(np.diff(y)) > 1:
+        return None
+    return (
+        "the pair list is sorted by label (all pairs of one label, then the other): the 10-fold "
+        "accuracy, formed over folds in file order, is then meaningless; shuffle its rows "
+        "(e.g. pandas .sample(frac=1, random_state=0)) and evaluate again"
+    )
+
+
 def run_evaluation(config: EvaluateConfig, *, use_ray: bool = True) -> EvaluationOutcome:
     """Evaluate cosine and QMagFace on ``config.pairs`` and write metrics.json and plots.
 
@@ -176,6 +191,10 @@ def run_evaluation(config: EvaluateConfig, *, use_ray: bool = True) -> Evaluatio
     source = ListedPairSource(table, resolved, shards=shards)
     logger.info("scoring %d pairs in %d shard(s)", len(resolved), shards)
     cos, q, y = reporting.pair_arrays(source, use_ray=use_ray)
+    sorted_note = sorted_by_label_note(y, protocol)
+    if sorted_note:
+        notes.append(sorted_note)
+        logger.warning("%s", sorted_note)
     rep = reporting.report(cos, q, y, cal, edc_fmr=cfg.edc_fmr)
     qmag = cal.score(cos, q)
     tar = None
@@ -217,7 +236,10 @@ def run_evaluation(config: EvaluateConfig, *, use_ray: bool = True) -> Evaluatio
     }
     files = {"metrics.json": storage.join(cfg.output, "metrics.json")}
     plots_dir = storage.join(cfg.output, "plots")
-    for uri in reporting.write_figures(plots_dir, cos, q, y, cal, rep, with_calibration_plot=False):
+    figures = reporting.write_figures(
+        plots_dir, cos, q, y, cal, rep, with_calibration_plot=False, subset="evaluation"
+    )
+    for uri in figures:
         files[storage.join("plots", uri[len(plots_dir.rstrip("/")) + 1 :])] = uri
     try:
         extra = write_extra_reports(

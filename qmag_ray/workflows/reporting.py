@@ -156,8 +156,10 @@ def write_figures(
     rep: Mapping[str, Any] | None,
     *,
     with_calibration_plot: bool,
+    subset: str = "",
 ) -> list[str]:
-    """DET, quality histograms, EDC (and the weight-threshold plot) as PNG under ``folder``."""
+    """DET, quality histograms, EDC (and the weight-threshold plot) as PNG under ``folder``;
+    ``subset`` (``in-sample``, ``held-out``) and the pair counts head every title."""
     scores = {"cosine": cosine, "QMagFace": calibration.score(cosine, quality)}
     return plots.write_plots(
         folder,
@@ -166,6 +168,7 @@ def write_figures(
         scores=scores,
         report=rep,
         calibration=calibration if with_calibration_plot else None,
+        subset=subset,
     )
 
 
