@@ -193,7 +193,7 @@ def test_demo_command_end_to_end_on_a_small_set(ray_cluster: None, tmp_path: Pat
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     for step in range(1, 5):
-        assert f"== step {step}/4: " in result.output
+        assert f"[{step}/4] " in result.output
     summary = json.loads((out / "embeddings" / "summary.json").read_text())
     assert summary["counts"]["inputs"] == 160 and summary["counts"]["embedded"] == 160
     assert summary["arch"] == "iresnet-demo"
