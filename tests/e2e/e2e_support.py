@@ -364,6 +364,8 @@ def alive_nodes(head: RayHead) -> list[dict]:
     )
     if result.returncode != 0:
         raise RuntimeError(f"ray list nodes failed: {result.stderr[-2000:]}")
+    if not result.stdout.lstrip().startswith("["):  # "No resource in the cluster" while starting
+        return []
     return [n for n in json.loads(result.stdout) if n.get("state") == "ALIVE"]
 
 
