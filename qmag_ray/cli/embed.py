@@ -146,6 +146,14 @@ def embed(
             "older configs still run).",
         ),
     ] = None,
+    read_attempts: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Attempts per file read before it is recorded as a transient failure (retried "
+            "by running the same command again)." + _d("read_attempts"),
+        ),
+    ] = None,
     ray_address: Annotated[
         str | None,
         typer.Option(
@@ -188,6 +196,7 @@ def embed(
         "overwrite": overwrite,
         "wait_for_resources": wait_for_resources,
         "rows_per_part": rows_per_part,
+        "read_attempts": read_attempts,
     }
     overrides = {k: v for k, v in given.items() if v is not None}
     try:

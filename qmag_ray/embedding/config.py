@@ -46,6 +46,8 @@ class EmbedConfig:
         rows_per_part: unused since the actors write one part per batch (kept so that older
             config files still load).
         progress_seconds: interval between progress log lines.
+        read_attempts: attempts per file read before it is recorded as a transient failure
+            (each attempt includes the storage client's own retries; waits double from 1 s).
         resources: custom Ray resources every task and actor of the run requires (e.g.
             ``{"embed_node": 0.01}`` keeps the work on the nodes that declare it); config file
             only.
@@ -73,6 +75,7 @@ class EmbedConfig:
     wait_for_resources: bool = False
     rows_per_part: int = 10_000
     progress_seconds: float = 10.0
+    read_attempts: int = 5
     resources: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
@@ -83,7 +86,7 @@ class EmbedConfig:
         for name in ("model", "arch", "output"):
             if not getattr(self, name):
                 raise ValueError(f"{name} is required")
-        positive = ("actors", "batch_size", "read_block_rows", "rows_per_part")
+        positive = ("actors", "batch_size", "read_block_rows", "rows_per_part", "read_attempts")
         for name in positive:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

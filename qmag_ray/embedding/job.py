@@ -307,4 +307,5 @@ def _settings(config: EmbedConfig, root: str) -> dict[str, Any]:
         "max_failure_fraction": config.max_failure_fraction,
         "wait_for_resources": config.wait_for_resources,
         "resources": dict(config.resources or {}),
+        "read_attempts": config.read_attempts,
     }

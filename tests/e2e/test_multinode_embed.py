@@ -320,7 +320,9 @@ def test_an_s3_outage_is_retried_then_the_same_command_completes_the_output(
     output = f"s3://{BUCKET}/emb/o/"
     down = [p for p in images if p.split("/")[0] in ("id00002", "id00005")]
     assert len(down) == 10
-    config = embed_config("o", f"s3://{BUCKET}/faces-o/", checkpoint, output, progress_seconds=1)
+    config = embed_config(
+        "o", f"s3://{BUCKET}/faces-o/", checkpoint, output, progress_seconds=1, read_attempts=1
+    )
     cluster.proxy.block(*(f"/{BUCKET}/faces-o/{p.split('/')[0]}/" for p in down[::5]))
     try:
         first = submit(cluster, job_env, config, "embed-o1")
