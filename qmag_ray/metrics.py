@@ -252,10 +252,17 @@ def format_table(report: dict[str, Any], edc_points: tuple[float, ...] = (0.1, 0
     """The report as a console table: one row per metric, cosine and QMagFace columns."""
     cos, qmf = report["scores"]["cosine"], report["scores"]["qmagface"]
     rows: list[tuple[str, str, str]] = []
+    few = False
     for key in report["fmrs"]:
+        # the false matches this FNMR rests on: FMR x impostor pairs (marked under 10)
+        n_false = int(math.floor(float(key) * report["n_impostor"] + 1e-9))
+        measured = key in cos["fnmr_at_fmr"] or key in qmf["fnmr_at_fmr"]
+        mark = "*" if measured and n_false < 10 else ""
+        few |= bool(mark)
+        evidence = f" [{n_false}{mark} false matches]" if measured else ""
         rows.append(
             (
-                f"FNMR % @ FMR {key}",
+                f"FNMR % @ FMR {key}{evidence}",
                 _pct(cos["fnmr_at_fmr"].get(key)),
                 _pct(qmf["fnmr_at_fmr"].get(key)),
             )
@@ -286,6 +293,8 @@ def format_table(report: dict[str, Any], edc_points: tuple[float, ...] = (0.1, 0
         f"{'metric':<{width}}  {'cosine':>15}  {'QMagFace':>15}"
     )
     lines = [f"{name:<{width}}  {a:>15}  {b:>15}" for name, a, b in rows]
+    if few:
+        lines.append("* fewer than 10 false matches: that FNMR is a rough figure")
     return "\n".join([head, "-" * (width + 34), *lines])
 
 

@@ -132,7 +132,20 @@ def weight_threshold(uri: str, calibration: QMagFaceCalibration) -> str:
     return _save(fig, uri)
 
 
-def quality_histograms(uri: str, quality: np.ndarray, labels: np.ndarray, bins: int = 60) -> str:
+def _counts_text(labels: np.ndarray, subset: str) -> str:
+    """``held-out, 9000 genuine / 90000 impostor pairs`` (what a figure shows)."""
+    y = np.asarray(labels).ravel()
+    counts = f"{int((y == 1).sum())} genuine / {int((y == 0).sum())} impostor pairs"
+    return f"{subset}, {counts}" if subset else counts
+
+
+#: An EDC point needs this many false matches at its FMR among the kept impostors.
+EDC_MIN_FALSE_MATCHES = 10
+
+
+def quality_histograms(
+    uri: str, quality: np.ndarray, labels: np.ndarray, bins: int = 60, subset: str = ""
+) -> str:
     """Pair-quality distributions of genuine and impostor pairs (densities)."""
     q = np.asarray(quality, np.float64).ravel()
     y = np.asarray(labels).ravel()
@@ -145,26 +158,50 @@ def quality_histograms(uri: str, quality: np.ndarray, labels: np.ndarray, bins: 
             ax.hist(part, bins=edges, density=True, alpha=0.5, label=f"{name} ({len(part)})")
     ax.set_xlabel("pair quality min(||e_a||, ||e_b||)")
     ax.set_ylabel("density")
-    ax.set_title("Pair quality")
+    ax.set_title(f"Pair quality ({_counts_text(y, subset)})", fontsize="medium")
     ax.legend()
     return _save(fig, uri)
 
 
-def edc(uri: str, curves: Mapping[str, dict[str, Any]]) -> str:
-    """Error-versus-discard curves (``metrics.error_versus_discard`` outputs, by score name)."""
+def edc(uri: str, curves: Mapping[str, dict[str, Any]], subset: str = "") -> str:
+    """Error-versus-discard curves (``metrics.error_versus_discard`` outputs, by score name).
+
+    A curve stops where fewer than ``EDC_MIN_FALSE_MATCHES`` false matches at its FMR remain
+    among the kept impostors (the FNMR there rests on a handful of scores); a note says where.
+    """
     fig = _figure()
     ax = fig.add_subplot()
     fmr = None
+    stop = None
+    counts = ""
     for i, (name, c) in enumerate(curves.items()):
         fmr = c["fmr"]
         x = 100.0 * np.asarray(c["discard"])
+        kept = np.asarray(c.get("kept_impostor") or [np.inf] * len(x), np.float64)
+        enough = kept * fmr >= EDC_MIN_FALSE_MATCHES - 1e-9
+        if not enough.all():
+            stop = x[~enough][0] if stop is None else min(stop, x[~enough][0])
+        if c.get("kept_genuine") and c.get("kept_impostor"):
+            counts = f"{c['kept_genuine'][0]} genuine / {c['kept_impostor'][0]} impostor pairs"
         for key, style in (("fnmr_rederived", "-"), ("fnmr_fixed_threshold", "--")):
             y = np.array([np.nan if v is None else 100.0 * v for v in c[key]])
+            y[~enough] = np.nan
             tag = "threshold re-derived" if style == "-" else "fixed threshold"
             ax.plot(x, y, style, color=f"C{i}", marker=".", label=f"{name}, {tag}")
     ax.set_xlabel("pairs discarded, lowest quality first (%)")
     ax.set_ylabel(f"FNMR at FMR {fmr:g} (%)" if fmr is not None else "FNMR (%)")
-    ax.set_title("Error versus discard")
+    head = ", ".join(t for t in (subset, counts) if t)
+    ax.set_title(
+        f"Error versus discard ({head})" if head else "Error versus discard", fontsize="medium"
+    )
+    if stop is not None:
+        ax.annotate(
+            f"stops before {stop:g}% discarded: fewer than {EDC_MIN_FALSE_MATCHES} false "
+            f"matches at FMR {fmr:g} remain",
+            xy=(0.02, 0.02),
+            xycoords="axes fraction",
+            fontsize="small",
+        )
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
     return _save(fig, uri)
@@ -178,11 +215,18 @@ def write_plots(
     scores: Mapping[str, np.ndarray],
     report: Mapping[str, Any] | None = None,
     calibration: QMagFaceCalibration | None = None,
+    subset: str = "",
 ) -> list[str]:
-    """All applicable figures into ``output_uri`` (a directory URI); returns their URIs."""
+    """All applicable figures into ``output_uri`` (a directory URI); returns their URIs.
+
+    ``subset`` (``in-sample``, ``held-out``...) heads every title, with the pair counts.
+    """
+    det_title = f"DET ({_counts_text(labels, subset)})" if subset else None
     written = [
-        det_curves(storage.join(output_uri, "det.png"), scores, labels),
-        quality_histograms(storage.join(output_uri, "quality_histograms.png"), quality, labels),
+        det_curves(storage.join(output_uri, "det.png"), scores, labels, title=det_title),
+        quality_histograms(
+            storage.join(output_uri, "quality_histograms.png"), quality, labels, subset=subset
+        ),
     ]
     if calibration is not None and calibration.optimal_thresholds:
         written.append(
@@ -190,7 +234,7 @@ def write_plots(
         )
     if report is not None:
         curves = {name: m["edc"] for name, m in report["scores"].items()}
-        written.append(edc(storage.join(output_uri, "edc.png"), curves))
+        written.append(edc(storage.join(output_uri, "edc.png"), curves, subset=subset))
     return written
 
 

@@ -27,6 +27,9 @@ def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> s
         if num_cpus is not None:
             kwargs["num_cpus"] = num_cpus
     ray.init(**kwargs)
+    from qmag_ray.cli.console import quiet_ray_data
+
+    quiet_ray_data()
     gcs = str(ray.get_runtime_context().gcs_address)
     logger.info("connected to Ray at %s", gcs)
     return gcs

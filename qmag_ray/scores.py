@@ -34,7 +34,20 @@ def omega(cos: np.ndarray, alpha: float, beta: float) -> np.ndarray:
     return np.minimum(0.0, beta * np.asarray(cos, np.float64) - alpha)
 
 
-def qmagface_score(cos: np.ndarray, quality: np.ndarray, alpha: float, beta: float) -> np.ndarray:
-    """``s_hat = omega(s) * q + s``: lower scores are adjusted by the pair's lower quality."""
+def qmagface_score(
+    cos: np.ndarray,
+    quality: np.ndarray,
+    alpha: float,
+    beta: float,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """``s_hat = omega(s) * q + s``: lower scores are adjusted by the pair's lower quality.
+
+    ``out``: a float64 buffer of the same length to write into (the same roundings)."""
     cos = np.asarray(cos, np.float64)
-    return omega(cos, alpha, beta) * np.asarray(quality, np.float64) + cos
+    x = np.multiply(cos, beta, out=out)
+    x -= alpha
+    np.minimum(0.0, x, out=x)
+    x *= np.asarray(quality, np.float64)
+    x += cos
+    return x

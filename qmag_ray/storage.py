@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
+import re
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -126,7 +127,8 @@ def redact(uri: str) -> str:
     if "://" not in uri:
         return uri
     scheme, rest = uri.split("://", 1)
-    host, sep, tail = rest.partition("/")
-    if "@" in host:
-        host = host.rsplit("@", 1)[1]
-    return f"{scheme}://{host}{sep}{tail}"
+    # user-info up to the "@"; a secret after ":" may hold "/" (AWS secret keys do)
+    found = re.match(r"(?:[^/\s@?#]+|[^/\s@?#:]*:[^\s@]*)@", rest)
+    if found:
+        rest = rest[found.end() :]
+    return f"{scheme}://{rest}"

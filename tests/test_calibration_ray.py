@@ -24,7 +24,8 @@ def test_ray_result_is_independent_of_shards_and_equals_numpy(
     grid = CalibrationGrid(fmr_min=1e-4, n_fmr=30)
     local = fit_qmagface(cos, q, y, grid=grid)
     results = {}
-    with caplog.at_level(logging.INFO, logger="qmag_ray.calibration.distributed"):
+    # per-shard progress is DEBUG (shown with --verbose)
+    with caplog.at_level(logging.DEBUG, logger="qmag_ray.calibration.distributed"):
         for shards in (1, 3, 7):
             # Small blocks: every shard streams several blocks through each pass.
             source = ArrayPairSource(cos, q, y, shards=shards, block_size=9_973)

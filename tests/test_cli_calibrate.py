@@ -112,6 +112,27 @@ def test_calibrate_records_the_run_and_registers_the_scorer(
     assert version.run_id == run.info.run_id and version.tags["qmag_ray.guard"] == "passed"
     assert float(version.tags["alpha"]) == cal.alpha
 
+    # The first version whose guard passed is champion: README's consumer line works as is.
+    from qmag_ray.tracking.consumer import load_scorer
+
+    assert "registry: models:/faces@champion -> version 1" in text
+    assert tags["qmag_ray.aliases"] == "champion"
+    assert load_scorer("models:/faces@champion", tracking_uri=store).version == "1"
+
+    # A later version leaves the champion alone and says how to promote; --alias moves one.
+    base = ["calibrate", "--embeddings", embeddings, *GRID, "--tracking-uri", store]
+    code, text = invoke([*base, "--output", str(tmp_path / "o2"), "--register-as", "faces"])
+    assert code == 0, text
+    assert "registry: faces version 2" in text and "--alias champion" in text
+    assert str(client.get_model_version_by_alias("faces", "champion").version) == "1"
+    code, text = invoke(
+        [*base, "--output", str(tmp_path / "o3"), "--register-as", "faces", "--alias", "staging"]
+    )
+    assert code == 0, text
+    assert "registry: models:/faces@staging -> version 3" in text
+    assert str(client.get_model_version_by_alias("faces", "staging").version) == "3"
+    assert str(client.get_model_version_by_alias("faces", "champion").version) == "1"
+
 
 @pytest.mark.ray
 @pytest.mark.mlflow
@@ -274,7 +295,8 @@ def test_bad_inputs_fail_before_any_computation(tmp_path: Path) -> None:
     code, text = invoke(
         ["evaluate", "--embeddings", embeddings, "--pairs", "p.txt", "--output", "o"]
     )
-    assert code == 2 and "calibration" in text and "alpha and beta" in text
+    assert code == 2 and "calibration (--calibration)" in text
+    assert "alpha (--alpha) and beta (--beta)" in text
 
     server = f"http://127.0.0.1:{free_port()}"
     code, text = invoke(

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from model_oracle import magface_input
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -50,10 +51,11 @@ def demo_model(seed: int = 0) -> torch.nn.Module:
 
 
 def reference(model: torch.nn.Module, blobs: list[bytes]) -> np.ndarray:
-    """The in-memory model's embeddings of the decoded images."""
-    batch = np.stack([decode_face(b) for b in blobs])
+    """The in-memory model's embeddings of the images, decoded by the spec's plain recipe
+    (``model_oracle.magface_input``: BGR, / 255, NCHW; nothing from the product's decoder)."""
+    batch = np.stack([magface_input(b) for b in blobs])
     with torch.inference_mode():
-        return model(torch.from_numpy(to_input(batch))).numpy()
+        return model(torch.from_numpy(batch)).numpy()
 
 
 def png(mode: str, size: tuple[int, int], colour: object) -> bytes:
@@ -136,15 +138,15 @@ def test_manifest_csv_and_parquet_and_their_errors(tmp_path: Path) -> None:
 
 
 def test_config_needs_exactly_one_input_and_checks_values(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="exactly one of images"):
+    with pytest.raises(ValueError, match="exactly one of .images."):
         EmbedConfig(model="m", arch="a", output="o")
-    with pytest.raises(ValueError, match="exactly one of images"):
+    with pytest.raises(ValueError, match="exactly one of .images."):
         EmbedConfig(images="i", manifest="m", model="m", arch="a", output="o")
     with pytest.raises(ValueError, match="max_failure_fraction"):
         EmbedConfig(images="i", model="m", arch="a", output="o", max_failure_fraction=2.0)
     path = tmp_path / "embed.yaml"
     path.write_text(yaml.safe_dump({"images": "i", "model": "m", "arch": "a", "batch_size": 0}))
-    with pytest.raises(ConfigError, match="batch_size must be at least 1"):
+    with pytest.raises(ConfigError, match=r"batch_size \(--batch-size\) must be >= 1, got 0"):
         load_config(EmbedConfig, str(path), {"output": "o"})
     cfg = load_config(EmbedConfig, str(path), {"output": "o", "batch_size": 8})
     assert cfg.batch_size == 8 and cfg.images == "i"
@@ -204,8 +206,6 @@ def test_cli_help_documents_every_option() -> None:
     result = CliRunner().invoke(app, ["embed", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
     for field in EmbedConfig.__dataclass_fields__:
-        if field in ("read_block_rows", "progress_seconds", "resources"):
-            continue  # tuning knobs for the config file only
         assert f"--{field.replace('_', '-')}" in result.output, field
     for option in ("--ray-address", "--config", "--no-mixed-precision"):
         assert option in result.output
@@ -216,10 +216,10 @@ def test_cli_reports_user_errors_without_traceback(tmp_path: Path) -> None:
     args = ["embed", "--images", str(tmp_path), "--model", str(tmp_path / "bad.pth")]
     args += ["--arch", "iresnet18", "--output", str(tmp_path / "o")]
     result = CliRunner().invoke(app, args)
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a user error
     assert "error: checkpoint" in result.output and "Traceback" not in result.output
     result = CliRunner().invoke(app, ["embed", "--model", "m", "--arch", "a", "--output", "o"])
-    assert result.exit_code == 1 and "exactly one of images" in result.output
+    assert result.exit_code == 2 and "exactly one of images (--images)" in result.output
 
 
 # ----------------------------------------------------------------------------- with Ray
@@ -406,7 +406,7 @@ def test_real_faces_from_s3_with_iresnet18_via_cli(
     np.testing.assert_allclose(emb, reference(model, blobs), rtol=1e-4, atol=1e-4)
 
     again = CliRunner().invoke(app, args)
-    assert again.exit_code == 1 and "already holds a finished embedding run" in again.output
+    assert again.exit_code == 2 and "already holds a finished embedding run" in again.output
 
 
 @pytest.mark.ray

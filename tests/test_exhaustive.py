@@ -6,8 +6,8 @@ import pickle
 
 import numpy as np
 import pytest
+from oracle import oracle_cosine
 
-from qmag_ray import scores
 from qmag_ray.embeddings import EmbeddingTable
 from qmag_ray.pairs.exhaustive import ExhaustiveSource
 from qmag_ray.pairs.source import PairSource
@@ -28,8 +28,8 @@ def labelled(n: int, n_ident: int, dim: int = 24, seed: int = 0) -> EmbeddingTab
 
 def brute_force(table: EmbeddingTable) -> dict[tuple[int, int], tuple[float, float, int]]:
     i, j = np.triu_indices(len(table), k=1)
-    cos = scores.cosine(table.vectors[i], table.vectors[j])
-    q = scores.pair_quality(table.quality[i], table.quality[j])
+    cos = oracle_cosine(table.vectors[i], table.vectors[j])  # written out, not qmag_ray's
+    q = np.minimum(table.quality[i], table.quality[j]).astype(np.float64)
     y = (table.identity[i] == table.identity[j]).astype(int)
     return {(a, b): (c, p, t) for a, b, c, p, t in zip(i, j, cos, q, y, strict=True)}
 

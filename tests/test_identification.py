@@ -318,4 +318,4 @@ def test_cli_identify_scface_layout_end_to_end(ray_cluster: None, tmp_path: Path
             str(tmp_path / "o"),
         ],
     )
-    assert res.exit_code == 2 and "alpha and beta" in res.output
+    assert res.exit_code == 2 and "alpha (--alpha) and beta (--beta)" in res.output

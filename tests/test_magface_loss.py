@@ -113,5 +113,5 @@ def test_head_stores_magface_layout_weight_and_validates_classes() -> None:
     assert torch.isfinite(loss)
     with pytest.raises(ValueError, match="at least 2 classes"):
         MagFaceHead(128, 1, P)
-    with pytest.raises(ValueError, match="l_a < u_a"):
+    with pytest.raises(ValueError, match="l_a. < .u_a"):
         MagFaceParams(l_a=50, u_a=20)

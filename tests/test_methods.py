@@ -16,47 +16,25 @@ import numpy as np
 import pandas as pd
 import pytest
 from methods_data import WIDE_NORMS, quality_faces
-from sklearn.metrics import roc_curve
+from oracle import oracle_fit, oracle_fnmr_at_fmr
+from oracle import oracle_qmagface as qmagface_score
 from test_calibration import synthetic
 from workflow_data import write_table
 
-from qmag_ray import fit_qmagface, metrics
+from qmag_ray import fit_qmagface
 from qmag_ray.calibration.direct import DirectSearch, evaluate_candidates, objective
 from qmag_ray.calibration.fit import LocalExecutor
 from qmag_ray.calibration.result import CalibrationGrid, QMagFaceCalibration
-from qmag_ray.calibration.search import weighted_logits
 from qmag_ray.config import load_config
 from qmag_ray.embeddings import load_embeddings
 from qmag_ray.pairs.generate import generate_pairs, identity_split
 from qmag_ray.pairs.listed import score_pairs
 from qmag_ray.pairs.source import ArrayPairSource
-from qmag_ray.scores import qmagface_score
 from qmag_ray.workflows.calibrate import CalibrationOutcome, run_calibration
 from qmag_ray.workflows.config import CalibrateConfig
 
 GRID = CalibrationGrid(n_fmr=12, fmr_min=1e-3)
 GRID_ARGS = {"grid.fmr_min": 1e-3, "grid.n_fmr": 12}
-
-
-def raw_reference(
-    cosine: np.ndarray, quality: np.ndarray, label: np.ndarray, grid: CalibrationGrid
-) -> tuple[float, float, np.ndarray]:
-    """The ``raw`` method plainly: one scikit-learn ROC per weight on ``w * q + s``."""
-    weights, fmrs = grid.weights(float(quality.max())), grid.fmrs()
-    thr = np.full((len(weights), len(fmrs)), np.nan)
-    fnmr = np.ones((len(weights), len(fmrs)))
-    for i, w in enumerate(weights):
-        fpr, tpr, t = roc_curve(label, weighted_logits(cosine, quality, w), drop_intermediate=False)
-        fpr, tpr, t = fpr[1:], tpr[1:], t[1:]
-        for j, f in enumerate(fmrs):
-            below = fpr < f  # strictly below, as the published search
-            if below.any():
-                best = int(np.argmin(1.0 - tpr[below]))  # first = highest threshold on ties
-                thr[i, j], fnmr[i, j] = t[best], 1.0 - tpr[best]
-    best = np.argmin(fnmr, axis=0)
-    t_opt = thr[best, np.arange(len(fmrs))]
-    beta, intercept = np.polyfit(t_opt, weights[best], 1)
-    return float(-intercept), float(beta), t_opt
 
 
 @pytest.mark.parametrize("rounded", [False, True])
@@ -66,9 +44,10 @@ def test_raw_method_equals_a_plain_slow_reference(rounded: bool) -> None:
         cos, q = np.round(cos, 3), np.round(q)
     grid = CalibrationGrid(n_fmr=15, fmr_min=1e-3, n_weights=9)
     raw = fit_qmagface(cos, q, y, grid=grid, method="raw")
-    alpha, beta, t_opt = raw_reference(cos, q, y, grid)
-    assert (raw.alpha, raw.beta) == (alpha, beta)
-    assert raw.optimal_thresholds == t_opt.tolist()
+    # The oracle (one scikit-learn ROC per weight on w * q + s, nothing from qmag_ray).
+    want = oracle_fit(cos, q, y, n_fmr=15, fmr_min=1e-3, n_weights=9, raw=True)
+    assert (raw.alpha, raw.beta) == (want["alpha"], want["beta"])
+    assert raw.optimal_thresholds == want["optimal_thresholds"].tolist()
     assert raw.method == "raw"
     # Raw thresholds are raw scores (mostly below 0.5), not sigmoid values (all above 0.5).
     paper = fit_qmagface(cos, q, y, grid=grid)
@@ -89,9 +68,9 @@ def test_candidate_evaluation_is_exact_against_full_sorts() -> None:
             run_pass, candidates, cos[gen], q[gen], n_imp, fmrs, float(q.max())
         )
         for row, (a, b) in zip(accepted, candidates, strict=True):
-            fnmr = metrics.fnmr_at_fmr(qmagface_score(cos, q, a, b), y, fmrs)
+            fnmr = oracle_fnmr_at_fmr(qmagface_score(cos, q, a, b), y, fmrs)
             n_gen = int(y.sum())
-            assert np.array_equal((n_gen - row) / n_gen, fnmr), (shards, a, b)
+            np.testing.assert_allclose((n_gen - row) / n_gen, fnmr, rtol=0, atol=1e-12)
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +94,7 @@ def test_direct_minimises_its_objective_and_records_it(situation: str) -> None:
     n_gen = int(y.sum())
 
     def brute(a: float, b: float) -> float:
-        fnmr = metrics.fnmr_at_fmr(qmagface_score(cos, q, a, b), y, GRID.fmrs())
+        fnmr = oracle_fnmr_at_fmr(qmagface_score(cos, q, a, b), y, GRID.fmrs())
         return float(np.mean(np.log10(np.maximum(fnmr, 0.5 / n_gen))))
 
     assert d["objective_value"] == pytest.approx(brute(cal.alpha, cal.beta), abs=1e-12)
@@ -167,9 +146,10 @@ def test_issue_situation_paper_fit_is_reproduced_and_flagged(
     rows = [r for r in compared.validation["rows"] if r["target"]]
     fmrs = [r["fmr"] for r in rows]
     assert fmrs == [1e-3, 1e-2]
-    assert metrics.fnmr_at_fmr(cos, y, fmrs).tolist() == [r["cosine_fnmr"] for r in rows]
-    paper_fnmr = metrics.fnmr_at_fmr(qmagface_score(cos, q, cal.alpha, cal.beta), y, fmrs)
-    assert paper_fnmr.tolist() == [r["qmagface_fnmr"] for r in rows]
+    want_cos = oracle_fnmr_at_fmr(cos, y, fmrs)
+    np.testing.assert_allclose([r["cosine_fnmr"] for r in rows], want_cos, rtol=0, atol=1e-12)
+    paper_fnmr = oracle_fnmr_at_fmr(qmagface_score(cos, q, cal.alpha, cal.beta), y, fmrs)
+    np.testing.assert_allclose([r["qmagface_fnmr"] for r in rows], paper_fnmr, rtol=0, atol=1e-12)
     assert (paper_fnmr > 2 * np.array([r["cosine_fnmr"] for r in rows])).all()
 
 
@@ -188,7 +168,8 @@ def test_compare_methods_reports_every_method_and_direct_beats_cosine(
         assert row["direct"] <= row["cosine"] and row["raw"] is not None
         fit = methods["fits"]["direct"]
         scores = qmagface_score(held[0], held[1], fit["alpha"], fit["beta"])
-        assert row["direct"] == metrics.fnmr_at_fmr(scores, held[2], [row["fmr"]])[0]
+        want = oracle_fnmr_at_fmr(scores, held[2], [row["fmr"]])[0]
+        assert row["direct"] == pytest.approx(want, abs=1e-12)
     assert methods["eer"]["direct"] < methods["eer"]["cosine"] < methods["eer"]["paper"]
 
     saved = json.loads((Path(compared.output) / "calibration.json").read_text())
@@ -216,12 +197,12 @@ def test_split_is_identity_disjoint(compared: CalibrationOutcome, situation: str
 
 
 def test_unknown_method_is_refused_before_any_work(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="not a calibration method; use one of paper, raw"):
+    with pytest.raises(ValueError, match="'paper', 'raw' or 'direct'"):
         CalibrateConfig(embeddings="e", output=str(tmp_path), method="sigmoid")
     cos, q, y = synthetic(n=2_000, seed=1)
     with pytest.raises(ValueError, match="unknown calibration method 'best'"):
         fit_qmagface(cos, q, y, fmr_min=1e-2, fmr_max=5e-2, method="best")
-    with pytest.raises(ValueError, match="direct.points must be odd"):
+    with pytest.raises(ValueError, match="points. must be odd"):
         DirectSearch(points=4)
 
 

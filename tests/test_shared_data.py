@@ -32,7 +32,9 @@ def test_plain():
 def run_probe(root: Path, ci: str | None) -> subprocess.CompletedProcess[str]:
     repo = root / "repo"
     (repo / "tests").mkdir(parents=True)
-    shutil.copy(Path(__file__).with_name("conftest.py"), repo / "tests" / "conftest.py")
+    for helper in ("conftest.py", "proc_guard.py"):  # the conftest and what it imports
+        if Path(__file__).with_name(helper).exists():
+            shutil.copy(Path(__file__).with_name(helper), repo / "tests" / helper)
     (repo / "tests" / "test_probe.py").write_text(PROBE)
     env = {k: v for k, v in os.environ.items() if k != "CI"}
     if ci is not None:

@@ -135,4 +135,5 @@ def test_cli_synth(tmp_path) -> None:
     manifest = pd.read_parquet(out / "manifest.parquet")
     assert len(manifest) == 6 and manifest["degradation"].max() <= 0.5
     bad = CliRunner().invoke(app, ["synth", "--output", str(out), "--identities", "0"])
-    assert bad.exit_code != 0
+    assert bad.exit_code == 2, bad.output  # a user error, not a crash (1) or a traceback
+    assert "--identities" in bad.output and isinstance(bad.exception, SystemExit)

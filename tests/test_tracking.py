@@ -102,10 +102,26 @@ def test_git_commit_of_the_checkout_and_unknown_outside(tmp_path: Path) -> None:
     head = subprocess.run(
         ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
     ).stdout.strip()
-    commit, dirty = git_commit(REPO / "qmag_ray")
-    assert commit == head and dirty in (True, False)
-    (tmp_path / "__init__.py").write_text("")
-    assert git_commit(tmp_path) == ("unknown", None)
+    commit, _ = git_commit(REPO / "qmag_ray")
+    assert commit == head
+    # A checkout of our own: clean, then dirty after a change to a tracked file.
+    repo = tmp_path / "repo"
+    (repo / "pkg").mkdir(parents=True)
+    (repo / "pkg" / "__init__.py").write_text("x = 1\n")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "one"], check=True)
+    own = subprocess.run(
+        [*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert git_commit(repo / "pkg") == (own, False)
+    (repo / "pkg" / "__init__.py").write_text("x = 2\n")
+    assert git_commit(repo / "pkg") == (own, True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "__init__.py").write_text("")
+    assert git_commit(outside) == ("unknown", None)
 
 
 # --- a recorded run -------------------------------------------------------------------------

@@ -197,5 +197,29 @@ def test_heldout_report_on_a_small_synthetic_set(tmp_path) -> None:
         fmr_range=(0.2, 0.5),
     )
     assert report["test_genuine"] == 3 * 10 and report["test_impostor"] == 15 * 14 // 2 - 30
-    assert -1 <= report["spearman_norm_degradation"] <= 1
-    assert 0 <= report["fnmr"]["0.1"]["cosine"] <= 1 and 0 <= report["fnmr"]["0.1"]["qmagface"] <= 1
+    # The same figures from the oracles: the spec's forward and input, plain pairs and ROC.
+    from model_oracle import backbone_from_checkpoint, iresnet_forward, magface_input
+    from oracle import oracle_fnmr_at_fmr
+    from scipy.stats import spearmanr
+
+    manifest = pd.read_parquet(tmp_path / "set" / "manifest.parquet")
+    x = np.stack([magface_input((tmp_path / "set" / p).read_bytes()) for p in manifest["path"]])
+    with torch.no_grad():
+        emb = iresnet_forward(
+            backbone_from_checkpoint(str(tmp_path / "m.pth")), torch.from_numpy(x)
+        )
+    emb = emb.double().numpy()
+    ident = manifest["identity"].to_numpy()
+    test = np.isin(ident, np.unique(ident)[3:])  # the second half of the sorted identities
+    norm = np.linalg.norm(emb, axis=1)
+    want_rho = spearmanr(norm[test], manifest["degradation"].to_numpy()[test])[0]
+    assert report["spearman_norm_degradation"] == pytest.approx(want_rho, abs=1e-9)
+    i, j = np.triu_indices(int(test.sum()), 1)
+    e, n = emb[test], norm[test]
+    cos = (e[i] * e[j]).sum(1) / (n[i] * n[j])
+    q = np.minimum(n[i], n[j])
+    y = (ident[test][i] == ident[test][j]).astype(int)
+    qmag = np.minimum(0.0, report["beta"] * cos - report["alpha"]) * q + cos
+    got = report["fnmr"]["0.1"]
+    assert got["cosine"] == pytest.approx(oracle_fnmr_at_fmr(cos, y, [0.1])[0], abs=1e-12)
+    assert got["qmagface"] == pytest.approx(oracle_fnmr_at_fmr(qmag, y, [0.1])[0], abs=1e-12)

@@ -46,30 +46,27 @@ from qmag_ray.calibration.search import (
     thresholds_at_bounds,
     wanted_ranks,
 )
+from qmag_ray.config import Settings, option, settings
 from qmag_ray.scores import qmagface_score
 
 OBJECTIVE = "mean over the grid FMRs of log10(max(FNMR at FMR <= f, 0.5 / n_genuine))"
 BOUNDS_RULE = "alpha in [0, span * max(alpha_paper, m)], beta in [0, span * max(beta_paper, m)]"
 
 
-@dataclass(frozen=True)
-class DirectSearch:
+@settings
+class DirectSearch(Settings):
     """Settings of the ``direct`` search; see the module docstring."""
 
-    coarse: int = 41
-    rounds: int = 6
-    points: int = 5
-    span: float = 2.0
+    coarse: int = option(41, "direct method: points per axis of the coarse grid.", ge=2)
+    rounds: int = option(6, "direct method: refinement rounds around the best point.", ge=0)
+    points: int = option(5, "direct method: points per axis of a refinement (odd, >= 3).", ge=3)
+    span: float = option(
+        2.0, "direct method: the search box, as a multiple of the published fit.", gt=0
+    )
 
-    def __post_init__(self) -> None:
-        if self.coarse < 2:
-            raise ValueError(f"direct.coarse must be at least 2, got {self.coarse}")
-        if self.rounds < 0:
-            raise ValueError(f"direct.rounds must be >= 0, got {self.rounds}")
-        if self.points < 3 or self.points % 2 == 0:
-            raise ValueError(f"direct.points must be odd and >= 3, got {self.points}")
-        if not self.span > 0:
-            raise ValueError(f"direct.span must be positive, got {self.span}")
+    def check(self) -> None:
+        if self.points % 2 == 0:
+            raise ValueError(f"`points` must be odd and >= 3, got {self.points}")
 
 
 def search_bounds(

@@ -57,7 +57,7 @@ def _as_completed(refs: list[ray.ObjectRef], what: str) -> Iterator[tuple[int, A
         result = ray.get(ref)
         del ready, ref
         done += 1
-        logger.info("calibration: %s %d/%d done", what, done, total)
+        logger.debug("calibration: %s %d/%d done", what, done, total)  # --verbose
         yield index, result
 
 

@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Iterator
+from enum import Enum
 from typing import Protocol
 
 import numpy as np
@@ -48,8 +49,26 @@ logger = logging.getLogger(__name__)
 
 #: FMRs at which the result records operating thresholds of the QMagFace score.
 OPERATING_FMRS = (1e-2, 1e-3, 1e-4, 1e-5)
+
+
+class CalibrationMethod(str, Enum):
+    """How alpha and beta are chosen (see the module docstring)."""
+
+    PAPER = "paper"
+    RAW = "raw"
+    DIRECT = "direct"
+
+
 #: Calibration methods: the published one (spec section 3) and two named variants.
-METHODS = ("paper", "raw", "direct")
+METHODS = tuple(m.value for m in CalibrationMethod)
+
+
+def method_name(method: CalibrationMethod | str) -> str:
+    """The method as its text; ``ValueError`` naming the choices for an unknown one."""
+    value = method.value if isinstance(method, CalibrationMethod) else str(method)
+    if value not in METHODS:
+        raise ValueError(f"unknown calibration method {value!r}; available: {', '.join(METHODS)}")
+    return value
 
 
 class Executor(Protocol):
@@ -147,8 +166,7 @@ def run_calibration(
 
     ``direct`` holds the settings of the ``direct`` method (its defaults when None).
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown calibration method {method!r}; available: {', '.join(METHODS)}")
+    method = method_name(method)
     n_gen, n_imp = source.counts()
     grid, grid_note = resolve_grid(grid, n_imp)
     check_data(n_gen, n_imp, grid)
@@ -204,7 +222,7 @@ def run_calibration(
             grid.max_ratio,
             n_gen,
             direct or DirectSearch(),
-            progress=lambda text: logger.info("calibration: direct %s", text),
+            progress=lambda text: logger.debug("calibration: direct %s", text),
         )
         alpha, beta = found.alpha, found.beta
         method_extra["direct"] = found.record()
@@ -299,7 +317,9 @@ def fit_qmagface(
     Returns:
         The fitted ``QMagFaceCalibration`` (JSON-serialisable).
     """
-    keywords = CalibrationGrid(n_fmr, fmr_min, fmr_max, n_weights, max_ratio)
+    keywords = CalibrationGrid(
+        n_fmr=n_fmr, fmr_min=fmr_min, fmr_max=fmr_max, n_weights=n_weights, max_ratio=max_ratio
+    )
     if grid is not None and keywords != CalibrationGrid():
         raise ValueError("pass either grid=... or the grid keywords, not both")
     source = ArrayPairSource(cosine, quality, label)

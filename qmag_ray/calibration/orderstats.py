@@ -43,7 +43,7 @@ COLLECT_VALUES = 1 << 22
 FIRST_BINS_MAX = 1 << 17
 MIN_BITS, MAX_BITS = 4, 16
 #: Pairs processed at a time inside a block (bounds the float64 temporaries).
-CHUNK = 1 << 20
+CHUNK = 1 << 18
 #: Cosines are assumed within this bound for the first pass's value range (a resolution hint
 #: only: values outside still land in the edge bins and are refined).
 COS_BOUND = 1.0
@@ -85,11 +85,25 @@ class ScoreRows:
     def __len__(self) -> int:
         return len(self.params)
 
-    def score(self, row: int, cosine: np.ndarray, quality: np.ndarray) -> np.ndarray:
+    def score(
+        self, row: int, cosine: np.ndarray, quality: np.ndarray, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """The row's scores of float64 pairs (into the float64 buffer ``out`` when given)."""
         p = self.params[row]
         if self.kind == "logit":
-            return weighted_logits(cosine, quality, float(p))
-        return qmagface_score(cosine, quality, float(p[0]), float(p[1]))
+            return weighted_logits(cosine, quality, float(p), out=out)
+        return qmagface_score(cosine, quality, float(p[0]), float(p[1]), out=out)
+
+    def cosine_floor(self, row: int, lowest: float) -> float:
+        """A cosine below which a pair's score is surely below ``lowest`` (scores are at most
+        ``s + max(0, w) * max_quality`` for weights, at most ``s`` for QMagFace scores), with a
+        margin for the roundings."""
+        if self.kind == "logit":
+            lift = max(0.0, float(self.params[row])) * float(self.max_quality)
+        else:
+            lift = 0.0
+        value = lowest - lift
+        return value - 1e-9 * (abs(lowest) + abs(lift) + 1.0)
 
     def value_range(self, row: int) -> tuple[float, float]:
         """Where the scores lie for cosines in [-1, 1] and qualities in [0, max_quality]."""
@@ -106,9 +120,14 @@ class ScoreRows:
 
 
 def _first_bins(x: np.ndarray, lo: float, scale: float, bins: int) -> np.ndarray:
-    """Pass-1 bin of each value: ``clip(floor((x - lo) * scale), 0, bins - 1)``, monotone."""
-    with np.errstate(over="ignore"):  # huge values go to the edge bins
-        return np.clip(np.floor((x - lo) * scale), 0, bins - 1).astype(np.int64)
+    """Pass-1 bin of each value, ``floor(clip((x - lo) * scale, 0, bins - 1))``: monotone in
+    ``x``. Overwrites ``x`` (the caller's scratch buffer); the truncating integer conversion
+    is ``floor`` on the clipped, non-negative values."""
+    with np.errstate(over="ignore", invalid="ignore"):  # huge values go to the edge bins
+        x -= lo
+        x *= scale
+    np.clip(x, 0, bins - 1, out=x)
+    return x.astype(np.intp)
 
 
 @dataclass
@@ -134,6 +153,7 @@ class PassPlan:
     shift: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     cell: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     n_cells: int = 0
+    cos_min: np.ndarray = field(default_factory=lambda: np.empty(0))
 
     def n_collect(self) -> int:
         return int((self.shift < 0).sum())
@@ -195,6 +215,7 @@ class _Scan:
             self.row_span = [(int(bounds[r]), int(bounds[r + 1])) for r in range(len(plan.rows))]
 
     def add(self, row: int, x: np.ndarray) -> None:
+        """Count (or collect) the row's scores ``x``; may overwrite ``x``."""
         plan = self.plan
         if plan.first:
             b = _first_bins(x, float(plan.lo[row]), float(plan.scale[row]), plan.bins)
@@ -247,8 +268,27 @@ def scan_blocks(blocks: Iterable[PairBlock], plan: PassPlan) -> PassResult:
             continue
         n_imp += int(imp.sum())
         cos_i, q_i = cos[imp], q[imp]
+        if plan.first:
+            buffer = np.empty(len(cos_i))
+            for row in range(len(plan.rows)):
+                scan.add(row, plan.rows.score(row, cos_i, q_i, out=buffer))
+            continue
+        # Later passes: a row's scores at or above its lowest interval need cosines of at
+        # least its cos_min; the pairs above the lowest of them, sorted by cosine, give each
+        # row its candidates as one slice.
+        keep = cos_i >= np.nanmin(plan.cos_min)
+        cos_s, q_s = cos_i[keep], q_i[keep]
+        if len(plan.rows) > 1:
+            order = np.argsort(cos_s, kind="stable")
+            cos_s, q_s = cos_s[order], q_s[order]
         for row in range(len(plan.rows)):
-            scan.add(row, plan.rows.score(row, cos_i, q_i))
+            if np.isnan(plan.cos_min[row]):
+                continue  # nothing of this row is wanted
+            start = 0
+            if len(plan.rows) > 1:
+                start = int(np.searchsorted(cos_s, plan.cos_min[row], side="left"))
+            if start < len(cos_s):
+                scan.add(row, plan.rows.score(row, cos_s[start:], q_s[start:]))
     result = scan.finish()
     result.n_impostor = n_imp
     if gen_c:
@@ -282,8 +322,10 @@ def first_bin_edges(plan: PassPlan, row: np.ndarray, b: np.ndarray) -> np.ndarra
             break
         mid = (lo_k >> 1) + (hi_k >> 1) + (lo_k & hi_k & 1)  # no int64 overflow
         x = key_floats(mid)
-        with np.errstate(over="ignore", invalid="ignore"):
-            got = np.clip(np.floor((x - plan.lo[row]) * plan.scale[row]), 0, plan.bins - 1)
+        got = np.empty(len(x), np.intp)
+        for r in np.unique(row):  # the very function of the pass, row by row
+            at = row == r
+            got[at] = _first_bins(x[at].copy(), float(plan.lo[r]), float(plan.scale[r]), plan.bins)
         ok = got >= b
         hi_k = np.where(open_ & ok, mid, hi_k)
         lo_k = np.where(open_ & ~ok, mid + 1, lo_k)
@@ -392,9 +434,15 @@ def order_statistics(
             shift[j] = max(0, (width - 1).bit_length() - bits)
             cell[j] = n_cells
             n_cells += ((width - 1) >> int(shift[j])) + 1
+        cos_min = np.full(len(rows), np.nan)  # NaN: nothing wanted from the row
+        for iv in open_:  # sorted by (row, klo): a row's first interval is its lowest
+            if np.isnan(cos_min[iv.row]):
+                lowest = float(key_floats(np.array([iv.klo]))[0])
+                cos_min[iv.row] = rows.cosine_floor(iv.row, lowest)
         plan = PassPlan(
             rows,
             first=False,
+            cos_min=cos_min,
             row=np.array([iv.row for iv in open_], np.int64),
             klo=np.array([iv.klo for iv in open_], np.int64),
             khi=np.array([iv.khi for iv in open_], np.int64),

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from qmag_ray import storage
+from qmag_ray.config import Settings, option, settings
 
 FORMAT = "qmag-ray/calibration"
 FORMAT_VERSION = 1
@@ -28,8 +29,8 @@ def fmr_key(fmr: float) -> str:
 PAPER_FMR_MIN = 1e-5
 
 
-@dataclass(frozen=True)
-class CalibrationGrid:
+@settings
+class CalibrationGrid(Settings):
     """The search grid of spec section 3; every value settable, the paper's as defaults.
 
     ``fmr_min=None`` (the default) means the paper's 1e-5 *unless the data cannot measure it*:
@@ -37,24 +38,26 @@ class CalibrationGrid:
     so (``qmag_ray.calibration.fit.resolve_grid``). A given ``fmr_min`` is kept or refused.
     """
 
-    n_fmr: int = 50
-    fmr_min: float | None = None
-    fmr_max: float = 1e-2
-    n_weights: int = 20
-    max_ratio: float = 0.5
+    n_fmr: int = option(50, "FMR grid points (log-spaced; at least 2 to fit a line).", ge=2)
+    fmr_min: float | None = option(
+        None,
+        "Smallest FMR of the grid (default: the paper's 1e-5, raised with a note to what the "
+        "impostor pairs can measure; a given value that they cannot measure is an error).",
+        gt=0,
+        lt=1,
+    )
+    fmr_max: float = option(1e-2, "Largest FMR of the grid.", gt=0, lt=1)
+    n_weights: int = option(20, "Candidate quality weights per FMR.", ge=1)
+    max_ratio: float = option(
+        0.5, "Candidate weights span +-max_ratio / (largest pair quality).", gt=0
+    )
 
-    def __post_init__(self) -> None:
-        if self.n_fmr < 2:
-            raise ValueError(f"grid.n_fmr must be at least 2 to fit a line, got {self.n_fmr}")
-        if self.n_weights < 1:
-            raise ValueError(f"grid.n_weights must be at least 1, got {self.n_weights}")
-        if not 0 < self.floor < self.fmr_max < 1:
+    def check(self) -> None:
+        if not self.floor < self.fmr_max:
             raise ValueError(
-                f"grid needs 0 < fmr_min < fmr_max < 1, got fmr_min={self.floor}, "
+                f"the grid needs `fmr_min` < `fmr_max`, got fmr_min={self.floor}, "
                 f"fmr_max={self.fmr_max}"
             )
-        if not self.max_ratio > 0:
-            raise ValueError(f"grid.max_ratio must be positive, got {self.max_ratio}")
 
     @property
     def floor(self) -> float:

@@ -24,9 +24,14 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
 
 
-def weighted_logits(cosine: np.ndarray, quality: np.ndarray, weight: float) -> np.ndarray:
-    """``w * q + s``, the argument of the sigmoid in step 1 of the algorithm."""
-    return float(weight) * np.asarray(quality, np.float64) + np.asarray(cosine, np.float64)
+def weighted_logits(
+    cosine: np.ndarray, quality: np.ndarray, weight: float, out: np.ndarray | None = None
+) -> np.ndarray:
+    """``w * q + s``, the argument of the sigmoid in step 1 of the algorithm (into ``out``,
+    a float64 buffer of the same length, when given: the same two roundings)."""
+    x = np.multiply(np.asarray(quality, np.float64), float(weight), out=out)
+    x += np.asarray(cosine, np.float64)
+    return x
 
 
 def weighted_scores(cosine: np.ndarray, quality: np.ndarray, weight: float) -> np.ndarray:

@@ -22,7 +22,10 @@ from qmag_ray import storage
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+#: Exit code of a user error (bad option, config, input): the message says what to fix.
 USER_ERROR_EXIT = 2
+#: Exit code of a run that started and failed.
+RUN_FAILED_EXIT = 1
 
 
 def fail(message: str, code: int = USER_ERROR_EXIT) -> NoReturn:
@@ -58,16 +61,35 @@ def load(cls: type[T], config: str | None, given: Mapping[str, Any]) -> T:
 
 
 def require_exists(**uris: str | None) -> None:
-    """Each given URI must exist (checked before Ray starts); exit 2 naming the first missing."""
+    """Each given URI must exist and be readable (checked before Ray starts: credentials,
+    bucket, an embeddings folder holding embeddings); exit 2 naming the flag and the fix.
+
+    Keyword names are the options' (``validation_pairs`` is ``--validation-pairs``).
+    """
+    from qmag_ray.cli import preflight
+
     for name, uri in uris.items():
         if not uri:
             continue
         try:
-            found = storage.exists(uri)
-        except (OSError, ValueError) as exc:
-            fail(f"{name} {storage.redact(uri)} cannot be checked: {exc}")
-        if not found:
-            fail(f"{name} not found: {storage.redact(uri)} does not exist")
+            if name.endswith("embeddings"):
+                preflight.check_embeddings(name, uri)
+            else:
+                preflight.check_uri(name, uri)
+        except preflight.PreflightError as exc:
+            fail(str(exc))
+
+
+def require_pairs(name: str, uri: str | None, protocol: Any = None) -> None:
+    """The pair list parses as ``protocol`` (syntax, columns, labels), before Ray starts."""
+    from qmag_ray.cli import preflight
+
+    if not uri:
+        return
+    try:
+        preflight.check_pairs(name, uri, protocol)
+    except preflight.PreflightError as exc:
+        fail(str(exc))
 
 
 def prepare_tracking(flag_or_config: str | None) -> str:
@@ -118,5 +140,5 @@ def tracking_errors(tracking_uri: str, output: str) -> Iterator[None]:
         fail(
             f"the results were written to {storage.redact(output)}, but recording the run in "
             f"MLflow at {storage.redact(tracking_uri)} failed: {exc}",
-            code=1,
+            code=RUN_FAILED_EXIT,
         )

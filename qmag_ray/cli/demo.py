@@ -8,7 +8,12 @@ commands run in one process, so the demo exercises exactly what users run.
 
 from __future__ import annotations
 
+import json
+import os
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from importlib.resources import files
 from pathlib import Path
 from typing import Annotated
@@ -43,20 +48,71 @@ def norm_degradation_spearman(embeddings: str, manifest: str) -> tuple[float, in
     return float(rho), len(joined)
 
 
+STEPS = 4
+
+
 def _step(number: int, title: str) -> float:
-    typer.secho(f"\n== step {number}/4: {title}", bold=True)
+    typer.secho(f"[{number}/{STEPS}] {title}", bold=True)
     return time.perf_counter()
 
 
-def _run(args: list[str]) -> None:
+def _done(started: float, what: str) -> None:
+    typer.echo(f"      {what} ({time.perf_counter() - started:.1f} s)")
+
+
+@contextmanager
+def _logged(log: Path | None) -> Iterator[None]:
+    """Everything printed (the command's report, logs, Ray's lines) goes to ``log``, redacted;
+    with ``--verbose`` (``log`` None) to the terminal as usual."""
+    if log is None:
+        yield
+        return
+    from qmag_ray.cli.errors import SafeStream
+
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a", encoding="utf-8") as f:
+        stream = SafeStream(f, quiet=False)  # type: ignore[arg-type]
+        # Ray's core worker writes some lines to the process's stderr itself, below Python.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        saved = os.dup(1), os.dup(2)
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        try:
+            with redirect_stdout(stream), redirect_stderr(stream):  # type: ignore[type-var]
+                try:
+                    yield
+                finally:
+                    stream.flush()
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def _run(args: list[str], log: Path | None) -> None:
     """Run one qmag-ray command in this process; stop the demo when it fails."""
-    try:
-        code = app(args, standalone_mode=False)
-    except SystemExit as exc:
-        code = exc.code
+    with _logged(log):
+        try:
+            code = app(args, standalone_mode=False)
+        except SystemExit as exc:
+            code = exc.code
     if code not in (0, None):
-        typer.secho(f"demo stopped: qmag-ray {args[0]} failed (exit code {code})", fg="red")
+        if log is not None:
+            tail = [ln for ln in log.read_text(encoding="utf-8").splitlines() if ln.strip()][-3:]
+            typer.echo("\n".join(tail), err=True)
+        where = f"; full log: {log}" if log is not None else ""
+        typer.secho(f"demo stopped: qmag-ray {args[0]} failed (exit code {code}){where}", fg="red")
         raise typer.Exit(code if isinstance(code, int) else 1)
+
+
+def _last_line(log: Path | None, prefix: str) -> str:
+    """The last line of ``log`` starting with ``prefix`` (a command's own summary line)."""
+    if log is None or not log.exists():
+        return ""
+    found = [ln for ln in log.read_text(encoding="utf-8").splitlines() if ln.startswith(prefix)]
+    return found[-1] if found else ""
 
 
 @app.command()
@@ -81,17 +137,34 @@ def demo(
     ] = None,
 ) -> None:
     """Run the demo end to end: synth, embed, calibrate + held-out evaluation, register."""
+    from qmag_ray.cli.console import verbose
     from qmag_ray.runtime import connect_ray
+    from qmag_ray.workflows.validation import format_held_out
 
     out = Path(output).resolve()
+    earlier = sorted((out / "calibration").glob("run-*")) if out.exists() else []
     out.mkdir(parents=True, exist_ok=True)
-    images, embeddings, calibration = out / "images", out / "embeddings", out / "calibration"
+    images, embeddings = out / "images", out / "embeddings"
+    # A new folder per run: earlier runs (and their MLflow runs and versions) are kept.
+    calibration = out / "calibration" / time.strftime("run-%Y%m%d-%H%M%S")
     tracking_uri = f"sqlite:///{out / 'mlflow.db'}"
-    started = time.perf_counter()
+    if earlier:
+        typer.echo(
+            f"keeping {len(earlier)} earlier run(s) in {out / 'calibration'} and "
+            f"{out / 'mlflow.db'}; this run writes {calibration} (delete {out} to start over)"
+        )
+    logs = None if verbose() else out / "logs"
 
-    t = _step(1, f"synthetic faces ({identities} identities x {images_per_identity} images)")
+    def log(name: str) -> Path | None:
+        return None if logs is None else logs / f"{name}.log"
+
+    started = time.perf_counter()
+    if logs is not None:
+        typer.echo(f"qmag-ray demo: each step's full output goes to {logs}/ (--verbose: here)")
+
+    t = _step(1, f"synthetic faces: {identities} identities x {images_per_identity} images")
     if (images / "manifest.parquet").exists():
-        typer.echo(f"reusing {images}")
+        _done(t, f"reusing {images}")
     else:
         _run(
             [
@@ -104,14 +177,18 @@ def demo(
                 str(images_per_identity),
                 "--seed",
                 str(DEMO_SEED),
-            ]
+            ],
+            log("synth"),
         )
-    typer.echo(f"step 1 took {time.perf_counter() - t:.1f} s")
+        _done(t, f"wrote {identities * images_per_identity} images to {images}")
 
-    connect_ray(ray_address)
-    t = _step(2, f"embeddings with {arch} on Ray")
+    t = _step(2, f"embeddings with {arch} on Ray (starting a local Ray takes a while)")
+    import ray  # noqa: F401 - imported outside the log redirection (it keeps the real stdout)
+
+    with _logged(log("embed")):
+        connect_ray(ray_address)
     if (embeddings / "summary.json").exists():
-        typer.echo(f"reusing {embeddings}")
+        _done(t, f"reusing {embeddings}")
     else:
         _run(
             [
@@ -124,11 +201,12 @@ def demo(
                 arch,
                 "--output",
                 str(embeddings),
-            ]
+            ],
+            log("embed"),
         )
-    typer.echo(f"step 2 took {time.perf_counter() - t:.1f} s")
+        _done(t, _last_line(log("embed"), "succeeded:") or f"wrote {embeddings}")
 
-    t = _step(3, "calibrate on half of the identities, evaluate on the other half, register")
+    t = _step(3, "calibrate on half of the identities, check on the other half, register")
     # The documented defaults: where the pairs cannot measure FMR 1e-5, the grid starts at
     # the smallest FMR they do measure, and the report says so.
     _run(
@@ -145,33 +223,44 @@ def demo(
             tracking_uri,
             "--register-as",
             register_as,
-        ]
+            "--alias",
+            "champion",
+        ],
+        log("calibrate"),
     )
-    typer.echo(f"step 3 took {time.perf_counter() - t:.1f} s")
+    _done(t, f"report: {log('calibrate') or 'above'}")
+    cal = json.loads((calibration / "calibration.json").read_text())
+    typer.echo(
+        f"alpha = {cal['alpha']:.6f}   beta = {cal['beta']:.6f}   ({cal['n_genuine']} genuine / "
+        f"{cal['n_impostor']} impostor calibration pairs)"
+    )
+    validation = cal["extra"]["validation"]
+    typer.echo(format_held_out(validation))
+    for note in validation.get("notes", []):
+        typer.echo(f"note: {note}")
 
     _step(4, "champion alias")
-    from qmag_ray.tracking.registry import client, set_alias
+    from qmag_ray.tracking.registry import CHAMPION, alias_version
     from qmag_ray.tracking.uri import configure_tracking
 
     configure_tracking(tracking_uri)
-    versions = client().search_model_versions(f"name = '{register_as}'")
-    if not versions:
-        typer.secho("no scorer was registered (see the guard above): no champion set", fg="yellow")
+    champion = alias_version(register_as, CHAMPION)
+    newest = json.loads((calibration / "calibration.json").read_text())
+    if champion is None or champion.tags.get("qmag_ray.data_fingerprint") != newest.get(
+        "fingerprint"
+    ):
+        typer.secho("this run's scorer was not registered (see the guard above)", fg="yellow")
         raise typer.Exit(1)
-    newest = max(versions, key=lambda v: int(v.version))
-    set_alias(register_as, "champion", str(newest.version))
-    typer.echo(f"models:/{register_as}@champion -> version {newest.version}")
+    with _logged(log("calibrate")):
+        rho, n = norm_degradation_spearman(str(embeddings), str(images / "manifest.parquet"))
+    typer.echo(f"      models:/{register_as}@{CHAMPION} -> version {champion.version}")
 
-    rho, n = norm_degradation_spearman(str(embeddings), str(images / "manifest.parquet"))
     typer.echo(
         f"quality check: Spearman(embedding norm, degradation) = {rho:.3f} over {n} images of "
         "identities the demo model never saw (MagFace: lower quality, smaller norm)"
     )
-
-    plots = sorted(str(p) for p in calibration.rglob("*.png"))
-    typer.secho(f"\ndemo finished in {time.perf_counter() - started:.0f} s", bold=True)
-    typer.echo("plots:\n  " + "\n  ".join(plots))
-    typer.echo(f"results: {calibration / 'calibration.json'}, {calibration / 'metrics.json'}")
+    typer.secho(f"demo finished in {time.perf_counter() - started:.0f} s", bold=True)
+    typer.echo(f"results: {calibration}/ (calibration.json, metrics.json, plots/*.png)")
     typer.echo(
         "MLflow UI: mlflow ui --backend-store-uri "
         f"{tracking_uri} --port 5000   (then open http://127.0.0.1:5000)"

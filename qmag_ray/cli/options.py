@@ -1,7 +1,8 @@
-"""Command-line options shared by several commands, declared once.
+"""Command-line options that are not settings, shared by several commands.
 
-Typer names each option after the parameter it annotates, so ``on_missing: OnMissing = None``
-is ``--on-missing`` in every command that uses it.
+Settings (anything a YAML config can hold) are NOT declared here: they are fields of the
+stage models (``qmag_ray.config``), and ``cli.settings_command`` generates their options. Only
+options about where a command runs belong here.
 """
 
 from __future__ import annotations
@@ -10,54 +11,13 @@ from typing import Annotated
 
 import typer
 
-from qmag_ray.pairs.resolve import Policy
-from qmag_ray.pairs.templates import Pooling
+from qmag_ray.cli.settings_command import setting_option
+from qmag_ray.tracking.settings import TrackingConfig
 
-_POLICY = "error (default) or skip (skipped items are counted and reported)"
+#: ``--tracking-uri`` of ``TrackingConfig`` (for commands without a settings model).
+TrackingUri = setting_option(TrackingConfig, "tracking_uri")
 
-OnMissing = Annotated[
-    Policy | None, typer.Option(help=f"Pairs naming images not in the embeddings: {_POLICY}.")
-]
-OnBad = Annotated[Policy | None, typer.Option(help=f"NaN/inf/all-zero embeddings: {_POLICY}.")]
-OnSelf = Annotated[Policy | None, typer.Option(help=f"Self-pairs: {_POLICY}.")]
-OnDuplicate = Annotated[Policy | None, typer.Option(help=f"Repeated pairs: {_POLICY}.")]
-TrackingUri = Annotated[
-    str | None,
-    typer.Option(
-        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)."
-    ),
-]
-Experiment = Annotated[str | None, typer.Option(help="MLflow experiment (default qmag-ray).")]
 RayAddress = Annotated[
     str | None,
     typer.Option(help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)."),
-]
-QualityColumn = Annotated[
-    str | None,
-    typer.Option(
-        help="Per-image quality QMagFace uses: 'quality' (the MagFace norm, default), another "
-        "column of the embeddings (e.g. serfiq) or of --quality-file."
-    ),
-]
-QualityFile = Annotated[
-    str | None,
-    typer.Option(
-        help="CSV/Parquet file with 'path' (as in the embeddings) and the --quality-column; "
-        "images without a value count as missing images."
-    ),
-]
-Templates = Annotated[
-    str | None,
-    typer.Option(
-        help="Template table (IJB *_face_tid_mid.txt, or CSV path, template, media): pool the "
-        "embeddings into templates; --pairs then names templates."
-    ),
-]
-PoolingRule = Annotated[
-    Pooling | None,
-    typer.Option(
-        "--pooling",
-        help="Template pooling, per media then per template: quality (default, "
-        "quality-weighted) or mean.",
-    ),
 ]

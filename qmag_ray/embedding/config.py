@@ -1,113 +1,108 @@
-"""What an embedding run needs: inputs, checkpoint, output and how to spread the work."""
+"""What an embedding run needs: inputs, checkpoint, output and how to spread the work.
+
+``EmbedResources`` (how the work is spread and run) is also the ``embed`` section of a
+recalibration; ``EmbedConfig`` adds the inputs, the model and the output.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from enum import Enum
+
+from qmag_ray.config import Settings, option, settings
+
+#: Backbones of ``qmag_ray.model`` (a test checks this list against the registry).
+ARCH_HELP = (
+    "Backbone of the checkpoint: iresnet18, iresnet34, iresnet50, iresnet100, or iresnet-demo "
+    "(the bundled demo model, qmag_ray/assets/demo_iresnet.pth)."
+)
 
 
 class EmbedError(RuntimeError):
     """An embedding run that cannot start or did not succeed; the message says why."""
 
 
-@dataclass(frozen=True)
-class EmbedConfig:
-    """Settings of one embedding run (``qmag-ray embed``).
+class EmbedInputError(EmbedError):
+    """Inputs, output folder or resources the run refuses before it starts: a user error
+    (``qmag-ray embed`` exits 2; a run that started and failed exits 1)."""
 
-    Attributes:
-        images: URI of a tree ``<identity>/<image file>``; the identity is the first folder
-            under it (files directly under it have no identity). Exclusive with ``manifest``.
-        manifest: URI of a CSV or Parquet table with a ``path`` column (relative to
-            ``images_root``) and an optional ``identity`` column.
-        images_root: root the manifest's paths are relative to (default: the manifest's folder).
-        model: URI of a MagFace checkpoint (local path, ``s3://``, ``gs://``...).
-        arch: backbone name of the checkpoint, e.g. ``iresnet100``.
-        output: URI of the output folder (``embeddings/``, ``failures/``, ``summary.json``).
-        actors: number of model actors (each holds one copy of the network).
-        gpus_per_actor: GPUs each actor takes (0 runs on CPU; fractions share a GPU).
-        cpus_per_actor: CPUs reserved for each actor in Ray's scheduler.
-        threads_per_actor: torch CPU threads in each actor (default: ``cpus_per_actor``
-            rounded up); only matters without a GPU.
-        batch_size: images per forward pass.
-        read_cpus: CPUs reserved by each read-and-decode task. The pool is refused unless
-            ``actors * cpus_per_actor + read_cpus`` fits the cluster, so decoding can always
-            run next to the actors. One CPU per task (decoding is CPU-bound) also keeps the
-            number of worker processes, and their start-up cost, low on small machines.
-        read_block_rows: inputs per read task, which is also the granularity at which results
-            come back (default: ``batch_size``).
-        mixed_precision: autocast the forward pass on GPU (ignored on CPU).
-        amp_dtype: ``float16`` or ``bfloat16`` for mixed precision.
-        channels_last: channels-last memory format for the network and its input.
-        resize: resize images that are not 112x112 (bilinear) instead of failing them.
-        max_failure_fraction: the run fails when more than this fraction of inputs fail.
-        overwrite: replace a finished output instead of refusing to touch it.
-        wait_for_resources: start even when the Ray cluster does not yet have the CPUs and
-            GPUs the actor pool needs (an autoscaling cluster adds nodes); without it such a
-            run is refused at once instead of waiting for resources that may never come.
-        rows_per_part: unused since the actors write one part per batch (kept so that older
-            config files still load).
-        progress_seconds: interval between progress log lines.
-        read_attempts: attempts per file read before it is recorded as a transient failure
-            (each attempt includes the storage client's own retries; waits double from 1 s).
-        resources: custom Ray resources every task and actor of the run requires (e.g.
-            ``{"embed_node": 0.01}`` keeps the work on the nodes that declare it); config file
-            only.
+
+class AmpDtype(str, Enum):
+    """Floating-point type of mixed precision."""
+
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
+
+
+@settings
+class EmbedResources(Settings):
+    """How an embedding run spreads its work over Ray (``qmag-ray embed``, recalibrate's embed).
+
+    The actor pool is refused unless ``actors * cpus_per_actor + read_cpus`` fits the cluster,
+    so decoding can always run next to the actors (or waited for with
+    ``wait_for_resources``). One CPU per read task (decoding is CPU-bound) also keeps the number
+    of worker processes, and their start-up cost, low on small machines.
     """
 
-    images: str | None = None
-    manifest: str | None = None
-    images_root: str | None = None
-    model: str = ""
-    arch: str = ""
-    output: str = ""
-    actors: int = 1
-    gpus_per_actor: float = 0.0
-    cpus_per_actor: float = 1.0
-    threads_per_actor: int | None = None
-    batch_size: int = 64
-    read_cpus: float = 1.0
-    read_block_rows: int | None = None
-    mixed_precision: bool = False
-    amp_dtype: str = "float16"
-    channels_last: bool = False
-    resize: bool = False
-    max_failure_fraction: float = 0.01
-    overwrite: bool = False
-    wait_for_resources: bool = False
-    rows_per_part: int = 10_000
-    progress_seconds: float = 10.0
-    read_attempts: int = 5
-    resources: dict[str, float] | None = None
+    actors: int = option(1, "Model actors (each holds one copy of the network).", ge=1)
+    gpus_per_actor: float = option(0.0, "GPUs per actor; 0 runs on CPU, 0.5 shares a GPU.", ge=0)
+    cpus_per_actor: float = option(
+        1.0,
+        "CPUs Ray reserves per actor; keep actors x this below the cluster's CPUs so decoding "
+        "can run.",
+        ge=0,
+    )
+    threads_per_actor: int | None = option(
+        None, "Torch CPU threads per actor (default: --cpus-per-actor rounded up).", ge=1
+    )
+    batch_size: int = option(64, "Images per forward pass.", ge=1)
+    read_cpus: float = option(1.0, "CPUs reserved per read-and-decode task.", ge=0)
+    read_block_rows: int | None = option(
+        None,
+        "Inputs per read task, also the granularity of results (default: --batch-size).",
+        ge=1,
+    )
+    mixed_precision: bool = option(False, "Autocast the forward pass on GPU (ignored on CPU).")
+    amp_dtype: AmpDtype = option(AmpDtype.FLOAT16, "Mixed-precision type.")
+    channels_last: bool = option(False, "Channels-last memory format for network and input.")
+    resize: bool = option(
+        False, "Resize images that are not 112x112 (bilinear, logged) instead of failing them."
+    )
+    max_failure_fraction: float = option(
+        0.01,
+        "Fail the run when more than this fraction of images fail (everything is still written).",
+        ge=0,
+        le=1,
+    )
+    wait_for_resources: bool = option(
+        False,
+        "Start even if the cluster lacks the CPUs/GPUs of the actor pool for now (an "
+        "autoscaler adds nodes); otherwise such a run is refused at once.",
+    )
+    rows_per_part: int = option(
+        10_000,
+        "No longer used: the model actors write one part per batch (accepted so that older "
+        "configs still run).",
+        ge=1,
+    )
+    progress_seconds: float = option(10.0, "Seconds between progress lines.", gt=0)
+    read_attempts: int = option(
+        5,
+        "Attempts per file read before it is recorded as a transient failure (retried by "
+        "running the same command again); each includes the storage client's own retries.",
+        ge=1,
+    )
+    resources: dict[str, float] | None = option(
+        None,
+        "Custom Ray resources every task and actor of the run requires, NAME=AMOUNT "
+        "(repeatable; e.g. embed_node=0.01 keeps the work on the nodes that declare it).",
+    )
 
-    def __post_init__(self) -> None:
-        if bool(self.images) == bool(self.manifest):
-            raise ValueError("give exactly one of images (a folder tree) or manifest (a table)")
-        if self.images_root and not self.manifest:
-            raise ValueError("images_root only applies with a manifest")
-        for name in ("model", "arch", "output"):
-            if not getattr(self, name):
-                raise ValueError(f"{name} is required")
-        positive = ("actors", "batch_size", "read_block_rows", "rows_per_part", "read_attempts")
-        for name in positive:
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.threads_per_actor is not None and self.threads_per_actor < 1:
-            raise ValueError(f"threads_per_actor must be at least 1, got {self.threads_per_actor}")
-        for name in ("gpus_per_actor", "cpus_per_actor", "read_cpus"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+    def check(self) -> None:
         if self.cpus_per_actor == 0 and self.gpus_per_actor == 0:
-            raise ValueError("an actor needs cpus_per_actor > 0 when it has no GPU")
-        if not 0.0 <= self.max_failure_fraction <= 1.0:
-            raise ValueError(
-                f"max_failure_fraction must be in [0, 1], got {self.max_failure_fraction}"
-            )
-        if self.amp_dtype not in ("float16", "bfloat16"):
-            raise ValueError(f"amp_dtype must be float16 or bfloat16, got {self.amp_dtype!r}")
+            raise ValueError("an actor needs `cpus_per_actor` > 0 when it has no GPU")
         for name, amount in (self.resources or {}).items():
-            if not isinstance(amount, (int, float)) or amount <= 0:
-                raise ValueError(f"resources.{name} must be a positive number, got {amount!r}")
-        if self.progress_seconds <= 0:
-            raise ValueError(f"progress_seconds must be positive, got {self.progress_seconds}")
+            if not amount > 0:
+                raise ValueError(f"`resources` {name} must be a positive number, got {amount!r}")
 
     @property
     def block_rows(self) -> int:
@@ -120,3 +115,45 @@ class EmbedConfig:
         if self.threads_per_actor is not None:
             return self.threads_per_actor
         return max(1, int(-(-self.cpus_per_actor // 1)))
+
+
+@settings
+class EmbedConfig(EmbedResources):
+    """Settings of one embedding run (``qmag-ray embed``): inputs, model, output, resources.
+
+    ``images`` is a tree ``<identity>/<image file>`` (the identity is the first folder under
+    it; files directly under it have no identity); ``manifest`` a CSV or Parquet table with a
+    ``path`` column (relative to ``images_root``) and an optional ``identity`` column.
+    """
+
+    images: str | None = option(
+        None,
+        "Folder or URI of the images, laid out as <identity>/<image file> (the first folder "
+        "under it is the identity). Use this or --manifest.",
+    )
+    manifest: str | None = option(
+        None,
+        "CSV or Parquet table of the images: 'path' relative to --images-root, optional "
+        "'identity'. Use this or --images.",
+    )
+    images_root: str | None = option(
+        None, "Root the manifest's paths are relative to (default: the manifest's folder)."
+    )
+    model: str = option(
+        help="MagFace checkpoint: a local path or URI (s3://, gs://...).", min_length=1
+    )
+    arch: str = option(help=ARCH_HELP, min_length=1)
+    output: str = option(
+        help="Output folder or URI: embeddings/, failures/ and summary.json.", min_length=1
+    )
+    overwrite: bool = option(
+        False,
+        "Replace a finished output; without it a finished output is refused and an "
+        "interrupted one is resumed.",
+    )
+
+    def check(self) -> None:
+        if bool(self.images) == bool(self.manifest):
+            raise ValueError("give exactly one of `images` (a folder tree) or `manifest` (a table)")
+        if self.images_root and not self.manifest:
+            raise ValueError("`images_root` only applies with `manifest`")

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from qmag_ray import storage
-from qmag_ray.embedding.config import EmbedError
+from qmag_ray.embedding.config import EmbedInputError
 from qmag_ray.embedding.listing import LINK_OUTSIDE, _inside, normalise_path
 from qmag_ray.embedding.retry import READ_ATTEMPTS, is_transient, store_options, with_retries
 from qmag_ray.images import IMAGE_EXTENSIONS, INPUT_SIZE, ImageError, decode
@@ -58,7 +58,7 @@ def list_tree(images: str) -> Inputs:
     root = root.rstrip("/")
     fs.invalidate_cache(root)
     if not fs.isdir(root):
-        raise EmbedError(f"images folder not found: {storage.redact(images)}")
+        raise EmbedInputError(f"images folder not found: {storage.redact(images)}")
     paths, identities, ignored = [], [], []
     for fs_path in sorted(fs.find(root)):
         rel = storage.relative(root, fs_path)
@@ -69,7 +69,7 @@ def list_tree(images: str) -> Inputs:
         paths.append(rel)
         identities.append(rel.split("/", 1)[0] if "/" in rel else None)
     if not paths:
-        raise EmbedError(
+        raise EmbedInputError(
             f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {storage.redact(images)}"
         )
     table = pd.DataFrame({"path": paths, "identity": pd.Series(identities, dtype=object)})
@@ -80,7 +80,7 @@ def read_manifest(uri: str) -> pd.DataFrame:
     """Read a CSV or Parquet manifest with ``path`` and optional ``identity`` columns."""
     where = storage.redact(uri)
     if not storage.exists(uri):
-        raise EmbedError(f"manifest not found: {where}")
+        raise EmbedInputError(f"manifest not found: {where}")
     fs, path = storage.filesystem(uri)
     lower = path.lower()
     with fs.open(path, "rb") as f:
@@ -92,9 +92,9 @@ def read_manifest(uri: str) -> pd.DataFrame:
             compression = "gzip" if lower.endswith(".gz") else None
             frame = pd.read_csv(f, dtype=str, keep_default_na=False, compression=compression)
         else:
-            raise EmbedError(f"manifest {where} must be a .csv or .parquet file")
+            raise EmbedInputError(f"manifest {where} must be a .csv or .parquet file")
     if "path" not in frame.columns:
-        raise EmbedError(
+        raise EmbedInputError(
             f"manifest {where} has no 'path' column (columns: {', '.join(map(str, frame.columns))})"
         )
     paths = [normalise_path(p, where, i) for i, p in enumerate(frame["path"].tolist())]
@@ -109,12 +109,12 @@ def read_manifest(uri: str) -> pd.DataFrame:
     dup = table["path"].duplicated(keep=False)
     if dup.any():
         examples = ", ".join(sorted(set(table.loc[dup, "path"]))[:5])
-        raise EmbedError(
+        raise EmbedInputError(
             f"manifest {where} lists {int(dup.sum())} rows with repeated paths (e.g. {examples}); "
             "each image must appear once"
         )
     if table.empty:
-        raise EmbedError(f"manifest {where} has no rows")
+        raise EmbedInputError(f"manifest {where} has no rows")
     return table
 
 

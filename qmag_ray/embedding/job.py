@@ -301,7 +301,7 @@ def _settings(config: EmbedConfig, root: str) -> dict[str, Any]:
         "read_cpus": config.read_cpus,
         "read_block_rows": config.block_rows,
         "mixed_precision": config.mixed_precision,
-        "amp_dtype": config.amp_dtype,
+        "amp_dtype": config.amp_dtype.value,
         "channels_last": config.channels_last,
         "resize": config.resize,
         "max_failure_fraction": config.max_failure_fraction,

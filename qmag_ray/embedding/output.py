@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from qmag_ray import storage
-from qmag_ray.embedding.config import EmbedError
+from qmag_ray.embedding.config import EmbedInputError
 
 logger = logging.getLogger(__name__)
 
@@ -137,27 +137,27 @@ def inspect(layout: OutputLayout, fingerprint: dict[str, Any], *, overwrite: boo
     if has_summary:
         status, transient = _summary_status(layout)
         if status == "succeeded" and not transient:
-            raise EmbedError(
+            raise EmbedInputError(
                 f"{where} already holds a finished embedding run (summary.json, status "
                 f"{status}); pass --overwrite to replace it, or choose another --output"
             )
     if storage.exists(layout.marker):
         previous = json.loads(storage.read_bytes(layout.marker))
         if previous.get("layout") != LAYOUT_VERSION:
-            raise EmbedError(
+            raise EmbedInputError(
                 f"{where} holds a run written by an earlier qmag-ray (parts directly under "
                 "embeddings/); pass --overwrite to start again, or choose another --output"
             )
         changed = sorted(k for k in fingerprint if previous.get(k) != fingerprint[k])
         if changed:
             details = "; ".join(f"{k}: {previous.get(k)!r} -> {fingerprint[k]!r}" for k in changed)
-            raise EmbedError(
+            raise EmbedInputError(
                 f"{where} holds an unfinished run with different settings ({details}); "
                 "pass --overwrite to start again, or choose another --output"
             )
         return OutputState(resume=True, shards=int(previous["shards"]), reopen_summary=has_summary)
     if _any_file(layout.embeddings) or _any_file(layout.failures) or has_summary:
-        raise EmbedError(
+        raise EmbedInputError(
             f"{where} holds embedding parts but no run marker, so it cannot be resumed safely; "
             "pass --overwrite or choose another --output"
         )

@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from qmag_ray import storage
-from qmag_ray.embedding.config import EmbedConfig, EmbedError
+from qmag_ray.embedding.config import EmbedConfig, EmbedError, EmbedInputError
 from qmag_ray.embedding.inputs import read_and_decode
 from qmag_ray.embedding.writer import PartSpec, PartWritingActor
 
@@ -146,7 +146,7 @@ def check_resources(config: EmbedConfig) -> None:
         for problem in problems:
             logger.warning("%s; waiting for the autoscaler (--wait-for-resources)", problem)
         return
-    raise EmbedError(
+    raise EmbedInputError(
         "; ".join(problems)
         + " (on an autoscaling cluster pass --wait-for-resources to wait for new nodes)"
     )

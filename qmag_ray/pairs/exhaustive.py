@@ -102,7 +102,7 @@ class ExhaustiveSource:
             yield from self.score_tile(int(bi), int(bj))
             log.debug("shard %d: tile %d of %d scored", index, k + 1, len(tiles))
 
-    def _parts(self, bi: int, bj: int) -> list[tuple[int, int, int, int]]:
+    def tile_parts(self, bi: int, bj: int) -> list[tuple[int, int, int, int]]:
         """Row and column ranges ``(r0, r1, c0, c1)`` of the blocks of tile (bi, bj).
 
         An off-diagonal tile is one block. A diagonal tile is cut into row strips of
@@ -124,7 +124,7 @@ class ExhaustiveSource:
 
     def score_tile(self, bi: int, bj: int) -> Iterator[PairBlock]:
         """The blocks of tile (bi, bj): cosine, pair quality and label, flattened row-major."""
-        for r0, r1, c0, c1 in self._parts(bi, bj):
+        for r0, r1, c0, c1 in self.tile_parts(bi, bj):
             a, b = slice(r0, r1), slice(c0, c1)
             cos = self.unit[a] @ self.unit[b].T
             qual = np.minimum.outer(self.quality[a], self.quality[b])
@@ -137,7 +137,7 @@ class ExhaustiveSource:
 
     def tile_indices(self, bi: int, bj: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Row indices (i, j) of the pairs of each block of tile (bi, bj), as scored."""
-        for r0, r1, c0, c1 in self._parts(bi, bj):
+        for r0, r1, c0, c1 in self.tile_parts(bi, bj):
             i, j = np.meshgrid(np.arange(r0, r1), np.arange(c0, c1), indexing="ij")
             keep = i < j
             yield i[keep], j[keep]

@@ -10,6 +10,8 @@ impostor pairs. Impostor partners are drawn with replacement, so an impostor pai
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -47,16 +49,32 @@ def _draw_members(
     return members
 
 
-def generate_pairs(
-    table: EmbeddingTable,
-    max_per_identity: int = 10,
-    impostors_per_side: int = 5,
-    seed: int = 0,
-) -> ResolvedPairs:
-    """Genuine pairs within identities and random cross-identity impostors, reproducibly.
+@dataclass(frozen=True)
+class DrawPlan:
+    """What drawing the pairs needs, O(images) integers: the drawn images of each identity
+    (``pool[start[k]:start[k] + sizes[k]]``, sorted), the identity code of every table row,
+    and the generator state right after the member draws (where the impostor draws begin)."""
 
-    Output order: all genuine pairs (identity by identity, i < j), then the impostors of each
-    genuine pair in that order (``impostors_per_side`` for its first image, then its second).
+    codes: np.ndarray
+    pool: np.ndarray
+    start: np.ndarray
+    sizes: np.ndarray
+    impostors_per_side: int
+    state: dict[str, Any]
+
+    @property
+    def n_identities(self) -> int:
+        return len(self.sizes)
+
+    def genuine_counts(self) -> np.ndarray:
+        """Genuine pairs of each identity: ``C(size, 2)``."""
+        return self.sizes * (self.sizes - 1) // 2
+
+
+def draw_plan(
+    table: EmbeddingTable, max_per_identity: int, impostors_per_side: int, seed: int
+) -> DrawPlan:
+    """Check the settings and the table, and draw the members of every identity (seeded).
 
     Raises:
         ValueError: unlabelled rows, bad settings, or no genuine pair / fewer than 2 identities.
@@ -77,30 +95,66 @@ def generate_pairs(
         raise ValueError(f"need at least 2 identities to draw impostors, got {len(names)}")
     rng = np.random.default_rng(seed)
     members = _draw_members(codes, len(names), max_per_identity, rng)
+    sizes = np.asarray([len(m) for m in members], dtype=np.int64)
+    if not (sizes >= 2).any():
+        raise ValueError("no identity has two or more images: no genuine pairs can be formed")
+    # Pool of drawn images grouped by identity: identity k occupies pool[start[k]:start[k+1]].
+    pool = np.concatenate(members)
+    start = np.concatenate([[0], np.cumsum(sizes)])
+    state = rng.bit_generator.state
+    return DrawPlan(codes, pool, start, sizes, int(impostors_per_side), state)
 
+
+def draw_identities(
+    plan: DrawPlan, first: int, stop: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Genuine pairs (ga, gb) of identities ``first..stop-1`` and their impostors
+    (anchor, partner), drawing the partners from ``rng`` (positioned where these identities'
+    impostor draws begin: one draw per impostor, in order). Consecutive identity ranges drawn
+    one after the other from one generator give the pairs of one call over their union: a
+    numpy Generator's bounded integers drawn in pieces equal those of one call (tested)."""
     gen_a, gen_b = [], []
-    for rows in members:
+    for k in range(first, stop):
+        rows = plan.pool[plan.start[k] : plan.start[k + 1]]
         if len(rows) >= 2:
             i, j = np.triu_indices(len(rows), k=1)
             gen_a.append(rows[i])
             gen_b.append(rows[j])
     if not gen_a:
-        raise ValueError("no identity has two or more images: no genuine pairs can be formed")
+        empty = np.empty(0, np.int64)
+        return empty, empty, empty, empty
     ga, gb = np.concatenate(gen_a), np.concatenate(gen_b)
-
-    # Pool of drawn images grouped by identity: identity k occupies pool[start[k]:start[k+1]].
-    pool = np.concatenate(members)
-    sizes = np.asarray([len(m) for m in members], dtype=np.int64)
-    start = np.concatenate([[0], np.cumsum(sizes)])
     sides = np.stack([ga, gb], axis=1).reshape(-1)  # a0, b0, a1, b1, ...
-    anchor = np.repeat(sides, impostors_per_side)
-    k = codes[anchor]
-    r = rng.integers(0, len(pool) - sizes[k])  # a slot outside identity k's range
+    anchor = np.repeat(sides, plan.impostors_per_side)
+    k = plan.codes[anchor]
+    sizes, start = plan.sizes, plan.start
+    r = rng.integers(0, len(plan.pool) - sizes[k])  # a slot outside identity k's range
     r = r + np.where(r >= start[k], sizes[k], 0)
-    partner = pool[r]
-    if (codes[partner] == k).any():  # cannot happen; guards the index arithmetic above
+    partner = plan.pool[r]
+    if (plan.codes[partner] == k).any():  # cannot happen; guards the index arithmetic above
         raise RuntimeError("internal error: an impostor partner shares the anchor's identity")
+    return ga, gb, anchor, partner
 
+
+def generate_pairs(
+    table: EmbeddingTable,
+    max_per_identity: int = 10,
+    impostors_per_side: int = 5,
+    seed: int = 0,
+) -> ResolvedPairs:
+    """Genuine pairs within identities and random cross-identity impostors, reproducibly.
+
+    Output order: all genuine pairs (identity by identity, i < j), then the impostors of each
+    genuine pair in that order (``impostors_per_side`` for its first image, then its second).
+    ``GeneratedPairSource`` yields the same pairs shard by shard without this list.
+
+    Raises:
+        ValueError: unlabelled rows, bad settings, or no genuine pair / fewer than 2 identities.
+    """
+    plan = draw_plan(table, max_per_identity, impostors_per_side, seed)
+    rng = np.random.default_rng(seed)
+    rng.bit_generator.state = plan.state
+    ga, gb, anchor, partner = draw_identities(plan, 0, plan.n_identities, rng)
     idx_a = np.concatenate([ga, anchor])
     idx_b = np.concatenate([gb, partner])
     label = np.concatenate([np.ones(len(ga), np.int8), np.zeros(len(anchor), np.int8)])
@@ -109,7 +163,7 @@ def generate_pairs(
         "generated %d genuine and %d impostor pairs from %d identities (seed %d)",
         len(ga),
         len(anchor),
-        len(names),
+        plan.n_identities,
         seed,
     )
     report = ResolveReport(total=n, kept=n)

@@ -17,6 +17,18 @@ from qmag_ray.pairs.resolve import ResolvedPairs
 from qmag_ray.pairs.source import PairBlock
 
 
+def score_block(
+    vectors: np.ndarray, quality: np.ndarray, ia: np.ndarray, ib: np.ndarray, label: np.ndarray
+) -> PairBlock:
+    """The block of pairs (rows ``ia[i]``, ``ib[i]``): float64 cosine and pair quality (each
+    pair's scores do not depend on the other pairs of the block)."""
+    return PairBlock(
+        cosine=scores.cosine(vectors[ia], vectors[ib]),
+        quality=scores.pair_quality(quality[ia], quality[ib]),
+        label=label,
+    )
+
+
 class ListedPairSource:
     """Listed pairs cut into ``shards`` contiguous shards of blocks of ``block_size`` pairs."""
 
@@ -78,11 +90,8 @@ class ListedPairSource:
             yield self._score(slice(start, min(hi, start + self._block)))
 
     def _score(self, rows: slice) -> PairBlock:
-        ia, ib = self.idx_a[rows], self.idx_b[rows]
-        return PairBlock(
-            cosine=scores.cosine(self.vectors[ia], self.vectors[ib]),
-            quality=scores.pair_quality(self.quality[ia], self.quality[ib]),
-            label=self.label[rows],
+        return score_block(
+            self.vectors, self.quality, self.idx_a[rows], self.idx_b[rows], self.label[rows]
         )
 
     def counts(self) -> tuple[int, int]:

@@ -137,12 +137,22 @@ def write_dataset(
     results: dict[int, list[dict[str, object]]] = {}
     start = time.perf_counter()
     done = 0
+    last = start
 
-    def progress(n_rows: int) -> None:
-        nonlocal done
+    def progress(n_rows: int) -> None:  # one INFO line per 10 s at most, every chunk at DEBUG
+        nonlocal done, last
         done += n_rows
-        rate = done / max(time.perf_counter() - start, 1e-9)
-        logger.info("synth: %d/%d images (%.0f images/s)", done, total, rate)
+        now = time.perf_counter()
+        rate = done / max(now - start, 1e-9)
+        steady = now - last >= 10.0 and done < total
+        last = now if steady else last
+        logger.log(
+            logging.INFO if steady else logging.DEBUG,
+            "synth: %d/%d images (%.0f images/s)",
+            done,
+            total,
+            rate,
+        )
 
     if workers == 1:
         for i, part in enumerate(chunks):

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from qmag_ray.calibration.result import fmr_key
+from qmag_ray.config import Settings, option, settings
 
 LOWER_IS_BETTER = ("fnmr", "fmr", "eer", "error", "loss")
 
@@ -30,39 +31,42 @@ def fnmr_metric_name(fmr: float, method: str = "qmagface") -> str:
     return f"{method}.fnmr_at_fmr_{fmr_key(fmr)}"
 
 
-@dataclass(frozen=True)
-class GateConfig:
-    """When a challenger may replace the champion.
+@settings
+class GateConfig(Settings):
+    """When a challenger may replace the champion."""
 
-    Attributes:
-        target_fmr: The operating point the gate judges (FNMR at this FMR).
-        metric: The FNMR metric key; empty means ``fnmr_metric_name(target_fmr)``.
-        max_fnmr: Absolute ceiling for the challenger's FNMR (a fraction); None for none.
-        max_fnmr_increase: Allowed FNMR rise over the champion, absolute (0.001 = 0.1 point).
-        max_fnmr_increase_relative: Allowed FNMR rise relative to the champion (0.05 = 5%).
-        max_regression: Other metrics and the largest worsening each may show (absolute).
-        require_improvement: The challenger's FNMR must be strictly lower than the champion's.
-    """
+    target_fmr: float = option(
+        1e-3, "Gate: the FMR at which challenger and champion FNMR are compared.", gt=0, lt=1
+    )
+    metric: str = option(
+        "",
+        "Gate: the FNMR metric key (default: qmagface.fnmr_at_fmr_<target FMR>).",
+        flag="gate-metric",
+    )
+    max_fnmr: float | None = option(
+        None, "Gate: absolute ceiling for the challenger's FNMR (a fraction).", ge=0, le=1
+    )
+    max_fnmr_increase: float = option(
+        0.0, "Gate: FNMR rise over the champion allowed, absolute (0.001 = 0.1 point).", ge=0
+    )
+    max_fnmr_increase_relative: float = option(
+        0.0, "Gate: FNMR rise over the champion allowed, relative (0.05 = 5%).", ge=0
+    )
+    max_regression: dict[str, float] = option(
+        {},
+        "Gate: other metrics and the largest worsening each may show, METRIC=BOUND "
+        "(repeatable).",
+    )
+    require_improvement: bool = option(
+        False, "Gate: the challenger's FNMR must be strictly lower than the champion's."
+    )
 
-    target_fmr: float = 1e-3
-    metric: str = ""
-    max_fnmr: float | None = None
-    max_fnmr_increase: float = 0.0
-    max_fnmr_increase_relative: float = 0.0
-    max_regression: dict[str, float] = field(default_factory=dict)
-    require_improvement: bool = False
-
-    def __post_init__(self) -> None:
-        if not 0 < self.target_fmr < 1:
-            raise ValueError(f"gate.target_fmr must lie in (0, 1), got {self.target_fmr}")
-        for name in ("max_fnmr_increase", "max_fnmr_increase_relative"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"gate.{name} must be >= 0, got {getattr(self, name)}")
-        if self.max_fnmr is not None and not 0 <= self.max_fnmr <= 1:
-            raise ValueError(f"gate.max_fnmr must lie in [0, 1], got {self.max_fnmr}")
+    def check(self) -> None:
         for key, bound in self.max_regression.items():
-            if not (isinstance(bound, (int, float)) and bound >= 0):
-                raise ValueError(f"gate.max_regression.{key} must be a number >= 0, got {bound!r}")
+            if not bound >= 0:
+                raise ValueError(
+                    f"`max_regression` bound max_regression.{key} must be >= 0, got {bound!r}"
+                )
 
     @property
     def fnmr_metric(self) -> str:

@@ -20,7 +20,12 @@ _SECRET_KEY = re.compile(
     re.IGNORECASE,
 )
 # scheme://user[:password]@host -> scheme://host, anywhere in a string.
-_URI_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.\-]*://)[^/\s@?#]+@")
+# (a secret may hold "/", as AWS secret keys do: after a ":" anything up to the "@" goes)
+_URI_USERINFO = re.compile(
+    r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.\-]*://)(?:[^/\s@?#]+|[^/\s@?#:]*:[^\s@'\"]*)@"
+)
+# user:secret@host without a scheme (libraries quote bucket names without "s3://").
+_BARE_USERINFO = re.compile(r"(?<![\w/:.%~+-])[\w.~%+-]+:[^\s@'\"/:][^\s@'\"]*@(?=[\w.-])")
 # ?X-Amz-Signature=...&token=... -> value blanked.
 _QUERY_SECRET = re.compile(
     r"(?P<key>[?&][^=&\s#]*(?:signature|token|secret|password|credential|key)[^=&\s#]*=)"
@@ -43,6 +48,7 @@ def is_secret_key(key: str) -> bool:
 def redact_text(text: str) -> str:
     """``text`` with URI user-info, credential query values and ``key=secret`` pairs removed."""
     text = _URI_USERINFO.sub(lambda m: m.group("scheme"), text)
+    text = _BARE_USERINFO.sub("", text)
     text = _QUERY_SECRET.sub(lambda m: m.group("key") + REDACTED, text)
     return _INLINE_SECRET.sub(lambda m: m.group("key") + REDACTED, text)
 

@@ -1,90 +1,104 @@
-"""Configuration of a MagFace training run (a frozen dataclass, loadable from YAML)."""
+"""Settings of a MagFace training run (``qmag-ray train``): a ``qmag_ray.config`` model."""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+import math
+from enum import Enum
 from typing import Any
 
-from qmag_ray.training.magface import MagFaceParams
+from pydantic import TypeAdapter
 
-OPTIMIZERS = ("sgd", "adamw")
+from qmag_ray.config import Settings, option, section, settings
+from qmag_ray.tracking.settings import TrackingConfig
 
 
-@dataclass(frozen=True)
-class TrainConfig:
+class Optimizer(str, Enum):
+    """The optimiser of the training loop."""
+
+    SGD = "sgd"
+    ADAMW = "adamw"
+
+
+OPTIMIZERS = tuple(o.value for o in Optimizer)
+
+
+@settings
+class MagFaceParams(Settings):
+    """Hyper-parameters of the MagFace loss (defaults: the paper's)."""
+
+    l_a: float = option(10.0, "MagFace: lower magnitude bound l_a.")
+    u_a: float = option(110.0, "MagFace: upper magnitude bound u_a.")
+    l_m: float = option(0.45, "MagFace: margin at l_a.")
+    u_m: float = option(0.8, "MagFace: margin at u_a.")
+    lambda_g: float = option(35.0, "MagFace: weight of the magnitude regulariser g.", ge=0)
+    scale: float = option(64.0, "MagFace: logit scale s.", gt=0)
+
+    def check(self) -> None:
+        if not 0 < self.l_a < self.u_a:
+            raise ValueError(f"need 0 < `l_a` < `u_a`, got l_a={self.l_a}, u_a={self.u_a}")
+        if not 0 <= self.l_m <= self.u_m < math.pi / 2:
+            raise ValueError(f"need 0 <= `l_m` <= `u_m` < pi/2, got l_m={self.l_m}, u_m={self.u_m}")
+
+
+@settings
+class TrainConfig(Settings):
     """A MagFace training run on Ray Train.
 
-    Attributes:
-        data: a manifest (CSV/Parquet with ``path``, ``identity``), a folder holding
-            ``manifest.parquet``, or an ``<identity>/<image>`` tree.
-        output: folder or URI for checkpoints (``magface_epoch_XXXXX.pth``, MagFace layout)
-            and ``history.json``.
-        arch: registered backbone name.
-        epochs: passes over the data; ``max_steps`` (if set) stops earlier.
-        batch_size: images per worker and step.
-        lr, momentum, weight_decay, optimizer: SGD (MagFace's choice) or AdamW.
-        warmup_steps: linear learning-rate warm-up, followed by cosine decay to zero.
-        num_workers, use_gpu, cpus_per_worker: Ray Train scaling.
-        max_failures: worker-group restarts Ray Train may make after a lost worker; each
-            resumes from the latest saved epoch.
-        init_checkpoint: fine-tune from this checkpoint (any MagFace layout).
-        dropout: override of the backbone's dropout rate (shapes are unaffected).
-        flip: random horizontal flips.
-        log_every: steps between reported metrics.
-        checkpoint_every: epochs between checkpoints (the last epoch is always saved).
-        loader_workers: DataLoader processes per Ray worker (0: decode in the training loop).
-        magface: the loss's hyper-parameters.
+    ``data`` is a manifest (CSV/Parquet with ``path``, ``identity``), a folder holding
+    ``manifest.parquet``, or an ``<identity>/<image>`` tree; ``output`` receives checkpoints
+    (``magface_epoch_XXXXX.pth``, MagFace layout) and ``history.json``. The learning rate
+    warms up linearly for ``warmup_steps``, then decays to zero on a cosine.
     """
 
-    data: str
-    output: str
-    arch: str = "iresnet-demo"
-    epochs: int = 10
-    max_steps: int | None = None
-    batch_size: int = 64
-    optimizer: str = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup_steps: int = 100
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: int = 1
-    max_failures: int = 2
-    init_checkpoint: str | None = None
-    dropout: float | None = None
-    flip: bool = False
-    seed: int = 0
-    log_every: int = 20
-    checkpoint_every: int = 1
-    loader_workers: int = 0
-    magface: MagFaceParams = field(default_factory=MagFaceParams)
-
-    def __post_init__(self) -> None:
-        positive = ("epochs", "batch_size", "num_workers", "cpus_per_worker", "log_every")
-        for name in (*positive, "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(
-                    f"TrainConfig.{name} must be at least 1, got {getattr(self, name)}"
-                )
-        if self.max_failures < 0:
-            raise ValueError(f"TrainConfig.max_failures must be >= 0, got {self.max_failures}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"TrainConfig.max_steps must be at least 1, got {self.max_steps}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"TrainConfig.optimizer must be one of {OPTIMIZERS}")
-        if self.lr <= 0 or self.warmup_steps < 0 or self.loader_workers < 0:
-            raise ValueError("TrainConfig: lr must be > 0, warmup_steps and loader_workers >= 0")
-        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"TrainConfig.dropout must be in [0, 1), got {self.dropout}")
+    data: str = option(
+        help="Manifest (CSV/Parquet with path, identity), a folder with manifest.parquet, or "
+        "an <identity>/<image> tree; local or URI.",
+        min_length=1,
+    )
+    output: str = option(help="Folder or URI for checkpoints and history.json.", min_length=1)
+    arch: str = option("iresnet-demo", "Registered backbone to train (see qmag-ray embed --arch).")
+    epochs: int = option(10, "Passes over the data (--max-steps may stop earlier).", ge=1)
+    max_steps: int | None = option(None, "Stop after this many steps.", ge=1)
+    batch_size: int = option(64, "Images per worker and step.", ge=1)
+    optimizer: Optimizer = option(Optimizer.SGD, "Optimiser: sgd (MagFace's choice) or adamw.")
+    lr: float = option(0.1, "Peak learning rate.", gt=0)
+    momentum: float = option(0.9, "SGD momentum.", ge=0)
+    weight_decay: float = option(5e-4, "Weight decay.", ge=0)
+    warmup_steps: int = option(100, "Steps of linear learning-rate warm-up.", ge=0)
+    num_workers: int = option(1, "Ray Train workers.", ge=1)
+    use_gpu: bool = option(False, "One GPU per worker.", flag="gpu")
+    cpus_per_worker: int = option(1, "CPUs (torch threads) per worker.", ge=1)
+    max_failures: int = option(
+        2, "Restarts after a lost worker, each resuming from the last saved epoch.", ge=0
+    )
+    init_checkpoint: str | None = option(
+        None, "Fine-tune from this checkpoint (any MagFace layout)."
+    )
+    dropout: float | None = option(
+        None, "Override of the backbone's dropout rate (shapes are unaffected).", ge=0, lt=1
+    )
+    flip: bool = option(False, "Random horizontal flips.")
+    seed: int = option(0, "Seed of initialisation, shuffling and augmentation.")
+    log_every: int = option(20, "Steps between reported metrics.", ge=1)
+    checkpoint_every: int = option(
+        1, "Epochs between checkpoints (the last epoch is always saved).", ge=1
+    )
+    loader_workers: int = option(
+        0, "DataLoader processes per Ray worker (0: decode in the training loop).", ge=0
+    )
+    magface: MagFaceParams = section(MagFaceParams, "The loss's hyper-parameters.")
+    tracking: TrackingConfig = section(
+        TrackingConfig,
+        "MLflow: the run is logged when a tracking URI is given or MLFLOW_TRACKING_URI is set.",
+    )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-friendly dict (the Ray Train loop config and the MLflow params)."""
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        data["optimizer"] = self.optimizer.value
+        return data
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        values = dict(values)
-        magface = values.pop("magface", None) or {}
-        return cls(**values, magface=MagFaceParams(**magface))
+        return TypeAdapter(cls).validate_python(dict(values))

@@ -17,33 +17,14 @@ in ``t_y``. Defaults are the paper's hyper-parameters.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qmag_ray.training.config import MagFaceParams  # noqa: F401  (declared with the settings)
+
 _EPS = 1e-7
-
-
-@dataclass(frozen=True)
-class MagFaceParams:
-    """Hyper-parameters of the MagFace loss (defaults: the paper's)."""
-
-    l_a: float = 10.0
-    u_a: float = 110.0
-    l_m: float = 0.45
-    u_m: float = 0.8
-    lambda_g: float = 35.0
-    scale: float = 64.0
-
-    def __post_init__(self) -> None:
-        if not 0 < self.l_a < self.u_a:
-            raise ValueError(f"need 0 < l_a < u_a, got l_a={self.l_a}, u_a={self.u_a}")
-        if not 0 <= self.l_m <= self.u_m < math.pi / 2:
-            raise ValueError(f"need 0 <= l_m <= u_m < pi/2, got l_m={self.l_m}, u_m={self.u_m}")
-        if self.lambda_g < 0 or self.scale <= 0:
-            raise ValueError("lambda_g must be >= 0 and scale > 0")
 
 
 def magnitude(x: torch.Tensor, p: MagFaceParams) -> torch.Tensor:

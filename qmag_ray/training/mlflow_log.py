@@ -37,7 +37,7 @@ def log_training(
 
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_experiment(experiment)
-    params = _flat("", config.to_dict())
+    params = _flat("", {k: v for k, v in config.to_dict().items() if k != "tracking"})
     for key in ("data", "output", "init_checkpoint"):
         if params.get(key):
             params[key] = storage.redact(str(params[key]))

@@ -26,6 +26,7 @@ from typing import Any
 from qmag_ray import metrics, storage
 from qmag_ray.calibration.fit import METHODS, calibrate
 from qmag_ray.calibration.result import QMagFaceCalibration
+from qmag_ray.config import to_plain
 from qmag_ray.embeddings import load_embeddings
 from qmag_ray.pairs.templates import Pooling
 from qmag_ray.quality.columns import QualityColumnError, with_quality
@@ -199,7 +200,7 @@ def _compare_methods(
 
 
 def _params(cfg: CalibrateConfig, sides: Sides, shards: int) -> dict[str, Any]:
-    data = dataclasses.asdict(cfg)
+    data = to_plain(cfg)
     data.pop("tracking")
     data["pair_mode"] = cfg.resolved_pair_mode.value
     data["shards"] = shards
@@ -333,7 +334,7 @@ def _write(
         )
     plots_dir = storage.join(output, "plots")
     written = reporting.write_figures(
-        plots_dir, *fit_arrays, cal, in_sample, with_calibration_plot=True
+        plots_dir, *fit_arrays, cal, in_sample, with_calibration_plot=True, subset="in-sample"
     )
     if held_arrays is not None:
         written += reporting.write_figures(
@@ -342,6 +343,7 @@ def _write(
             cal,
             held_report,
             with_calibration_plot=False,
+            subset="held-out",
         )
     for uri in written:
         files[storage.join("plots", _relative(plots_dir, uri))] = uri

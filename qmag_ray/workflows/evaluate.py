@@ -31,7 +31,7 @@ from qmag_ray.pairs.listed import ListedPairSource
 from qmag_ray.pairs.templates import Pooling
 from qmag_ray.quality.columns import QualityColumnError, with_quality
 from qmag_ray.workflows import reporting
-from qmag_ray.workflows.config import EvaluateConfig
+from qmag_ray.workflows.config import EvaluateConfig, ScorerSettings
 from qmag_ray.workflows.extra_reports import ExtraReports, write_extra_reports
 from qmag_ray.workflows.provenance import embedding_provenance
 from qmag_ray.workflows.sides import WorkflowError, read_listed, templates_table
@@ -96,8 +96,9 @@ class EvaluationOutcome:
         return "\n".join(lines)
 
 
-def load_scorer(cfg: EvaluateConfig) -> QMagFaceCalibration:
-    """The calibration file, or a bare scorer from ``alpha`` and ``beta``."""
+def load_calibration(cfg: ScorerSettings) -> QMagFaceCalibration:
+    """The calibration file of ``cfg``, or a bare calibration from its ``alpha`` and ``beta``
+    (``tracking.consumer.load_scorer`` is the registry's: a model URI to a scorer)."""
     if cfg.calibration:
         try:
             return QMagFaceCalibration.from_file(cfg.calibration)
@@ -124,6 +125,21 @@ def at_operating_thresholds(
     return out
 
 
+def sorted_by_label_note(label: np.ndarray, protocol: str) -> str | None:
+    """A warning when a generic pair list is sorted by label: its 10-fold accuracy (folds in
+    file order, as the benchmarks define them) would then test folds of one class only."""
+    y = np.asarray(label).ravel()
+    if protocol != "generic" or len(y) < 20 or y.min() == y.max():
+        return None
+    if np.count_nonzero(np.diff(y)) > 1:
+        return None
+    return (
+        "the pair list is sorted by label (all pairs of one label, then the other): the 10-fold "
+        "accuracy, formed over folds in file order, is then meaningless; shuffle its rows "
+        "(e.g. pandas .sample(frac=1, random_state=0)) and evaluate again"
+    )
+
+
 def run_evaluation(config: EvaluateConfig, *, use_ray: bool = True) -> EvaluationOutcome:
     """Evaluate cosine and QMagFace on ``config.pairs`` and write metrics.json and plots.
 
@@ -132,7 +148,7 @@ def run_evaluation(config: EvaluateConfig, *, use_ray: bool = True) -> Evaluatio
             cannot be used (named in the message): user errors for the entry point.
     """
     cfg = config
-    cal = load_scorer(cfg)
+    cal = load_calibration(cfg)
     base_table = load_embeddings(cfg.embeddings)
     try:
         table, qinfo = with_quality(
@@ -173,6 +189,10 @@ def run_evaluation(config: EvaluateConfig, *, use_ray: bool = True) -> Evaluatio
     source = ListedPairSource(table, resolved, shards=shards)
     logger.info("scoring %d pairs in %d shard(s)", len(resolved), shards)
     cos, q, y = reporting.pair_arrays(source, use_ray=use_ray)
+    sorted_note = sorted_by_label_note(y, protocol)
+    if sorted_note:
+        notes.append(sorted_note)
+        logger.warning("%s", sorted_note)
     rep = reporting.report(cos, q, y, cal, edc_fmr=cfg.edc_fmr)
     qmag = cal.score(cos, q)
     tar = None
@@ -214,7 +234,10 @@ def run_evaluation(config: EvaluateConfig, *, use_ray: bool = True) -> Evaluatio
     }
     files = {"metrics.json": storage.join(cfg.output, "metrics.json")}
     plots_dir = storage.join(cfg.output, "plots")
-    for uri in reporting.write_figures(plots_dir, cos, q, y, cal, rep, with_calibration_plot=False):
+    figures = reporting.write_figures(
+        plots_dir, cos, q, y, cal, rep, with_calibration_plot=False, subset="evaluation"
+    )
+    for uri in figures:
         files[storage.join("plots", uri[len(plots_dir.rstrip("/")) + 1 :])] = uri
     try:
         extra = write_extra_reports(

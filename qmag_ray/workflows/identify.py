@@ -33,8 +33,8 @@ from qmag_ray.search.distributed import search_sharded
 from qmag_ray.search.sets import SearchSet, layout_sets, read_set
 from qmag_ray.search.topk import METHODS, TopK
 from qmag_ray.workflows import reporting
-from qmag_ray.workflows.config import EvaluateConfig, IdentifyConfig
-from qmag_ray.workflows.evaluate import load_scorer
+from qmag_ray.workflows.config import IdentifyConfig
+from qmag_ray.workflows.evaluate import load_calibration
 
 logger = logging.getLogger(__name__)
 
@@ -202,16 +202,7 @@ def run_identification(
         ResolveError, SetError, TemplateError, EmbeddingsError, ValueError: unusable input.
     """
     cfg = config
-    scorer = load_scorer(
-        EvaluateConfig(
-            embeddings=cfg.embeddings,
-            pairs="-",
-            output=cfg.output,
-            calibration=cfg.calibration,
-            alpha=cfg.alpha,
-            beta=cfg.beta,
-        )
-    )
+    scorer = load_calibration(cfg)
     table = load_embeddings(cfg.embeddings)
     gset, pset = _sets(table, cfg)
     gallery = build_entries(table, gset, cfg, "gallery")

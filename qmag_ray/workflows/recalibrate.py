@@ -25,6 +25,8 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from qmag_ray import storage
+from qmag_ray.config import to_plain
+from qmag_ray.tracking import policy
 from qmag_ray.tracking.gate import GateDecision
 from qmag_ray.tracking.promotion import Promotion, promote_if_better
 from qmag_ray.tracking.registry import (
@@ -32,8 +34,6 @@ from qmag_ray.tracking.registry import (
     CHAMPION,
     alias_version,
     find_versions,
-    register_scorer,
-    set_alias,
     tag_version,
 )
 from qmag_ray.tracking.runs import TrackedRun, tracked_run
@@ -61,7 +61,7 @@ TAG_INPUTS = "qmag_ray.inputs_fingerprint"
 class RecalibrationOutcome:
     """What a recalibration did."""
 
-    status: str  # "unchanged" or "registered"
+    status: str  # "unchanged", "registered" or "not_registered" (guard failed)
     fingerprint: str
     run_id: str
     output: str
@@ -70,6 +70,7 @@ class RecalibrationOutcome:
     existing_version: str | None = None
     promotion: Promotion | None = None
     challenger_metrics: dict[str, float] = field(default_factory=dict)
+    reason: str = ""
 
     def summary(self) -> str:
         e = self.embed
@@ -83,6 +84,10 @@ class RecalibrationOutcome:
                 f"unchanged: version {self.existing_version} was fitted on these inputs; "
                 "nothing new registered"
             )
+            return "\n".join(lines)
+        if self.status == "not_registered":
+            lines.append(f"registry: {self.reason}")
+            lines.append(f"results in {storage.redact(self.output)}")
             return "\n".join(lines)
         lines.append(f"registered version {self.version} as '{CHALLENGER}'")
         if self.promotion is not None:
@@ -103,22 +108,11 @@ def _evaluate(
 ) -> EvaluationOutcome:
     from qmag_ray.workflows.config import EvaluateConfig
     from qmag_ray.workflows.evaluate import run_evaluation
+    from qmag_ray.workflows.recalibrate_config import HoldoutConfig
 
-    h = cfg.holdout
-    assert h is not None
+    holdout = {f.name: getattr(cfg.holdout, f.name) for f in dataclasses.fields(HoldoutConfig)}
     return run_evaluation(
-        EvaluateConfig(
-            embeddings=h.embeddings,
-            pairs=h.pairs,
-            output=output,
-            protocol=h.protocol,
-            prefix=h.prefix,
-            match=h.match,
-            calibration=calibration_uri,
-            edc_fmr=h.edc_fmr,
-            on_missing=h.on_missing,
-        ),
-        use_ray=use_ray,
+        EvaluateConfig(**holdout, output=output, calibration=calibration_uri), use_ray=use_ray
     )
 
 
@@ -132,7 +126,7 @@ def _log_files(run: TrackedRun, files: dict[str, str], prefix: str) -> None:
 
 
 def _params(cfg: RecalibrateConfig) -> dict[str, Any]:
-    data = dataclasses.asdict(cfg)
+    data = to_plain(cfg)
     data.pop("tracking")
     return data
 
@@ -148,7 +142,7 @@ def run_recalibration(
     """
     from qmag_ray.embeddings import load_embeddings
     from qmag_ray.workflows.calibrate import run_calibration
-    from qmag_ray.workflows.config import CalibrateConfig
+    from qmag_ray.workflows.config import CalibrateConfig, CalibrationSettings
 
     check_gate_measurable(cfg)  # before anything is embedded or fitted
     out = storage.join(cfg.output, _stamp())
@@ -180,17 +174,14 @@ def run_recalibration(
                 "unchanged", fingerprint, run.run_id, out, embed, existing_version=version
             )
 
+        shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(CalibrationSettings)}
+        shared["pair_mode"] = cfg.resolved_pair_mode  # auto: generated from identities
         calibrated = run_calibration(
             CalibrateConfig(
+                **shared,
                 embeddings=parts,
                 output=storage.join(out, "calibration"),
-                pair_mode=cfg.pair_mode,
-                generate=cfg.generate,
-                exhaustive=cfg.exhaustive,
-                grid=cfg.grid,
-                method=cfg.method,
-                validation=cfg.validation,
-                shards=cfg.shards,
+                on_bad=cfg.on_bad,
             ),
             use_ray=use_ray,
         )
@@ -207,14 +198,21 @@ def run_recalibration(
         run.log_metrics(metrics, prefix="challenger")
         _log_files(run, challenger_eval.files, "holdout/challenger")
 
-        version = str(
-            register_scorer(
-                cal,
-                model_name=name,
-                tags={TAG_INPUTS: fingerprint, "qmag_ray.run_id": run.run_id},
-            ).version
+        registration = policy.register(
+            cal,
+            model_name=name,
+            run_id=run.run_id,
+            kind="recalibrate",
+            guard_passed=calibrated.guard_passed,
+            tags={TAG_INPUTS: fingerprint},
         )
-        set_alias(name, CHALLENGER, version)
+        if not registration.registered:
+            run.set_tags({"qmag_ray.outcome": "not_registered"})
+            return RecalibrationOutcome(
+                "not_registered", fingerprint, run.run_id, out, embed, reason=registration.reason
+            )
+        registration = policy.challenger(registration)
+        version = str(registration.version)
         run.set_tags({"qmag_ray.outcome": "registered", "qmag_ray.version": version})
 
         evaluated: dict[str, dict[str, float]] = {}
@@ -225,7 +223,7 @@ def run_recalibration(
                 evaluated[key] = _evaluate_champion(cfg, champion, out, run, use_ray)
             return evaluated[key]
 
-        promotion = _judge(cfg, version, metrics, calibrated.guard_passed, evaluate_champion)
+        promotion = _judge(cfg, version, metrics, evaluate_champion)
         _record_decision(run, promotion, metrics)
         return RecalibrationOutcome(
             "registered",
@@ -263,26 +261,10 @@ def _evaluate_champion(
 
 
 def _judge(
-    cfg: RecalibrateConfig,
-    version: str,
-    metrics: dict[str, float],
-    guard_passed: bool | None,
-    evaluate_champion: Any,
+    cfg: RecalibrateConfig, version: str, metrics: dict[str, float], evaluate_champion: Any
 ) -> Promotion:
-    """The gate, refusing outright a scorer worse than cosine on its own held-out split."""
+    """The gate (a version reaching it passed its own held-out guard: see tracking.policy)."""
     name = cfg.register_as
-    if guard_passed is False:
-        current = alias_version(name, CHAMPION)
-        held = None if current is None else str(current.version)
-        decision = GateDecision(
-            False,
-            [
-                "FAIL: on the calibration's held-out identities QMagFace is worse than cosine "
-                "(guard failed); never promoted"
-            ],
-        )
-        tag_version(name, version, {"gate.promote": "false", "gate.reasons": decision.reasons[0]})
-        return Promotion(decision, False, held, held, None)
     try:
         return promote_if_better(name, version, metrics, evaluate_champion, cfg.gate)
     except RecalibrationError as exc:

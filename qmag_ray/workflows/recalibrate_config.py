@@ -1,4 +1,4 @@
-"""Configuration of ``qmag-ray recalibrate``: frozen dataclasses loaded from YAML.
+"""Settings of ``qmag-ray recalibrate``, composed of the calibrate and evaluate stages.
 
 Load with ``qmag_ray.config.load_config(RecalibrateConfig, uri, overrides)`` (command line >
 file > defaults). Example (``jobs/configs/recalibrate.yaml``)::
@@ -12,121 +12,80 @@ file > defaults). Example (``jobs/configs/recalibrate.yaml``)::
       pairs: s3://bucket/pairs/lfw_pairs.txt
       protocol: lfw
     output: s3://bucket/recal/runs/             # one sub-folder per run
-    register_as: qmagface
+    register_as: qmagface                       # aliases challenger and champion
     gate: {target_fmr: 1.0e-3, max_fnmr_increase: 0.001}
     grid: {n_fmr: 50, fmr_min: 1.0e-5, fmr_max: 1.0e-2}
     tracking: {experiment: qmag-ray}            # tracking_uri: else MLFLOW_TRACKING_URI
+    embed: {actors: 2, batch_size: 128}         # any embed setting but inputs and output
+
+The calibration sections (``grid``, ``method``, ``direct``, ``compare_methods``, ``generate``,
+``exhaustive``, ``validation``, ``shards``, ``on_bad``) are calibrate's, ``holdout`` holds
+evaluate's pair settings (``on_missing``, ``on_bad``, ``on_self``, ``on_duplicate``...), ``embed``
+the embed job's resources: every key is declared once, in the stage it belongs to.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-from qmag_ray.calibration.result import CalibrationGrid
-from qmag_ray.pairs.protocols import PairProtocol
-from qmag_ray.pairs.resolve import Match, Policy
+from qmag_ray.config import option, section, settings
+from qmag_ray.embedding.config import EmbedResources
+from qmag_ray.pairs.settings import EmbeddingPolicy, PairMode
 from qmag_ray.tracking.gate import GateConfig
+from qmag_ray.tracking.settings import RegisteredModel, TrackingConfig
 from qmag_ray.workflows.config import (
-    ExhaustiveConfig,
-    GenerateConfig,
-    PairMode,
-    TrackingConfig,
-    ValidationConfig,
+    CalibrationSettings,
+    EvaluationSettings,
+    PairInputs,
+    ValidationMode,
 )
 
 
-@dataclass(frozen=True)
-class HoldoutConfig:
-    """The held-out protocol on which the challenger and the champion are both evaluated.
+@settings
+class HoldoutConfig(PairInputs, EvaluationSettings):
+    """The held-out protocol on which the challenger and the champion are both evaluated
+    (evaluate's pair and evaluation settings; embeddings made with the same model)."""
 
-    Attributes:
-        embeddings: embeddings of the protocol's images (same embedding model as ``model``).
-        pairs: the pair list (benchmark file or CSV/Parquet ``a, b, label``).
-        protocol: its format (None: guessed from the file name).
-        prefix, match, on_missing: how pair names map onto the embeddings (as in evaluate).
-        edc_fmr: FMR of the error-versus-discard curve in the reports.
-    """
-
-    embeddings: str = ""
-    pairs: str = ""
-    protocol: PairProtocol | None = None
-    prefix: str = ""
-    match: Match = Match.EXACT
-    on_missing: Policy = Policy.ERROR
-    edc_fmr: float = 1e-3
-
-    def __post_init__(self) -> None:
-        for name in ("embeddings", "pairs"):
-            if not getattr(self, name):
-                raise ValueError(f"holdout.{name} is required")
+    def check(self) -> None:
+        if not self.pairs:
+            raise ValueError("`pairs` is required: the pair list of the held-out protocol")
 
 
-@dataclass(frozen=True)
-class EmbedSettings:
-    """How new images are embedded (see ``qmag-ray embed`` for each setting)."""
+@settings
+class RecalibrateConfig(EmbeddingPolicy, CalibrationSettings, RegisteredModel):
+    """One recalibration: embed what is new, calibrate, judge against the champion, register."""
 
-    actors: int = 1
-    gpus_per_actor: float = 0.0
-    cpus_per_actor: float = 1.0
-    batch_size: int = 64
-    resize: bool = False
-    max_failure_fraction: float = 0.01
+    images: str = option(
+        help="Image prefix laid out <identity>/<file>; only new files are embedded.",
+        min_length=1,
+    )
+    embeddings: str = option(
+        help="Embeddings folder kept between runs (reused and extended).", min_length=1
+    )
+    model: str = option(help="MagFace checkpoint (local path or URI).", min_length=1)
+    arch: str = option(help="Backbone of the checkpoint (see qmag-ray embed --arch).", min_length=1)
+    output: str = option(help="Folder under which each run writes <run-stamp>/.", min_length=1)
+    holdout: HoldoutConfig = section(
+        HoldoutConfig,
+        "the held-out protocol: holdout.embeddings and holdout.pairs (--holdout-embeddings, "
+        "--holdout-pairs).",
+        prefix="holdout-",
+        required=True,
+    )
+    gate: GateConfig = section(GateConfig, "When the challenger replaces the champion.")
+    embed: EmbedResources = section(EmbedResources, "How new images are embedded.")
+    tracking: TrackingConfig = section(TrackingConfig, "MLflow tracking.")
 
-
-@dataclass(frozen=True)
-class RecalibrateConfig:
-    """One recalibration: embed what is new, calibrate, judge against the champion, register.
-
-    Attributes:
-        images: image prefix, a tree ``<identity>/<image file>`` (identities give the pairs).
-        embeddings: folder of the embeddings kept between runs (an embed job output).
-        model, arch: the MagFace checkpoint and its backbone.
-        output: folder under which each run writes ``<run-stamp>/``.
-        holdout: the held-out protocol (required).
-        register_as: registered model name (aliases ``challenger`` and ``champion``).
-        gate: when the challenger replaces the champion.
-        grid, method, pair_mode, generate, exhaustive, validation, shards: the calibration
-            (as in ``qmag-ray calibrate``; pairs are generated from identities or exhaustive).
-        embed: embedding settings.
-        tracking: tracking URI and experiment.
-    """
-
-    images: str = ""
-    embeddings: str = ""
-    model: str = ""
-    arch: str = ""
-    output: str = ""
-    holdout: HoldoutConfig | None = None
-    register_as: str = "qmagface"
-    gate: GateConfig = field(default_factory=GateConfig)
-    grid: CalibrationGrid = field(default_factory=CalibrationGrid)
-    method: str = "paper"
-    pair_mode: PairMode = PairMode.GENERATE
-    generate: GenerateConfig = field(default_factory=GenerateConfig)
-    exhaustive: ExhaustiveConfig = field(default_factory=ExhaustiveConfig)
-    validation: ValidationConfig = field(default_factory=ValidationConfig)
-    shards: int = 0
-    embed: EmbedSettings = field(default_factory=EmbedSettings)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-
-    def __post_init__(self) -> None:
-        for name in ("images", "embeddings", "model", "arch", "output", "register_as"):
-            if not getattr(self, name):
-                raise ValueError(f"{name} is required")
-        if self.holdout is None:
+    def check(self) -> None:
+        if self.pair_mode not in (PairMode.AUTO, PairMode.GENERATE, PairMode.EXHAUSTIVE):
             raise ValueError(
-                "holdout is required: holdout.embeddings and holdout.pairs name the protocol "
-                "on which the new version and the champion are compared"
+                f"`pair_mode` must be generate or exhaustive for a recalibration (pairs come "
+                f"from the identities of new images), got {self.pair_mode.value!r}"
             )
-        if self.pair_mode not in (PairMode.GENERATE, PairMode.EXHAUSTIVE):
+        if self.validation.mode is ValidationMode.PAIRS:
             raise ValueError(
-                f"pair_mode must be generate or exhaustive for a recalibration (pairs come from "
-                f"the identities of new images), got {self.pair_mode.value!r}"
+                "validation mode pairs (`validation.mode`) is not used by recalibrate: the "
+                "holdout section is the held-out protocol; use split, none or auto"
             )
-        if self.shards < 0:
-            raise ValueError(f"shards must be >= 0 (0: automatic), got {self.shards}")
-        if self.validation.mode.value == "pairs":
-            raise ValueError(
-                "validation.mode 'pairs' is not used by recalibrate: the holdout section is the "
-                "held-out protocol; use split, none or auto"
-            )
+
+    @property
+    def resolved_pair_mode(self) -> PairMode:
+        return PairMode.EXHAUSTIVE if self.pair_mode is PairMode.EXHAUSTIVE else PairMode.GENERATE

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from qmag_ray import storage
+from qmag_ray.config import to_plain
 from qmag_ray.workflows.recalibrate_config import RecalibrateConfig
 
 if TYPE_CHECKING:
@@ -45,19 +46,10 @@ def embed_new_images(cfg: RecalibrateConfig) -> EmbedSummary:
         fs, path = storage.filesystem(layout.summary)
         fs.rm(path)  # reopen: the next run resumes the folder and embeds only new inputs
         logger.info("reusing the embeddings in %s", storage.redact(cfg.embeddings))
-    e = cfg.embed
+    resources = {f.name: getattr(cfg.embed, f.name) for f in dataclasses.fields(cfg.embed)}
     return run_embed(
         EmbedConfig(
-            images=cfg.images,
-            model=cfg.model,
-            arch=cfg.arch,
-            output=cfg.embeddings,
-            actors=e.actors,
-            gpus_per_actor=e.gpus_per_actor,
-            cpus_per_actor=e.cpus_per_actor,
-            batch_size=e.batch_size,
-            resize=e.resize,
-            max_failure_fraction=e.max_failure_fraction,
+            **resources, images=cfg.images, model=cfg.model, arch=cfg.arch, output=cfg.embeddings
         )
     )
 
@@ -78,12 +70,16 @@ def inputs_fingerprint(cfg: RecalibrateConfig, table: EmbeddingTable, model_sha2
         ).hexdigest()[:16],
         "model_sha256": model_sha256,
         "arch": cfg.arch,
-        "grid": dataclasses.asdict(cfg.grid),
-        "method": cfg.method,
-        "pair_mode": cfg.pair_mode.value,
-        "generate": dataclasses.asdict(cfg.generate),
-        "validation": {k: v for k, v in dataclasses.asdict(cfg.validation).items()},
+        "grid": to_plain(cfg.grid),
+        "method": cfg.method.value,
+        "pair_mode": cfg.resolved_pair_mode.value,
+        "generate": to_plain(cfg.generate),
+        "validation": to_plain(cfg.validation),
     }
+    if cfg.method.value == "direct":
+        doc["direct"] = to_plain(cfg.direct)
+    if cfg.resolved_pair_mode.value == "exhaustive":
+        doc["exhaustive"] = to_plain(cfg.exhaustive)
     text = json.dumps(doc, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 

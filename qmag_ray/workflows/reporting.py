@@ -17,6 +17,7 @@ import numpy as np
 
 from qmag_ray import metrics, plots, storage
 from qmag_ray.calibration.result import QMagFaceCalibration, fmr_key
+from qmag_ray.pairs.generated import GeneratedPairSource, list_order
 from qmag_ray.pairs.listed import ListedPairSource
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ def _score_shard(source: ListedPairSource, index: int) -> tuple[np.ndarray, ...]
 
 
 def pair_arrays(
-    source: ListedPairSource, *, use_ray: bool
+    source: ListedPairSource | GeneratedPairSource, *, use_ray: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(cosine, pair quality, label) of every pair, in list order."""
     if not use_ray or source.num_shards() == 1:
@@ -43,6 +44,8 @@ def pair_arrays(
     ref = ray.put(source)
     parts = ray.get([task.remote(ref, i) for i in range(source.num_shards())])
     cos, q, y = (np.concatenate([p[k] for p in parts]) for k in range(3))
+    if isinstance(source, GeneratedPairSource):
+        return list_order(cos, q, y)
     return cos, q, y
 
 
@@ -153,8 +156,10 @@ def write_figures(
     rep: Mapping[str, Any] | None,
     *,
     with_calibration_plot: bool,
+    subset: str = "",
 ) -> list[str]:
-    """DET, quality histograms, EDC (and the weight-threshold plot) as PNG under ``folder``."""
+    """DET, quality histograms, EDC (and the weight-threshold plot) as PNG under ``folder``;
+    ``subset`` (``in-sample``, ``held-out``) and the pair counts head every title."""
     scores = {"cosine": cosine, "QMagFace": calibration.score(cosine, quality)}
     return plots.write_plots(
         folder,
@@ -163,6 +168,7 @@ def write_figures(
         scores=scores,
         report=rep,
         calibration=calibration if with_calibration_plot else None,
+        subset=subset,
     )
 
 

@@ -19,6 +19,7 @@ from qmag_ray import storage
 from qmag_ray.embeddings import EmbeddingTable, load_embeddings
 from qmag_ray.pairs.exhaustive import ExhaustiveSource
 from qmag_ray.pairs.generate import generate_pairs, identity_split
+from qmag_ray.pairs.generated import GeneratedPairSource
 from qmag_ray.pairs.listed import ListedPairSource
 from qmag_ray.pairs.protocols import PairProtocol, read_pairs
 from qmag_ray.pairs.resolve import Match, Policy, ResolvedPairs, resolve_pairs
@@ -46,15 +47,15 @@ class PairSide:
     Attributes:
         name: "fit" or "held_out".
         source: the pairs as a ``PairSource`` (what the fit runs on).
-        listed: listed pairs for metrics: the same pairs, or a generated sample of the same
-            identities when ``source`` is exhaustive.
+        listed: pairs for metrics (``arrays()``): the same pairs, or a generated sample of the
+            same identities when ``source`` is exhaustive.
         identities: the distinct identity labels on this side (empty when unknown).
         info: JSON-ready description (mode, counts, skips).
     """
 
     name: str
     source: PairSource
-    listed: ListedPairSource
+    listed: ListedPairSource | GeneratedPairSource
     identities: frozenset[str] = frozenset()
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -150,10 +151,22 @@ def _generated(table: EmbeddingTable, cfg: CalibrateConfig, side: str) -> Resolv
 def _generated_side(
     name: str, table: EmbeddingTable, cfg: CalibrateConfig, shards: int
 ) -> PairSide:
-    resolved = _generated(table, cfg, name)
-    listed = ListedPairSource(table, resolved, shards=shards)
-    info = {"pairs": "generated", **_counts(resolved), "n_images": len(table)}
-    return PairSide(name, listed, listed, _identities(table), info)
+    # Each shard draws its own identities' pairs: the fit never holds the pair list.
+    gen = cfg.generate
+    try:
+        source = GeneratedPairSource(
+            table, gen.max_per_identity, gen.impostors_per_side, gen.seed, shards=shards
+        )
+    except ValueError as exc:
+        raise WorkflowError(f"cannot generate the {name} pairs: {exc}") from None
+    genuine, impostor = source.counts()
+    info = {
+        "pairs": "generated",
+        "n_genuine": genuine,
+        "n_impostor": impostor,
+        "n_images": len(table),
+    }
+    return PairSide(name, source, source, _identities(table), info)
 
 
 def _exhaustive_side(
