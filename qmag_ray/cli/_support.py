@@ -80,6 +80,23 @@ def require_exists(**uris: str | None) -> None:
             fail(str(exc))
 
 
+def require_writable(**uris: str | None) -> None:
+    """An output on an object store has credentials and an existing bucket (before Ray)."""
+    from qmag_ray.cli import preflight
+
+    for name, uri in uris.items():
+        if not uri or storage.protocol(uri) not in preflight.OBJECT_STORES:
+            continue
+        bucket = uri.split("://", 1)[0] + "://" + uri.split("://", 1)[1].split("/", 1)[0]
+        try:
+            preflight.check_uri(name, bucket)
+        except preflight.PreflightError as exc:
+            text = str(exc)
+            if " not found: " in text:
+                fail(f"--{name}: the bucket of {storage.redact(uri)} does not exist")
+            fail(text.replace(storage.redact(bucket), storage.redact(uri), 1))
+
+
 def require_pairs(name: str, uri: str | None, protocol: Any = None) -> None:
     """The pair list parses as ``protocol`` (syntax, columns, labels), before Ray starts."""
     from qmag_ray.cli import preflight
