@@ -192,6 +192,8 @@ def build_dataset(  # noqa: ANN201 - a ray Dataset
             "mixed_precision": config.mixed_precision,
             "amp_dtype": config.amp_dtype,
             "channels_last": config.channels_last,
+            "serfiq": None if config.serfiq_settings is None else config.serfiq_settings.to_dict(),
+            "input_convention": config.input_convention,
         },
         compute=ray.data.ActorPoolStrategy(size=config.actors),
         num_cpus=config.cpus_per_actor,

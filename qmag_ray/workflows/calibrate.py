@@ -223,7 +223,13 @@ def run_calibration(config: CalibrateConfig, *, use_ray: bool = True) -> Calibra
     checked = check_embedding_input(cfg.embeddings, allow_incomplete=cfg.allow_incomplete)
     table = load_embeddings(cfg.embeddings)
     try:
-        table, qinfo = with_quality(table, cfg.embeddings, cfg.quality.column, cfg.quality.file)
+        table, qinfo = with_quality(
+            table,
+            cfg.embeddings,
+            cfg.quality.column,
+            cfg.quality.file,
+            allow_norm=cfg.quality.allow_norm,
+        )
     except QualityColumnError as exc:
         raise WorkflowError(str(exc)) from None
     table, pooled = templates_table(table, cfg)

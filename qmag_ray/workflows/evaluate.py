@@ -178,7 +178,11 @@ def run_evaluation(config: EvaluateConfig, *, use_ray: bool = True) -> Evaluatio
     base_table = load_embeddings(cfg.embeddings)
     try:
         table, qinfo = with_quality(
-            base_table, cfg.embeddings, cfg.quality.column, cfg.quality.file
+            base_table,
+            cfg.embeddings,
+            cfg.quality.column,
+            cfg.quality.file,
+            allow_norm=cfg.quality.allow_norm,
         )
     except QualityColumnError as exc:
         raise WorkflowError(str(exc)) from None
@@ -268,8 +272,14 @@ def run_evaluation(config: EvaluateConfig, *, use_ray: bool = True) -> Evaluatio
         files[storage.join("plots", uri[len(plots_dir.rstrip("/")) + 1 :])] = uri
     try:
         extra = write_extra_reports(
-            cfg, table=table, base_table=base_table, idx_a=resolved.idx_a,
-            idx_b=resolved.idx_b, cosine=cos, qmagface=qmag, labels=y,
+            cfg,
+            table=table,
+            base_table=base_table,
+            idx_a=resolved.idx_a,
+            idx_b=resolved.idx_b,
+            cosine=cos,
+            qmagface=qmag,
+            labels=y,
             fmrs=tuple(f for f in metrics.REPORT_FMRS if metrics.supports(f, int((y == 0).sum()))),
         )
     except QualityColumnError as exc:
