@@ -170,7 +170,12 @@ def build_dataset(  # noqa: ANN201 - a ray Dataset
     extra = {"resources": dict(config.resources)} if config.resources else {}
     ds = ds.map_batches(
         read_and_decode,
-        fn_kwargs={"root": root, "resize": config.resize, "monitor": monitor},
+        fn_kwargs={
+            "root": root,
+            "resize": config.resize,
+            "monitor": monitor,
+            "attempts": config.read_attempts,
+        },
         batch_size=config.block_rows,
         batch_format="numpy",
         num_cpus=config.read_cpus,
