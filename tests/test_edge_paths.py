@@ -193,11 +193,12 @@ def test_demo_command_end_to_end_on_a_small_set(ray_cluster: None, tmp_path: Pat
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     for step in range(1, 5):
-        assert f"== step {step}/4: " in result.output
+        assert f"[{step}/4] " in result.output
     summary = json.loads((out / "embeddings" / "summary.json").read_text())
     assert summary["counts"]["inputs"] == 160 and summary["counts"]["embedded"] == 160
     assert summary["arch"] == "iresnet-demo"
-    cal = QMagFaceCalibration.from_file(str(out / "calibration" / "calibration.json"))
+    (run,) = sorted((out / "calibration").glob("run-*"))  # a new folder per demo run
+    cal = QMagFaceCalibration.from_file(str(run / "calibration.json"))
     assert cal.n_genuine > 0 and cal.n_impostor > 0
     assert "models:/qmagface@champion -> version 1" in result.output
     assert "quality check: Spearman(embedding norm, degradation) = -" in result.output
@@ -208,3 +209,8 @@ def test_demo_command_end_to_end_on_a_small_set(ray_cluster: None, tmp_path: Pat
     assert f"reusing {out / 'images'}" in again.output
     assert f"reusing {out / 'embeddings'}" in again.output
     assert "models:/qmagface@champion -> version 2" in again.output
+    # ... and keeps the earlier run, saying so.
+    assert "keeping 1 earlier run(s)" in again.output
+    assert (
+        len(list((out / "calibration").glob("run-*"))) == 2 and (run / "calibration.json").is_file()
+    )

@@ -265,11 +265,11 @@ def test_calibrate_on_another_quality_is_recorded_and_checked_downstream(tmp_pat
     from workflow_data import HELPFUL, synthetic_table, write_table
 
     from qmag_ray.config import load_config
+    from qmag_ray.errors import WorkflowError
     from qmag_ray.tracking.scorer import ScoringError, score_frame, scorer_signature
     from qmag_ray.workflows.calibrate import run_calibration
     from qmag_ray.workflows.config import CalibrateConfig, EvaluateConfig
     from qmag_ray.workflows.evaluate import run_evaluation
-    from qmag_ray.workflows.sides import WorkflowError
 
     table = synthetic_table(120, 5, 32, seed=2, **HELPFUL)
     emb = write_table(table, tmp_path / "emb")

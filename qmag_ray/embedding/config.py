@@ -85,6 +85,12 @@ class EmbedResources(Settings):
         ge=1,
     )
     progress_seconds: float = option(10.0, "Seconds between progress lines.", gt=0)
+    read_attempts: int = option(
+        5,
+        "Attempts per file read before it is recorded as a transient failure (retried by "
+        "running the same command again); each includes the storage client's own retries.",
+        ge=1,
+    )
     resources: dict[str, float] | None = option(
         None,
         "Custom Ray resources every task and actor of the run requires, NAME=AMOUNT "

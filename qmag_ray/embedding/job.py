@@ -337,6 +337,7 @@ def _settings(config: EmbedConfig, root: str) -> dict[str, Any]:
         "max_failure_fraction": config.max_failure_fraction,
         "wait_for_resources": config.wait_for_resources,
         "resources": dict(config.resources or {}),
+        "read_attempts": config.read_attempts,
         "quality": config.quality,
         "input_convention": config.input_convention or "magface",
         # the registry's iResNets are MagFace-trained; an ONNX model's norm is not a quality

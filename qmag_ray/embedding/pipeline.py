@@ -180,6 +180,7 @@ def build_dataset(  # noqa: ANN201 - a ray Dataset
             "resize": config.resize,
             "monitor": monitor,
             "landmarks": landmarks,
+            "attempts": config.read_attempts,
         },
         batch_size=config.block_rows,
         batch_format="numpy",
