@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test lint demo clean mutants
+.PHONY: install test lint demo clean mutants faults
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ install: $(VENV)/.installed
 
 test: install
 	PATH="$(abspath $(BIN)):$$PATH" RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The whole fault-injection suite, long cases included (tests/faults/, see README "Reliability").
+faults: install
+	PATH="$(abspath $(BIN)):$$PATH" RAY_USAGE_STATS_ENABLED=0 QMAG_FAULTS_LONG=1 $(BIN)/python -m pytest tests/faults $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check qmag_ray tests jobs

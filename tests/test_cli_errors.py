@@ -47,16 +47,73 @@ def lines(result: subprocess.CompletedProcess[str]) -> list[str]:
     return [ln for ln in (result.stdout + result.stderr).splitlines() if ln.strip()]
 
 
-def test_s3_without_credentials_ends_in_one_line_naming_the_uri(tmp_path: Path) -> None:
-    result = qmag(
-        ["calibrate", "--embeddings", "s3://my-bucket/emb/", "--output", str(tmp_path / "o")],
-        bare_env(),
-        tmp_path,
-    )
+MODEL = str(Path(__file__).resolve().parents[1] / "qmag_ray" / "assets" / "demo_iresnet.pth")
+
+
+@pytest.mark.parametrize(
+    ("args", "flag", "uri"),
+    [
+        (
+            ["calibrate", "--embeddings", "s3://my-bucket/emb/"],
+            "--embeddings",
+            "s3://my-bucket/emb/",
+        ),
+        (
+            [
+                "evaluate",
+                "--embeddings",
+                "s3://my-bucket/e",
+                "--pairs",
+                "p.csv",
+                "--alpha",
+                "0.1",
+                "--beta",
+                "0.1",
+            ],
+            "--embeddings",
+            "s3://my-bucket/e",
+        ),
+        (
+            [
+                "embed",
+                "--images",
+                "s3://my-bucket/faces/",
+                "--model",
+                MODEL,
+                "--arch",
+                "iresnet-demo",
+            ],
+            "--images",
+            "s3://my-bucket/faces/",
+        ),
+        (
+            [
+                "embed",
+                "--images",
+                ".",
+                "--model",
+                MODEL,
+                "--arch",
+                "iresnet-demo",
+                "--output",
+                "s3://my-bucket/out/",
+            ],
+            "--output",
+            "s3://my-bucket/out/",
+        ),
+    ],
+    ids=["calibrate", "evaluate", "embed-input", "embed-output"],
+)
+def test_s3_without_credentials_ends_in_one_line_naming_the_uri(
+    tmp_path: Path, args: list[str], flag: str, uri: str
+) -> None:
+    if "--output" not in args:
+        args = [*args, "--output", str(tmp_path / "o")]
+    result = qmag(args, bare_env(), tmp_path)
     assert result.returncode == 2, result.stdout + result.stderr
     out = lines(result)
     assert len(out) <= 3, out
-    assert out[-1].startswith("error: --embeddings s3://my-bucket/emb/: no S3 credentials")
+    assert out[-1].startswith(f"error: {flag} {uri}: no S3 credentials"), out
     assert "AWS_ACCESS_KEY_ID" in out[-1] and "Traceback" not in result.stderr
     assert not (tmp_path / "o").exists() and not (tmp_path / "mlflow.db").exists()
 
@@ -95,6 +152,24 @@ def test_missing_bucket_and_images_given_as_embeddings_on_moto(
     assert lines(missing) == [
         "error: --embeddings not found: s3://no-such-bucket/e does not exist "
         "(the bucket no-such-bucket does not exist)"
+    ]
+    no_out = qmag(
+        [
+            "embed",
+            "--images",
+            ".",
+            "--model",
+            MODEL,
+            "--arch",
+            "iresnet-demo",
+            "--output",
+            "s3://no-such-bucket/out/",
+        ],
+        env,
+        tmp_path,
+    )
+    assert lines(no_out) == [
+        "error: --output: the bucket of s3://no-such-bucket/out/ does not exist"
     ]
     storage.write_bytes(f"{s3_bucket}/faces/id0/0.jpg", b"\xff\xd8 not decoded here")
     images = qmag(

@@ -21,8 +21,10 @@ from qmag_ray import lease
 
 RACER = r"""
 import json, os, sys, time
+from pathlib import Path
 from qmag_ray import lease
-uri, go, hold = sys.argv[1], sys.argv[2], float(sys.argv[3])
+uri, go, release = sys.argv[1], sys.argv[2], sys.argv[3]
+Path(f"{go}.ready-{os.getpid()}").touch()  # imported: ready to race
 while not os.path.exists(go):
     time.sleep(0.005)
 try:
@@ -31,7 +33,8 @@ except lease.LeaseHeldError as exc:
     print(json.dumps({"pid": os.getpid(), "won": False, "message": str(exc)}), flush=True)
     sys.exit(0)
 print(json.dumps({"pid": os.getpid(), "won": True}), flush=True)
-time.sleep(hold)
+while not os.path.exists(release):  # held until every racer has tried
+    time.sleep(0.01)
 held.release()
 """
 
@@ -40,24 +43,28 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
 
-def race(uri: str, tmp_path: Path, n: int, hold: float = 3.0) -> list[dict]:
-    go = tmp_path / f"go-{time.monotonic_ns()}"
+def race(uri: str, tmp_path: Path, n: int) -> list[dict]:
+    """``n`` processes try to take the lease at once; the winner holds it until all have tried."""
+    stamp = time.monotonic_ns()
+    go, release = tmp_path / f"go-{stamp}", tmp_path / f"release-{stamp}"
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", RACER, uri, str(go), str(hold)],
+            [sys.executable, "-c", RACER, uri, str(go), str(release)],
             stdout=subprocess.PIPE,
             text=True,
             env=_env(),
         )
         for _ in range(n)
     ]
-    time.sleep(1.0)  # let them import; the race itself starts at the file
-    go.touch()
-    results = []
+    deadline = time.monotonic() + 600
+    while len(list(tmp_path.glob(f"go-{stamp}.ready-*"))) < n and time.monotonic() < deadline:
+        time.sleep(0.05)
+    go.touch()  # every racer has imported everything: release them together
+    results = [json.loads(proc.stdout.readline()) for proc in procs]
+    release.touch()
     for proc in procs:
-        out, _ = proc.communicate(timeout=120)
-        assert proc.returncode == 0, out
-        results.append(json.loads(out.strip().splitlines()[-1]))
+        proc.communicate(timeout=120)
+        assert proc.returncode == 0
     return results
 
 

@@ -283,6 +283,35 @@ def test_models_serve_answers_with_the_same_scores(
         assert err.value.code == 400
         assert "missing column(s) quality_a, quality_b" in err.value.read().decode()
 
+        # Issue 12: out-of-range values and unknown columns were answered (cosine 5.0 matched);
+        # now a 400 naming row and column, without echoing the vectors.
+        bad = [
+            (
+                {"dataframe_records": [{"cosine": 5.0, "quality_a": 20.0, "quality_b": 21.0}]},
+                "'cosine' row 0 lies outside [-1, 1]",
+            ),
+            (
+                {"dataframe_records": [{"cosine": 0.5, "quality_a": 0.0, "quality_b": 21.0}]},
+                "'quality_a' row 0 is zero",
+            ),
+            (
+                {
+                    "dataframe_split": {
+                        **embeddings["dataframe_split"],
+                        "columns": ["embedding_a", "embedding_b", "note"],
+                        "data": [[*r, "x"] for r in embeddings["dataframe_split"]["data"]],
+                    }
+                },
+                "unknown column(s) 'note'",
+            ),
+        ]
+        for body, message in bad:
+            with pytest.raises(urllib.error.HTTPError) as err:
+                _post(f"{url}/invocations", body)
+            text = err.value.read().decode()
+            assert err.value.code == 400 and message in text, text
+            assert repr(float(a[0, 0]))[:10] not in text  # no vector echoed
+
 
 def _post(url: str, body: dict) -> dict:
     request = urllib.request.Request(

@@ -313,6 +313,26 @@ def test_problem_pairs_error_or_counted_skip(tmp_path: Path) -> None:
         ListedPairSource(table, unchecked)
 
 
+def test_conflicting_labels_are_an_error_of_their_own(tmp_path: Path) -> None:
+    # Issue 12: a pair listed with 1 and with 0 was reported only as a repeat.
+    table = table_of([f"{i}.jpg" for i in range(4)])
+    rows = [
+        ("0.jpg", "1.jpg", 1),
+        ("2.jpg", "3.jpg", 0),
+        ("1.jpg", "0.jpg", 0),
+        ("2.jpg", "3.jpg", 0),
+    ]
+    pairs = small_list(tmp_path, rows)
+    for policy in ("error", "skip"):  # no policy skips it: neither label is right
+        with pytest.raises(ResolveError) as err:
+            resolve_pairs(pairs, table, on_duplicate=policy)
+        text = str(err.value)
+        assert "1 pair(s) are listed both as genuine (1) and as impostor (0)" in text
+        assert "0.jpg / 1.jpg (lines 2, 4)" in text and "fix the list" in text
+    same = small_list(tmp_path, [rows[0], rows[1], rows[3]])  # a plain repeat stays a repeat
+    assert resolve_pairs(same, table, on_duplicate="skip").report.duplicates == 1
+
+
 def test_listed_source_scores_and_shards(tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
     paths = [f"{i}.jpg" for i in range(40)]
@@ -320,7 +340,7 @@ def test_listed_source_scores_and_shards(tmp_path: Path) -> None:
     rows = []
     for _ in range(500):
         i, j = rng.choice(40, 2, replace=False)
-        rows.append((paths[i], paths[j], int(rng.integers(0, 2))))
+        rows.append((paths[i], paths[j], int((i + j) % 2)))  # a repeated pair keeps its label
     pairs = small_list(tmp_path, rows)
     resolved = resolve_pairs(pairs, table, on_duplicate="skip")
     assert resolved.report.duplicates > 0

@@ -64,7 +64,8 @@ def test_match_uses_the_stored_threshold_of_the_requested_fmr() -> None:
     [
         (pd.DataFrame({"cosine": [0.1], "quality_a": [1.0]}), "missing column.*quality_b"),
         (pd.DataFrame({"embedding_a": [[1.0] * 8]}), "missing column.*embedding_b"),
-        (pd.DataFrame({"foo": [1.0]}), "needs either embedding_a, embedding_b or cosine"),
+        (pd.DataFrame({"foo": [1.0]}), "unknown column.*'foo'.*either embedding_a, embedding_b"),
+        (pd.DataFrame({"cosine": [0.1]}), "missing column.*quality_a, quality_b"),
         (
             pd.DataFrame({"embedding_a": [[1.0] * 8], "embedding_b": [[1.0] * 8], "cosine": [1.0]}),
             "not both",
@@ -94,6 +95,28 @@ def test_match_uses_the_stored_threshold_of_the_requested_fmr() -> None:
         (
             pd.DataFrame({"cosine": [0.1], "quality_a": [-1.0], "quality_b": [1.0]}),
             "'quality_a' row 0 is negative",
+        ),
+        # Issue 12: out-of-range values were scored (cosine 5.0 answered match: true).
+        (
+            pd.DataFrame({"cosine": [0.3, 5.0], "quality_a": [20.0] * 2, "quality_b": [20.0] * 2}),
+            r"'cosine' row 1 lies outside \[-1, 1\]",
+        ),
+        (
+            pd.DataFrame({"cosine": [-1.5], "quality_a": [20.0], "quality_b": [20.0]}),
+            r"'cosine' row 0 lies outside \[-1, 1\]",
+        ),
+        (
+            pd.DataFrame({"cosine": [0.3, 0.2], "quality_a": [20.0] * 2, "quality_b": [3.0, 0.0]}),
+            "'quality_b' row 1 is zero; .* must be > 0",
+        ),
+        (
+            pd.DataFrame({"cosine": [0.3], "quality_a": [np.inf], "quality_b": [3.0]}),
+            "'quality_a' has NaN or infinite values, first in row 0",
+        ),
+        # Issue 12: extra columns were ignored silently.
+        (
+            pd.DataFrame({"cosine": [0.3], "quality_a": [2.0], "quality_b": [3.0], "qualty": [1]}),
+            "unknown column.*'qualty'",
         ),
     ],
 )
@@ -150,13 +173,8 @@ def test_logged_model_is_json_and_code_and_predicts_with_params(
         "default": 0.001,
         "shape": None,
     }
-    assert set(signature.inputs.input_names()) == {
-        "embedding_a",
-        "embedding_b",
-        "cosine",
-        "quality_a",
-        "quality_b",
-    }
+    # No input schema: MLflow would drop unknown columns silently and echo inputs in errors.
+    assert signature.inputs is None
     example = json.loads((local / "serving_input_example.json").read_text())
     assert example["dataframe_split"]["columns"] == ["cosine", "quality_a", "quality_b"]
 
@@ -168,6 +186,23 @@ def test_logged_model_is_json_and_code_and_predicts_with_params(
         model.predict(pd.DataFrame({"cosine": [0.5], "quality_a": [20.0]}))
     with pytest.raises(MlflowException, match="no threshold for FMR 0.5"):
         model.predict(embedding_frame(a, b), params={"fmr": 0.5})
+    with pytest.raises(MlflowException, match="unknown column.*'extra'") as err:
+        model.predict(embedding_frame(a, b).assign(extra=1.0))
+    assert str(a[0, 0])[:8] not in str(err.value)  # names the column, echoes no vector
+
+
+def test_params_and_messages_do_not_echo_data() -> None:
+    from qmag_ray.tracking.scorer import check_params
+
+    assert check_params(None) == 1e-3 and check_params({"fmr": 1e-4}) == 1e-4
+    with pytest.raises(ScoringError, match="unknown parameter.*'threshold'; the scorer takes fmr"):
+        check_params({"fmr": 1e-3, "threshold": 0.1})
+    vector = [0.123456789] * 8
+    frame = pd.DataFrame({"embedding_a": [vector, [np.nan] * 8], "embedding_b": [vector] * 2})
+    with pytest.raises(ScoringError) as err:
+        score_frame(CAL, frame)
+    assert "row 1" in str(err.value) and "embedding_a" in str(err.value)
+    assert "0.123" not in str(err.value)
 
 
 @pytest.mark.mlflow

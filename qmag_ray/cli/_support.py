@@ -8,6 +8,7 @@ User errors end with exit code 2 and a one-paragraph message, never a traceback.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -50,6 +51,12 @@ def guarded(what: str, fn: Callable[[], T]) -> T:
         logger.debug("%s failed", what, exc_info=True)
         text = str(exc).strip() or type(exc).__name__
         fail(f"{what}: {text}")
+    except OSError as exc:  # a full disk, a read-only or vanished output: a failed run
+        if getattr(exc, "errno", None) not in _STORAGE_ERRNOS:
+            raise
+        logger.debug("%s failed", what, exc_info=True)
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        fail(f"{what}: writing{where} failed: {describe_os_error(exc)}", code=1)
 
 
 def load(cls: type[T], config: str | None, given: Mapping[str, Any]) -> T:
@@ -78,6 +85,23 @@ def require_exists(**uris: str | None) -> None:
                 preflight.check_uri(name, uri)
         except preflight.PreflightError as exc:
             fail(str(exc))
+
+
+def require_writable(**uris: str | None) -> None:
+    """An output on an object store has credentials and an existing bucket (before Ray)."""
+    from qmag_ray.cli import preflight
+
+    for name, uri in uris.items():
+        if not uri or storage.protocol(uri) not in preflight.OBJECT_STORES:
+            continue
+        bucket = uri.split("://", 1)[0] + "://" + uri.split("://", 1)[1].split("/", 1)[0]
+        try:
+            preflight.check_uri(name, bucket)
+        except preflight.PreflightError as exc:
+            text = str(exc)
+            if " not found: " in text:
+                fail(f"--{name}: the bucket of {storage.redact(uri)} does not exist")
+            fail(text.replace(storage.redact(bucket), storage.redact(uri), 1))
 
 
 def require_pairs(name: str, uri: str | None, protocol: Any = None) -> None:
@@ -128,6 +152,98 @@ def log_files(run: Any, files: Mapping[str, str], skip: tuple[str, ...] = ()) ->
             run.log_json(name, json.loads(storage.read_bytes(uri)))
         else:
             run.log_bytes(name, storage.read_bytes(uri))
+
+
+_STORAGE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EPERM)
+MIN_FREE_BYTES = 16 * 2**20  # a calibration's files and plots take a few MB
+
+
+def take_output_lease(uri: str, purpose: str) -> Any:
+    """The output's lease (one writer per output), held until the command ends; exit 2 if
+    another writer holds it. Returns the ``lease.Lease`` (None where the store has none).
+
+    Taking it also proves the output writable before any work: a read-only folder, a missing
+    bucket or a full disk end here with one line naming the output.
+    """
+    import atexit
+
+    from qmag_ray import lease
+
+    if not lease.supported(uri):
+        logger.warning("no lease on %s outputs: a second writer is not detected", uri)
+        return None
+    try:
+        held = lease.acquire(uri, purpose=purpose)
+    except lease.LeaseHeldError as exc:
+        fail(f"output: {exc}")
+    except (OSError, ValueError) as exc:
+        logger.debug("taking the output lease failed", exc_info=True)
+        fail(f"output {storage.redact(uri)} cannot be written: {describe_os_error(exc)}")
+    # Released when the command ends (also under typer's CliRunner), at the latest at exit.
+    ctx = _command_context()
+    if ctx is not None:
+        ctx.call_on_close(held.release)
+    atexit.register(held.release)
+    _check_free_space(uri)
+    return held
+
+
+def _check_free_space(uri: str) -> None:
+    """A local output with almost no free space is refused before any work."""
+    import shutil
+
+    if storage.protocol(uri) != "file":
+        return
+    free = shutil.disk_usage(storage.absolute(uri)).free
+    if free < MIN_FREE_BYTES:
+        fail(
+            f"output {storage.redact(uri)}: only {free / 2**20:.1f} MiB free on its file system "
+            f"(at least {MIN_FREE_BYTES // 2**20} MiB needed); free some space and run again",
+            code=1,
+        )
+
+
+def _command_context() -> Any:
+    """The running command's context (typer ships its own copy of click), or None."""
+    import importlib
+
+    for name in ("typer._click.globals", "click"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        ctx = module.get_current_context(silent=True)
+        if ctx is not None:
+            return ctx
+    return None
+
+
+def still_held(held: Any) -> None:
+    """Exit 1 before committing if the output's lease was taken over meanwhile."""
+    from qmag_ray import lease
+
+    try:
+        if held is not None:
+            held.check()
+    except lease.LeaseLostError as exc:
+        fail(f"output: {exc}", code=1)
+
+
+def describe_os_error(exc: BaseException) -> str:
+    """One line for a storage error: what failed and the usual fix (no traceback)."""
+    code = getattr(exc, "errno", None)
+    hints = {
+        errno.ENOSPC: "no space left on the device; free some space and run the same command again",
+        errno.EROFS: "the file system is read-only; choose a writable --output",
+        errno.EACCES: "permission denied; choose an --output you may write to",
+        errno.EDQUOT: "disk quota exceeded; free some space and run the same command again",
+    }
+    if code in hints:
+        return hints[code]
+    text = str(exc).strip() or type(exc).__name__
+    if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
+        return f"the bucket does not exist ({text}); create it or fix the URI"
+    return text
 
 
 @contextmanager

@@ -52,12 +52,14 @@ def calibrate(
     support.require_pairs("pairs", cfg.pairs, cfg.protocol)
     support.require_pairs("validation_pairs", cfg.validation.pairs, cfg.validation.protocol)
     uri = support.prepare_tracking(cfg.tracking.tracking_uri)
+    held = support.take_output_lease(cfg.output, "calibrate")
     address = support.connect(ray_address)
     from qmag_ray.workflows.calibrate import run_calibration
 
     outcome = support.guarded("calibrate", lambda: run_calibration(cfg))
     typer.echo("")
     typer.echo(outcome.summary())
+    support.still_held(held)
     with support.tracking_errors(uri, cfg.output):
         _record(outcome, cfg, address)
 

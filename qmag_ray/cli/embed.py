@@ -24,6 +24,13 @@ def embed(given: GivenSettings, ray_address: opts.RayAddress = None) -> None:
     from qmag_ray.runtime import connect_ray
 
     cfg = given.load()
+    from qmag_ray.cli import _support as support
+
+    # Before Ray starts: inputs exist and can be read (S3 credentials, bucket), model exists.
+    support.require_exists(
+        images=cfg.images, manifest=cfg.manifest, images_root=cfg.images_root, model=cfg.model
+    )
+    support.require_writable(output=cfg.output)
     try:
         summary = run_embed(cfg, connect=lambda: connect_ray(ray_address))
     except (ValueError, FileNotFoundError, EmbedInputError, LeaseHeldError) as exc:

@@ -52,6 +52,18 @@ def _s3_problem(exc: BaseException) -> str | None:
     return None
 
 
+def _have_s3_credentials() -> bool:
+    """Whether botocore finds credentials (environment, profile, config, instance role)."""
+    try:
+        import botocore.session
+    except ImportError:  # pragma: no cover - comes with s3fs
+        return True
+    try:
+        return botocore.session.get_session().get_credentials() is not None
+    except Exception:  # noqa: BLE001 - a broken profile: let the store call say what is wrong
+        return True
+
+
 def check_uri(name: str, uri: str, *, key: str | None = None, kind: str = "file") -> None:
     """``uri`` (given as ``name``/``key``) exists and can be read; else ``PreflightError``.
 
@@ -65,6 +77,8 @@ def check_uri(name: str, uri: str, *, key: str | None = None, kind: str = "file"
             f"{where} {shown}: credentials inside an {proto}:// URI are not used (and would be "
             f"shown in logs); remove them and {_S3_CREDENTIALS}"
         )
+    if proto in ("s3", "s3a") and not _have_s3_credentials():
+        raise PreflightError(f"{where} {shown}: no S3 credentials: {_S3_CREDENTIALS}")
     try:
         found = storage.exists(uri)
     except Exception as exc:  # noqa: BLE001 - every store error becomes one line

@@ -30,6 +30,9 @@ def recalibrate(given: GivenSettings, ray_address: opts.RayAddress = None) -> No
 
     support.guarded("recalibrate", lambda: check_gate_measurable(cfg))
     support.prepare_tracking(cfg.tracking.tracking_uri)
+    # One recalibration per config at a time (overlapping cron runs): the lease is on the
+    # runs folder, taken before anything is embedded into the shared embeddings.
+    support.take_output_lease(cfg.output, "recalibrate")
     address = support.connect(ray_address)
     from qmag_ray.embedding.config import EmbedError
     from qmag_ray.workflows.recalibrate import run_recalibration

@@ -15,6 +15,7 @@ import io
 import logging
 import pickle
 import re
+import zipfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -33,6 +34,11 @@ _ANCHOR = "conv1.weight"
 # What torch's weights-only unpickler says when a file needs a callable or class to load.
 _UNSAFE = re.compile(r"GLOBAL (\S+)|unrecognized function (\S+)|add_safe_globals")
 _OPTIONAL_SUFFIX = ".num_batches_tracked"  # a training counter, absent from very old files
+_ZIP_MAGIC = b"PK\x03\x04"
+# torch's legacy (pre-zip) format: a pickled protocol-2 long, the magic 0x1950a86a20f9469cfc6c.
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+MAX_CHECKPOINT_BYTES = 2 * 2**30
+"""An iResNet-100 with a margin head for 85k identities and its optimizer state is ~1 GiB."""
 
 
 class CheckpointError(ValueError):
@@ -49,8 +55,57 @@ def _plain(value: object) -> object:
     return value if isinstance(value, (str, int, float, type(None))) else repr(value)[:80]
 
 
+def check_container(uri: str, max_bytes: int | None = None) -> int:
+    """Refuse, from its size and first bytes, a file that cannot be a torch checkpoint.
+
+    A torch checkpoint is a zip archive (``PK\\x03\\x04``, torch >= 1.6) holding a
+    ``*/data.pkl`` record, or the legacy pickle with torch's magic number. Anything else, or
+    anything larger than ``max_bytes`` (default ``MAX_CHECKPOINT_BYTES``), is refused before it
+    is read whole. Returns the size in bytes.
+    """
+    where = storage.redact(uri)
+    limit = MAX_CHECKPOINT_BYTES if max_bytes is None else max_bytes
+    try:
+        fs, path = storage.filesystem(uri)
+        if fs.isdir(path):
+            raise CheckpointError(f"checkpoint {where} is a folder, not a file")
+        size = int(fs.size(path))
+        with fs.open(path, "rb") as f:
+            head = f.read(len(_LEGACY_MAGIC))
+            if head.startswith(_ZIP_MAGIC):
+                f.seek(0)
+                try:
+                    names = zipfile.ZipFile(f).namelist()  # reads the central directory only
+                except zipfile.BadZipFile as exc:
+                    raise CheckpointError(
+                        f"checkpoint {where} ({size} bytes) is a damaged zip archive ({exc}): "
+                        "the file is truncated or not a torch checkpoint"
+                    ) from None
+                if not any(n.endswith("data.pkl") for n in names):
+                    raise CheckpointError(
+                        f"checkpoint {where} is a zip archive but not a torch checkpoint "
+                        "(no data.pkl record)"
+                    )
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"checkpoint not found: {where}") from exc
+    if size == 0:
+        return 0  # reported by the caller
+    if not (head.startswith(_ZIP_MAGIC) or head == _LEGACY_MAGIC):
+        raise CheckpointError(
+            f"checkpoint {where} ({size} bytes) is not a torch checkpoint: it is neither a torch "
+            "zip archive nor a legacy torch file (refused before reading it)"
+        )
+    if size > limit:
+        raise CheckpointError(
+            f"checkpoint {where} is {size / 2**30:.2f} GiB, more than any MagFace checkpoint "
+            f"(limit {limit / 2**30:.2f} GiB); refused before reading it"
+        )
+    return size
+
+
 def _read_raw(uri: str) -> bytes:
     where = storage.redact(uri)
+    check_container(uri)
     try:
         data = storage.read_bytes(uri)
     except (FileNotFoundError, IsADirectoryError) as exc:

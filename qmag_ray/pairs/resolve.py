@@ -148,6 +148,30 @@ def _examples(pairs: PairList, rows: np.ndarray) -> list[str]:
     return [f"{pairs.a[r]!s} / {pairs.b[r]!s} (line {int(pairs.line[r])})" for r in rows[:SHOW]]
 
 
+def _conflicts(pairs: PairList, ok: np.ndarray, group: np.ndarray, first: np.ndarray) -> None:
+    """One pair listed as genuine and as impostor: an error whatever the policies say.
+
+    No choice of the two labels is right, so neither is skipped; the list must be fixed.
+    """
+    labels = pairs.label[ok].astype(np.int64)
+    has_one = np.bincount(group, weights=labels == 1, minlength=len(first)) > 0
+    has_zero = np.bincount(group, weights=labels == 0, minlength=len(first)) > 0
+    bad_groups = np.flatnonzero(has_one & has_zero)
+    if not bad_groups.size:
+        return
+    examples = []
+    for g in bad_groups[:SHOW]:
+        rows = ok[group == g]
+        lines = ", ".join(str(int(pairs.line[r])) for r in rows[:4])
+        examples.append(f"{pairs.a[rows[0]]!s} / {pairs.b[rows[0]]!s} (lines {lines})")
+    more = " ..." if bad_groups.size > SHOW else ""
+    raise ResolveError(
+        f"{pairs.source or 'the pair list'}: {bad_groups.size} pair(s) are listed both as "
+        f"genuine (1) and as impostor (0): {'; '.join(examples)}{more}; conflicting labels "
+        "cannot be skipped: fix the list"
+    )
+
+
 def resolve_pairs(
     pairs: PairList,
     table: EmbeddingTable,
@@ -163,7 +187,7 @@ def resolve_pairs(
 
     A pair falls in the first matching category: missing image, unusable (NaN/inf/zero)
     embedding, self-pair (both names are one row), duplicate (the same unordered pair again;
-    the first occurrence is kept).
+    the first occurrence is kept). A pair listed with both labels is always an error.
 
     Raises:
         ResolveError: listing (the first few of) every problem whose policy is ``error``.
@@ -190,7 +214,8 @@ def resolve_pairs(
     ok = np.flatnonzero(problem == 0)
     lo, hi = np.minimum(ia[ok], ib[ok]), np.maximum(ia[ok], ib[ok])
     key = lo * np.int64(max(1, len(table))) + hi
-    _, first = np.unique(key, return_index=True)
+    _, first, group = np.unique(key, return_index=True, return_inverse=True)
+    _conflicts(pairs, ok, group.reshape(-1), first)
     dup = np.ones(len(ok), dtype=bool)
     dup[first] = False
     problem[ok[dup]] = 4

@@ -27,6 +27,7 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 TAG_FINGERPRINT = "qmag_ray.data_fingerprint"
 TAG_RUN_KIND = "qmag_ray.kind"
+TAG_COMPLETE = "qmag_ray.registration"
 
 
 def client() -> MlflowClient:
@@ -69,18 +70,31 @@ def register_scorer(
 ) -> ModelVersion:
     """Log the scorer in the active run and register it as a new version of ``model_name``.
 
-    The version is tagged with the calibration's figures (``calibration_tags``) and ``tags``.
-    Assigns no alias: that is the caller's decision.
+    The version is created in ONE request that carries all its tags (``calibration_tags``,
+    ``tags`` and ``TAG_COMPLETE``), so an outage never leaves a version without them: either it
+    exists with every tag or it does not exist. Assigns no alias: that is the caller's decision.
     """
+    import mlflow
+
     from qmag_ray.tracking.scorer import log_scorer
 
-    info = log_scorer(calibration, name=artifact_name, registered_model_name=model_name)
-    version = str(info.registered_model_version)
-    tag_version(model_name, version, {**calibration_tags(calibration), **dict(tags or {})})
+    info = log_scorer(calibration, name=artifact_name)
+    all_tags = {**calibration_tags(calibration), **dict(tags or {})}
+    text = {
+        k: v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)
+        for k, v in sanitize(all_tags).items()
+        if v is not None
+    }
+    text[TAG_COMPLETE] = "true"  # versions without it were made by older code or by hand
+    made = mlflow.register_model(info.model_uri, model_name, tags=text)
+    version = str(made.version)
     if description:
-        client().update_model_version(model_name, version, description=description)
+        try:
+            client().update_model_version(model_name, version, description=description)
+        except Exception as exc:  # noqa: BLE001 - cosmetic; the version is complete without it
+            logger.warning("could not set the description of %s %s: %s", model_name, version, exc)
     logger.info("registered %s version %s", model_name, version)
-    return client().get_model_version(model_name, version)
+    return made if not description else client().get_model_version(model_name, version)
 
 
 def alias_version(model_name: str, alias: str) -> ModelVersion | None:

@@ -11,8 +11,11 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,6 +39,9 @@ TAG_RAY_ADDRESS = "qmag_ray.ray_address"
 TAG_KIND = "qmag_ray.kind"
 TAG_VERSION = "qmag_ray.version"
 TAG_REDACTED = "qmag_ray.redacted_keys"
+TAG_DRIVER_HOST = "qmag_ray.driver_host"
+TAG_DRIVER = "qmag_ray.driver"
+END_ATTEMPTS = 4  # each through MLflow's own HTTP retries
 
 
 def git_commit(source_dir: Path | None = None) -> tuple[str, bool | None]:
@@ -210,6 +216,80 @@ def grid_table(calibration: QMagFaceCalibration) -> pd.DataFrame:
     return pd.DataFrame(columns)
 
 
+def _driver_id() -> str:
+    from qmag_ray.lease import _process_start
+
+    return json.dumps({"pid": os.getpid(), "pid_start": _process_start(os.getpid())})
+
+
+def _end(run_id: str, status: str, attempts: int = END_ATTEMPTS) -> None:
+    """End the run as ``status``, retrying an unreachable store; the active run is popped
+    whatever happens, so a failed end never leaves this process inside a dead run."""
+    import mlflow
+
+    try:
+        for attempt in range(1, attempts + 1):
+            try:
+                mlflow.MlflowClient().set_terminated(run_id, status)
+                return
+            except Exception as exc:  # noqa: BLE001 - an outage: retried, then reported
+                if attempt == attempts:
+                    logger.error(
+                        "could not mark MLflow run %s %s (%s); the next qmag-ray run on this "
+                        "host marks it FAILED",
+                        run_id,
+                        status,
+                        exc,
+                    )
+                    return
+                time.sleep(min(8.0, 0.5 * 2**attempt))
+    finally:
+        while mlflow.active_run() is not None and mlflow.active_run().info.run_id == run_id:
+            _pop_active_run()
+
+
+def _pop_active_run() -> None:
+    """Drop the active run locally without contacting the store (it may be unreachable)."""
+    from mlflow.tracking import fluent
+
+    stack = fluent._active_run_stack.get()
+    if stack:
+        stack.pop()
+
+
+def _fail_orphans(experiment_id: str) -> None:
+    """Mark FAILED the RUNNING runs of this experiment whose driver ran on this host and is
+    gone (killed, or its store was down when it ended): no run stays RUNNING forever."""
+    import mlflow
+
+    from qmag_ray.lease import _process_start
+
+    host = socket.gethostname().replace("'", "")
+    try:
+        found = mlflow.MlflowClient().search_runs(
+            [experiment_id],
+            f"attributes.status = 'RUNNING' and tags.`{TAG_DRIVER_HOST}` = '{host}'",
+            max_results=200,
+        )
+    except Exception as exc:  # noqa: BLE001 - best effort; the run itself reports errors
+        logger.debug("looking for orphaned runs failed: %s", exc)
+        return
+    for orphan in found:
+        try:
+            driver = json.loads(orphan.data.tags.get(TAG_DRIVER, "{}"))
+            pid = int(driver["pid"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        if pid == os.getpid() or _process_start(pid) == driver.get("pid_start"):
+            continue  # alive
+        logger.warning(
+            "marking run %s FAILED: its driver (pid %d) is gone", orphan.info.run_id, pid
+        )
+        client = mlflow.MlflowClient()
+        client.set_tag(orphan.info.run_id, "qmag_ray.ended_by", "orphan cleanup (driver gone)")
+        client.set_terminated(orphan.info.run_id, "FAILED")
+
+
 def _json_default(value: Any) -> Any:
     if hasattr(value, "tolist"):
         return value.tolist()
@@ -229,14 +309,18 @@ def tracked_run(
     """Open a run of job ``kind`` ("calibrate", "evaluate", "recalibrate") and tag it.
 
     Tags: the code's git commit (or "unknown"), whether the checkout was dirty, the Ray
-    cluster address, the qmag-ray version. The run ends FAILED when the block raises.
+    cluster address, the qmag-ray version, the driver (host, pid). The run ends FAILED when
+    the block raises, retried through an outage; a run that still could not be ended (the store
+    stayed down) is marked FAILED by the next ``tracked_run`` on the same host.
     """
     import mlflow
 
     _assert_driver()
     experiment_id = ensure_experiment(experiment)
     commit, dirty = git_commit(source_dir)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run:
+    _fail_orphans(experiment_id)
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
+    try:
         tracked = TrackedRun(run.info.run_id)
         tracked.set_tags(
             {
@@ -245,8 +329,15 @@ def tracked_run(
                 TAG_GIT_COMMIT: commit,
                 TAG_GIT_DIRTY: "unknown" if dirty is None else str(dirty).lower(),
                 TAG_RAY_ADDRESS: ray_address or "none",
+                TAG_DRIVER_HOST: socket.gethostname(),
+                TAG_DRIVER: _driver_id(),
                 **dict(tags or {}),
             }
         )
         logger.info("recording %s run %s in experiment %r", kind, run.info.run_id, experiment)
         yield tracked
+    except BaseException:
+        _end(run.info.run_id, "FAILED")
+        raise
+    else:
+        _end(run.info.run_id, "FINISHED")

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from mlflow.models.model import ModelInfo
 
 DEFAULT_FMR = 1e-3
+PARAMS = ("fmr", "quality")
+COSINE_SLACK = 1e-6  # rounding of a computed cosine; anything further out is not a cosine
 EMBEDDING_COLUMNS = ("embedding_a", "embedding_b")
 SCORE_COLUMNS = ("cosine", "quality_a", "quality_b")
 OUTPUT_COLUMNS = ("score", "cosine", "quality", "match")
@@ -138,12 +140,20 @@ def cosine_scores(cosine: Any, quality_a: Any, quality_b: Any) -> tuple[np.ndarr
         raise ScoringError(f"cosine, quality_a and quality_b differ in length: {lengths}")
     for name, arr in values.items():
         _check_finite(name, arr)
+    outside = np.flatnonzero(np.abs(values["cosine"]) > 1 + COSINE_SLACK)
+    if outside.size:
+        raise ScoringError(
+            f"column 'cosine' row {int(outside[0])} lies outside [-1, 1]; a cosine similarity "
+            f"cannot ({outside.size} row(s) in all)"
+        )
     for name in ("quality_a", "quality_b"):
-        negative = np.flatnonzero(values[name] < 0)
-        if negative.size:
+        bad = np.flatnonzero(values[name] <= 0)
+        if bad.size:
+            row = int(bad[0])
+            what = "negative" if values[name][row] < 0 else "zero"
             raise ScoringError(
-                f"column {name!r} row {int(negative[0])} is negative; a quality is an "
-                "embedding norm"
+                f"column {name!r} row {row} is {what}; a quality is an embedding norm and "
+                "must be > 0"
             )
     return values["cosine"], pair_quality(values["quality_a"], values["quality_b"])
 
@@ -154,6 +164,26 @@ def apply_threshold(
     """Output columns: QMagFace score, cosine, quality and ``match = score >= threshold``."""
     score = calibration.score(cos, quality)
     return {"score": score, "cosine": cos, "quality": quality, "match": score >= threshold}
+
+
+def _name(column: Any) -> str:
+    text = str(column)
+    return repr(text if len(text) <= 40 else text[:37] + "...")
+
+
+def check_params(params: Any) -> Any:
+    """The ``fmr`` of a params mapping; unknown parameters are an error (a 400 over REST)."""
+    if params is None:
+        return DEFAULT_FMR
+    if not isinstance(params, dict):
+        raise ScoringError(f"params must be a mapping, got {type(params).__name__}")
+    unknown = [k for k in params if k not in PARAMS]
+    if unknown:
+        raise ScoringError(
+            f"unknown parameter(s) {', '.join(_name(k) for k in unknown[:5])}; the scorer takes "
+            f"{', '.join(PARAMS)}"
+        )
+    return params.get("fmr", DEFAULT_FMR)
 
 
 def score_frame(
@@ -170,6 +200,13 @@ def score_frame(
         raise ScoringError(f"expected a table (pandas DataFrame), got {type(frame).__name__}")
     _, threshold = check_fmr(calibration, fmr)
     columns = set(frame.columns)
+    unknown = [c for c in frame.columns if c not in (*EMBEDDING_COLUMNS, *SCORE_COLUMNS)]
+    if unknown:
+        raise ScoringError(
+            f"unknown column(s) {', '.join(_name(c) for c in unknown[:5])}"
+            f"{f' (and {len(unknown) - 5} more)' if len(unknown) > 5 else ''}; the input takes "
+            f"either {', '.join(EMBEDDING_COLUMNS)} or {', '.join(SCORE_COLUMNS)}"
+        )
     has_embeddings = any(c in columns for c in EMBEDDING_COLUMNS)
     has_scores = any(c in columns for c in SCORE_COLUMNS)
     if has_embeddings and has_scores:
@@ -200,6 +237,28 @@ def score_frame(
     return pd.DataFrame(out, columns=OUTPUT_COLUMNS)
 
 
+def _input_error(text: str) -> Exception:
+    """An MLflow 400 error whose message stays ``text``.
+
+    MLflow's scoring server rewrites the message of an ``MlflowException`` raised by
+    ``predict`` to ``Failed to predict data '<the whole input>'...``, which would echo every
+    vector of the request; this exception keeps its own message (the assignment is ignored).
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    class InputError(MlflowException):
+        @property  # type: ignore[override]
+        def message(self) -> str:
+            return text
+
+        @message.setter
+        def message(self, value: str) -> None:
+            pass
+
+    return InputError(text, error_code=INVALID_PARAMETER_VALUE)
+
+
 class QMagFaceScorerModel(mlflow.pyfunc.PythonModel):
     """The pyfunc model: reads the calibration JSON in ``load_context``, scores in ``predict``."""
 
@@ -213,36 +272,34 @@ class QMagFaceScorerModel(mlflow.pyfunc.PythonModel):
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
         from mlflow.exceptions import MlflowException
-        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
         if self.calibration is None:
             raise MlflowException("the scorer's calibration was not loaded (load_context)")
-        fmr = (params or {}).get("fmr", DEFAULT_FMR)
         asked = (params or {}).get("quality")
         if asked is not None and str(asked) != expected_quality(self.calibration):
-            raise MlflowException(
+            raise _input_error(
                 f"params quality={asked!r} but this scorer expects the quality "
-                f"{expected_quality(self.calibration)!r} in quality_a/quality_b",
-                error_code=INVALID_PARAMETER_VALUE,
+                f"{expected_quality(self.calibration)!r} in quality_a/quality_b"
             )
         try:
-            return score_frame(self.calibration, model_input, fmr=fmr)
+            return score_frame(self.calibration, model_input, fmr=check_params(params))
         except ScoringError as exc:  # a 400 answer over REST, with the message
-            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
+            raise _input_error(str(exc)) from None
 
 
 def scorer_signature(quality: str = "quality") -> ModelSignature:
-    """Inputs (either form, all columns optional), outputs, and the parameters: ``fmr`` and
-    ``quality``, whose default names the per-image quality ``quality_a``/``quality_b`` must be
-    (``quality``: the MagFace norm; the embedding form computes it)."""
+    """Outputs and the parameters ``fmr`` and ``quality`` (whose default names the per-image
+    quality ``quality_a``/``quality_b`` must be); no input schema, on purpose.
+
+    With an input schema MLflow drops unknown columns silently and echoes the whole input in
+    its enforcement errors; without one ``score_frame`` sees the columns as sent, refuses
+    unknown ones and names row and column without echoing data (both forms are documented in
+    ``score_frame``).
+    """
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
-    from mlflow.types.schema import Array
 
-    inputs = Schema(
-        [ColSpec(Array(DataType.double), name, required=False) for name in EMBEDDING_COLUMNS]
-        + [ColSpec(DataType.double, name, required=False) for name in SCORE_COLUMNS]
-    )
+    inputs = None
     outputs = Schema(
         [ColSpec(DataType.double, name) for name in ("score", "cosine", "quality")]
         + [ColSpec(DataType.boolean, "match")]

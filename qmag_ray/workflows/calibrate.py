@@ -32,7 +32,7 @@ from qmag_ray.pairs.templates import Pooling
 from qmag_ray.quality.columns import QualityColumnError, with_quality
 from qmag_ray.workflows import reporting
 from qmag_ray.workflows.config import CalibrateConfig, PairMode
-from qmag_ray.workflows.provenance import embedding_provenance
+from qmag_ray.workflows.provenance import check_embedding_input, embedding_provenance
 from qmag_ray.workflows.sides import PairSide, Sides, WorkflowError, build_sides, templates_table
 from qmag_ray.workflows.validation import (
     format_held_out,
@@ -220,6 +220,7 @@ def run_calibration(config: CalibrateConfig, *, use_ray: bool = True) -> Calibra
             cannot be used (named in the message): user errors for the entry point.
     """
     cfg = config
+    checked = check_embedding_input(cfg.embeddings, allow_incomplete=cfg.allow_incomplete)
     table = load_embeddings(cfg.embeddings)
     try:
         table, qinfo = with_quality(table, cfg.embeddings, cfg.quality.column, cfg.quality.file)
@@ -228,7 +229,7 @@ def run_calibration(config: CalibrateConfig, *, use_ray: bool = True) -> Calibra
     table, pooled = templates_table(table, cfg)
     shards = _shards(cfg, use_ray)
     sides = build_sides(table, cfg, shards)
-    notes = ([qinfo.note()] if qinfo.note() else []) + list(sides.notes)
+    notes = [n for n in (checked.note, qinfo.note()) if n] + list(sides.notes)
     if pooled is not None:
         sides.table_info["templates"] = {
             "uri": storage.redact(cfg.templates or ""),
@@ -263,7 +264,7 @@ def run_calibration(config: CalibrateConfig, *, use_ray: bool = True) -> Calibra
         if held_arrays is None:
             notes.append("compare_methods: no held-out side, so the methods are only fitted")
     validation["notes"] = notes
-    provenance = embedding_provenance(cfg.embeddings)
+    provenance = {**embedding_provenance(cfg.embeddings), **checked.to_dict()}
     cal = dataclasses.replace(
         cal,
         extra={

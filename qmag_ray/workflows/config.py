@@ -228,6 +228,12 @@ class EvaluationSettings(Settings):
     report: ReportSettings = section(ReportSettings, "Score files, bootstrap, groups.")
 
 
+ALLOW_INCOMPLETE_HELP = (
+    "Use an embed output without a finished summary.json (an interrupted or failed run); "
+    "counted and reported. Parts of more than one model are refused regardless."
+)
+
+
 @settings
 class EmbeddingsInput(Settings):
     """The embeddings a command reads."""
@@ -250,6 +256,7 @@ class CalibrateConfig(PairInputs, CalibrationSettings):
     output: str = option(
         help="Folder or URI for calibration.json, metrics.json, tables and plots.", min_length=1
     )
+    allow_incomplete: bool = option(False, ALLOW_INCOMPLETE_HELP)
     tracking: CalibrateTrackingConfig = section(
         CalibrateTrackingConfig, "MLflow tracking and registration."
     )
@@ -303,6 +310,12 @@ class EvaluateConfig(PairInputs, ScorerSettings, EvaluationSettings):
     """
 
     output: str = option(help="Folder or URI for metrics.json and plots.", min_length=1)
+    allow_incomplete: bool = option(False, ALLOW_INCOMPLETE_HELP)
+    allow_other_model: bool = option(
+        False,
+        "Apply a calibration fitted on embeddings of another model (their model sha256s "
+        "differ); refused by default.",
+    )
     tracking: TrackingConfig = section(TrackingConfig, "MLflow tracking.")
 
     def check(self) -> None:

@@ -33,7 +33,11 @@ from qmag_ray.quality.columns import QualityColumnError, with_quality
 from qmag_ray.workflows import reporting
 from qmag_ray.workflows.config import EvaluateConfig, ScorerSettings
 from qmag_ray.workflows.extra_reports import ExtraReports, write_extra_reports
-from qmag_ray.workflows.provenance import embedding_provenance
+from qmag_ray.workflows.provenance import (
+    EmbeddingInput,
+    check_embedding_input,
+    embedding_provenance,
+)
 from qmag_ray.workflows.sides import WorkflowError, read_listed, templates_table
 
 logger = logging.getLogger(__name__)
@@ -125,6 +129,26 @@ def at_operating_thresholds(
     return out
 
 
+def check_calibration_model(
+    cal: QMagFaceCalibration, checked: EmbeddingInput, cfg: EvaluateConfig
+) -> str:
+    """Refuse a calibration fitted on embeddings of another model (unless allowed)."""
+    fitted = (cal.extra.get("embeddings") or {}).get("embed_model_sha256")
+    if not fitted or not checked.model_sha256 or fitted == checked.model_sha256:
+        return ""
+    text = (
+        f"the calibration was fitted on embeddings of model sha256 {str(fitted)[:12]}... but "
+        f"{storage.redact(cfg.embeddings)} was embedded with model sha256 "
+        f"{checked.model_sha256[:12]}..."
+    )
+    if not cfg.allow_other_model:
+        raise WorkflowError(
+            f"{text}; calibrate on this model's embeddings, or pass --allow-other-model"
+        )
+    logger.warning("%s; applied anyway (--allow-other-model)", text)
+    return f"{text}; applied anyway (--allow-other-model)"
+
+
 def sorted_by_label_note(label: np.ndarray, protocol: str) -> str | None:
     """A warning when a generic pair list is sorted by label: its 10-fold accuracy (folds in
     file order, as the benchmarks define them) would then test folds of one class only."""
@@ -149,6 +173,8 @@ def run_evaluation(config: EvaluateConfig, *, use_ray: bool = True) -> Evaluatio
     """
     cfg = config
     cal = load_calibration(cfg)
+    checked = check_embedding_input(cfg.embeddings, allow_incomplete=cfg.allow_incomplete)
+    model_note = check_calibration_model(cal, checked, cfg)
     base_table = load_embeddings(cfg.embeddings)
     try:
         table, qinfo = with_quality(
@@ -172,7 +198,7 @@ def run_evaluation(config: EvaluateConfig, *, use_ray: bool = True) -> Evaluatio
         )
     resolved, protocol = read_listed(table, cfg.pairs, cfg.protocol, cfg)
     report_ = resolved.report
-    notes = [qinfo.note()] if qinfo.note() else []
+    notes = [n for n in (checked.note, model_note, qinfo.note()) if n]
     if pooled is not None and pooled.missing_images:
         notes.append(
             f"{pooled.missing_images} image(s) of the template table are not in the embeddings "
@@ -212,6 +238,7 @@ def run_evaluation(config: EvaluateConfig, *, use_ray: bool = True) -> Evaluatio
             "dim": table.dim,
             "fingerprint": table.fingerprint(),
             **embedding_provenance(cfg.embeddings),
+            **checked.to_dict(),
         },
         "calibration": {
             "uri": storage.redact(cfg.calibration) if cfg.calibration else None,
