@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test lint demo clean mutants faults
+.PHONY: install test lint demo clean mutants faults multinode
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,3 +52,8 @@ mutants: install
 	rm -rf mutants
 	PATH="$(abspath $(BIN)):$$PATH" RAY_USAGE_STATS_ENABLED=0 MPLBACKEND=Agg $(BIN)/mutmut run --max-children 2
 	$(BIN)/python tests/mutation/report.py
+
+# The three-node cluster end-to-end cases (tests/e2e/test_multinode_embed.py: ray start head +
+# two workers, embed/calibrate jobs, node loss, S3 outage, concurrent writers); a few minutes.
+multinode: install
+	PATH="$(abspath $(BIN)):$$PATH" RAY_USAGE_STATS_ENABLED=0 QMAG_MULTINODE=1 $(BIN)/python -m pytest tests/e2e/test_multinode_embed.py $(PYTEST_ARGS)

@@ -12,11 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from qmag_ray.calibration.result import fmr_key
-from qmag_ray.calibration.search import operating_points
+# REPORT_FMRS: the FMRs reported by default; only those the data measures (>= one false
+# match, ``measurable``) are filled.
+from qmag_ray.fmr import REPORT_FMRS, fmr_key, measurable, operating_points
 
-#: FMRs reported by default; only those the data supports (>= one false match) are filled.
-REPORT_FMRS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 #: Error-versus-discard steps: 0 %, 5 %, ..., 95 % of pairs discarded by lowest pair quality.
 DISCARD_STEPS = tuple(round(0.05 * i, 2) for i in range(20))
 
@@ -36,11 +35,6 @@ def _split(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return s[y == 1], s[y == 0]
 
 
-def supports(fmr: float, n_impostor: int) -> bool:
-    """Whether ``n_impostor`` pairs can measure ``fmr`` (it allows at least one false match)."""
-    return fmr * n_impostor >= 1 - 1e-9
-
-
 def operating_thresholds(
     scores: np.ndarray, labels: np.ndarray, fmrs: tuple[float, ...] | np.ndarray = REPORT_FMRS
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -55,7 +49,7 @@ def operating_thresholds(
     thr = np.full(len(fmrs), np.nan)
     if len(gen) == 0 or len(imp) == 0:
         return fnmr, thr
-    ok = np.array([supports(f, len(imp)) for f in fmrs], dtype=bool)
+    ok = np.array([measurable(f, len(imp)) for f in fmrs], dtype=bool)
     if ok.any():
         t, accepted = operating_points(gen, -np.sort(-imp), len(imp), fmrs[ok], strict=False)
         fnmr[ok] = (len(gen) - accepted) / len(gen)
@@ -359,9 +353,7 @@ def tar_table(
 def format_tar_table(table: dict[str, Any]) -> str:
     """The TAR@FAR table for a console: one row per FAR, both conventions, every score."""
     names = list(table["iso"])
-    head = "TAR % @ FAR".ljust(14) + "".join(
-        f"{n + ' ISO':>16}{n + ' nearest':>18}" for n in names
-    )
+    head = "TAR % @ FAR".ljust(14) + "".join(f"{n + ' ISO':>16}{n + ' nearest':>18}" for n in names)
     lines = [head]
     for f in table["fars"]:
         key = fmr_key(f)

@@ -7,7 +7,6 @@ directly (alpha, beta, thresholds), independent of the fitting code.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys

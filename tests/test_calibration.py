@@ -9,7 +9,7 @@ import pytest
 from oracle import oracle_fit
 
 from qmag_ray import fit_qmagface
-from qmag_ray.calibration.fit import calibrate
+from qmag_ray.calibration.fit import fit_pairs
 from qmag_ray.calibration.orderstats import (
     PassPlan,
     PassResult,
@@ -282,7 +282,7 @@ def test_bad_values_and_conflicting_arguments_are_errors() -> None:
     with pytest.raises(ValueError, match="either grid"):
         fit_qmagface(cos, q, y, n_fmr=5, grid=CalibrationGrid())
     with pytest.raises(ValueError, match="unknown calibration method"):
-        calibrate(ArrayPairSource(cos, q, y), method="raw-score")
+        fit_pairs(ArrayPairSource(cos, q, y), method="raw-score")
 
 
 def test_equal_optimal_thresholds_cannot_define_a_line() -> None:
@@ -317,8 +317,8 @@ def test_result_is_complete_and_round_trips_through_json(tmp_path) -> None:
 def test_shards_and_blocks_do_not_change_the_result_in_process() -> None:
     cos, q, y = synthetic(n=120_000, seed=10, decimals=3)
     grid = CalibrationGrid(fmr_min=1e-4)
-    one = calibrate(ArrayPairSource(cos, q, y), grid)
-    many = calibrate(ArrayPairSource(cos, q, y, shards=6, block_size=7_001), grid)
+    one = fit_pairs(ArrayPairSource(cos, q, y), grid)
+    many = fit_pairs(ArrayPairSource(cos, q, y, shards=6, block_size=7_001), grid)
     assert (many.alpha, many.beta) == (one.alpha, one.beta)
     assert many.fnmr_table == one.fnmr_table and many.thresholds == one.thresholds
     assert many.extra["shards"] == 6

@@ -18,7 +18,8 @@ pytestmark = pytest.mark.ray
 def test_ray_result_is_independent_of_shards_and_equals_numpy(
     ray_cluster: None, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from qmag_ray.calibration.distributed import fit_qmagface_ray
+    from qmag_ray.calibration.distributed import RayExecutor
+    from qmag_ray.calibration.fit import fit_pairs
 
     cos, q, y = synthetic(n=150_000, seed=21, decimals=3)
     grid = CalibrationGrid(fmr_min=1e-4, n_fmr=30)
@@ -29,7 +30,7 @@ def test_ray_result_is_independent_of_shards_and_equals_numpy(
         for shards in (1, 3, 7):
             # Small blocks: every shard streams several blocks through each pass.
             source = ArrayPairSource(cos, q, y, shards=shards, block_size=9_973)
-            results[shards] = fit_qmagface_ray(source, grid)
+            results[shards] = fit_pairs(source, executor=RayExecutor(source), grid=grid)
     assert "pass 1 shard 7/7 done" in caplog.text
     for shards, cal in results.items():
         assert (cal.alpha, cal.beta) == (local.alpha, local.beta), shards

@@ -7,7 +7,7 @@ import pytest
 from test_exhaustive import labelled
 
 from qmag_ray.calibration.device import DeviceExecutor, DeviceScanner, RayDeviceExecutor
-from qmag_ray.calibration.fit import LocalExecutor, run_calibration
+from qmag_ray.calibration.fit import LocalExecutor, fit_pairs
 from qmag_ray.calibration.orderstats import (
     PassPlan,
     PassResult,
@@ -61,8 +61,8 @@ def test_every_pass_equals_numpy(kind: str) -> None:
 
 def test_calibration_on_torch_equals_numpy_bit_for_bit() -> None:
     src = source()
-    want = run_calibration(LocalExecutor(src), src, GRID)
-    got = run_calibration(DeviceExecutor(src, "cpu"), src, GRID)
+    want = fit_pairs(src, GRID, executor=LocalExecutor(src))
+    got = fit_pairs(src, GRID, executor=DeviceExecutor(src, "cpu"))
     assert (got.alpha, got.beta) == (want.alpha, want.beta)
     assert got.optimal_thresholds == want.optimal_thresholds
     assert got.fnmr_table == want.fnmr_table and got.thresholds == want.thresholds
@@ -80,6 +80,6 @@ def test_a_device_whose_products_differ_is_refused() -> None:
 @pytest.mark.ray
 def test_ray_device_actors_equal_numpy(ray_cluster: None) -> None:
     src = source()
-    want = run_calibration(LocalExecutor(src), src, GRID)
-    got = run_calibration(RayDeviceExecutor(src, "cpu", actors=2), src, GRID)
+    want = fit_pairs(src, GRID, executor=LocalExecutor(src))
+    got = fit_pairs(src, GRID, executor=RayDeviceExecutor(src, "cpu", actors=2))
     assert (got.alpha, got.beta, got.thresholds) == (want.alpha, want.beta, want.thresholds)

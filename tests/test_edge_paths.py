@@ -174,3 +174,43 @@ def test_gpu_only_options_on_a_machine_without_a_gpu(
     with torch.inference_mode():
         want = model(x).numpy()
     np.testing.assert_allclose(out["embedding"], want, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the demo command
+
+
+@pytest.mark.ray
+@pytest.mark.mlflow
+@pytest.mark.slow
+def test_demo_command_end_to_end_on_a_small_set(ray_cluster: None, tmp_path: Path) -> None:
+    """`qmag-ray demo` on 40 identities x 4 images: every step runs and leaves its files."""
+    from typer.testing import CliRunner
+
+    from qmag_ray.cli import app
+
+    out = tmp_path / "demo"
+    args = ["demo", "--output", str(out), "--identities", "40", "--images-per-identity", "4"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    for step in range(1, 5):
+        assert f"[{step}/4] " in result.output
+    summary = json.loads((out / "embeddings" / "summary.json").read_text())
+    assert summary["counts"]["inputs"] == 160 and summary["counts"]["embedded"] == 160
+    assert summary["arch"] == "iresnet-demo"
+    (run,) = sorted((out / "calibration").glob("run-*"))  # a new folder per demo run
+    cal = QMagFaceCalibration.from_file(str(run / "calibration.json"))
+    assert cal.n_genuine > 0 and cal.n_impostor > 0
+    assert "models:/qmagface@champion -> version 1" in result.output
+    assert "quality check: Spearman(embedding norm, degradation) = -" in result.output
+    assert (out / "mlflow.db").is_file()
+    # A second run reuses the images and the embeddings.
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert f"reusing {out / 'images'}" in again.output
+    assert f"reusing {out / 'embeddings'}" in again.output
+    assert "models:/qmagface@champion -> version 2" in again.output
+    # ... and keeps the earlier run, saying so.
+    assert "keeping 1 earlier run(s)" in again.output
+    assert (
+        len(list((out / "calibration").glob("run-*"))) == 2 and (run / "calibration.json").is_file()
+    )

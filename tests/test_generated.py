@@ -7,7 +7,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from qmag_ray.calibration.fit import calibrate
+from qmag_ray.calibration.fit import fit_pairs
 from qmag_ray.calibration.result import CalibrationGrid
 from qmag_ray.embeddings import EmbeddingTable
 from qmag_ray.pairs.generate import generate_pairs
@@ -75,9 +75,9 @@ def test_calibration_on_drawn_shards_equals_the_list() -> None:
     """Enough pairs for a real grid (300 identities x 12 images): identical parameters."""
     t = table([12] * 300, seed=3, dim=16)
     grid = CalibrationGrid(n_fmr=10, fmr_min=1e-3, n_weights=8)
-    listed = calibrate(ListedPairSource(t, generate_pairs(t, 10, 5, 4)), grid)
+    listed = fit_pairs(ListedPairSource(t, generate_pairs(t, 10, 5, 4)), grid)
     for shards in (1, 7):
-        drawn = calibrate(GeneratedPairSource(t, 10, 5, 4, shards=shards), grid)
+        drawn = fit_pairs(GeneratedPairSource(t, 10, 5, 4, shards=shards), grid)
         assert (drawn.alpha, drawn.beta) == (listed.alpha, listed.beta)
         assert drawn.optimal_thresholds == listed.optimal_thresholds
         assert drawn.thresholds == listed.thresholds

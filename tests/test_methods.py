@@ -208,7 +208,8 @@ def test_unknown_method_is_refused_before_any_work(tmp_path: Path) -> None:
 
 @pytest.mark.ray
 def test_ray_results_equal_in_process_with_one_and_several_shards(ray_cluster: None) -> None:
-    from qmag_ray.calibration.distributed import fit_qmagface_ray
+    from qmag_ray.calibration.distributed import RayExecutor
+    from qmag_ray.calibration.fit import fit_pairs
 
     cos, q, y = side_arrays_small()
     settings = DirectSearch(coarse=15, rounds=2)
@@ -216,7 +217,9 @@ def test_ray_results_equal_in_process_with_one_and_several_shards(ray_cluster: N
         local = fit_qmagface(cos, q, y, grid=GRID, method=method, direct=settings)
         for shards in (1, 4):
             source = ArrayPairSource(cos, q, y, shards=shards, block_size=4_999)
-            cal = fit_qmagface_ray(source, GRID, method=method, direct=settings)
+            cal = fit_pairs(
+                source, executor=RayExecutor(source), grid=GRID, method=method, direct=settings
+            )
             assert (cal.alpha, cal.beta) == (local.alpha, local.beta), (method, shards)
             assert cal.thresholds == local.thresholds
             assert cal.extra.get("direct") == local.extra.get("direct")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from qmag_ray import metrics
+from qmag_ray.fmr import measurable
 
 # Genuine 0.9, 0.8, 0.5; impostors 0.5, 0.1 (a genuine/impostor tie at 0.5).
 S = np.array([0.9, 0.8, 0.5, 0.5, 0.1])
@@ -36,8 +37,8 @@ def test_auc_counts_ties_as_half() -> None:
 
 
 def test_supports_needs_one_possible_false_match() -> None:
-    assert metrics.supports(1e-3, 1_000) and metrics.supports(0.5, 2)
-    assert not metrics.supports(1e-3, 999) and not metrics.supports(0.5, 1)
+    assert measurable(1e-3, 1_000) and measurable(0.5, 2)
+    assert not measurable(1e-3, 999) and not measurable(0.5, 1)
 
 
 def test_operating_thresholds_worked_by_hand() -> None:

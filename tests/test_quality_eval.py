@@ -265,11 +265,11 @@ def test_calibrate_on_another_quality_is_recorded_and_checked_downstream(tmp_pat
     from workflow_data import HELPFUL, synthetic_table, write_table
 
     from qmag_ray.config import load_config
+    from qmag_ray.errors import WorkflowError
     from qmag_ray.tracking.scorer import ScoringError, score_frame, scorer_signature
     from qmag_ray.workflows.calibrate import run_calibration
     from qmag_ray.workflows.config import CalibrateConfig, EvaluateConfig
     from qmag_ray.workflows.evaluate import run_evaluation
-    from qmag_ray.workflows.sides import WorkflowError
 
     table = synthetic_table(120, 5, 32, seed=2, **HELPFUL)
     emb = write_table(table, tmp_path / "emb")
@@ -312,3 +312,26 @@ def test_calibrate_on_another_quality_is_recorded_and_checked_downstream(tmp_pat
     )
     with pytest.raises(WorkflowError, match="--quality-column unit"):
         run_evaluation(ev, use_ray=False)
+
+
+def test_held_out_group_report_uses_the_calibrate_split(tmp_path):
+    from workflow_data import HELPFUL, synthetic_table, write_table
+
+    from qmag_ray.calibration.result import QMagFaceCalibration
+    from qmag_ray.pairs.generate import identity_split
+    from qmag_ray.workflows.groups import held_out_group_report
+
+    table = synthetic_table(60, 5, 16, seed=3, **HELPFUL)
+    emb = write_table(table, tmp_path / "emb")
+    bands = np.where(np.arange(len(table)) % 2 == 0, "even", "odd")
+    pd.DataFrame({"path": table.path, "band": bands}).to_parquet(tmp_path / "m.parquet")
+    QMagFaceCalibration(alpha=0.05, beta=0.1).save(str(tmp_path / "cal.json"))
+    rep = held_out_group_report(
+        emb, str(tmp_path / "cal.json"), "band", str(tmp_path / "m.parquet"), fmr=1e-2
+    )
+    assert rep.groups == ["even", "odd"] and set(rep.thresholds) == {"cosine", "qmagface"}
+    _, held = identity_split(table, 0.5, 0)
+    # the quality distributions are those of the held-out identities' images only
+    n_held = {g: int((bands[held] == g).sum()) for g in rep.groups}
+    assert {g: int(rep.quality[g]["n"]) for g in rep.groups} == n_held
+    assert "per-band report" in rep.format_table()

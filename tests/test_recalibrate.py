@@ -60,7 +60,9 @@ def test_config_errors_name_the_field(tmp_path: Path) -> None:
     cfg = base_config(tmp_path, "sqlite:///x.db")
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({**cfg, "pair_mode": "listed"}))
-    with pytest.raises(ConfigError, match=r"pair_mode \(--pair-mode\) must be generate or exhaustive"):
+    with pytest.raises(
+        ConfigError, match=r"pair_mode \(--pair-mode\) must be generate or exhaustive"
+    ):
         load_config(RecalibrateConfig, str(path))
     path.write_text(yaml.safe_dump({k: v for k, v in cfg.items() if k != "holdout"}))
     with pytest.raises(ConfigError, match="section holdout is required"):

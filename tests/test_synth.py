@@ -87,7 +87,12 @@ def test_write_dataset_layout_manifest_and_worker_independence(tmp_path) -> None
     spec = SynthSpec(identities=4, images_per_identity=3, seed=11)
     one = write_dataset(str(tmp_path / "a"), spec, workers=1)
     two = write_dataset(str(tmp_path / "b"), spec, workers=2, chunk=1)
-    assert list(one.columns) == ["path", "identity", "degradation"]
+    assert list(one.columns) == ["path", "identity", "degradation", "pose", "pose_band"]
+    # the group attribute: the drawn in-plane rotation and its band (thresholds 0.04, 0.08)
+    assert one["pose"].abs().max() <= 0.12
+    bands = np.where(one["pose"].abs() < 0.04, "upright",
+                     np.where(one["pose"].abs() < 0.08, "tilted", "strong"))
+    assert (one["pose_band"] == bands).all()
     assert len(one) == 12 and one["identity"].nunique() == 4
     assert one["degradation"].between(0, 1).all()
     written = pd.read_parquet(tmp_path / "a" / "manifest.parquet")

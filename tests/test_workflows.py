@@ -18,13 +18,14 @@ from qmag_ray.calibration.fit import fit_qmagface
 from qmag_ray.calibration.result import CalibrationGrid, QMagFaceCalibration
 from qmag_ray.config import ConfigError, load_config
 from qmag_ray.embeddings import EmbeddingTable, load_embeddings
+from qmag_ray.errors import WorkflowError
 from qmag_ray.pairs.generate import generate_pairs, identity_split
 from qmag_ray.pairs.listed import score_pairs
 from qmag_ray.pairs.resolve import ResolveError
 from qmag_ray.workflows.calibrate import CalibrationOutcome, run_calibration
 from qmag_ray.workflows.config import CalibrateConfig, EvaluateConfig
 from qmag_ray.workflows.evaluate import run_evaluation
-from qmag_ray.workflows.sides import WorkflowError, build_sides
+from qmag_ray.workflows.sides import build_sides
 from qmag_ray.workflows.validation import check_guard, target_fmrs
 
 GRID = {"grid.fmr_min": 1e-3, "grid.n_fmr": 12}

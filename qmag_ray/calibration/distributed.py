@@ -18,8 +18,6 @@ from typing import Any
 
 import ray
 
-from qmag_ray.calibration.direct import DirectSearch
-from qmag_ray.calibration.fit import run_calibration
 from qmag_ray.calibration.orderstats import (
     PassPlan,
     PassResult,
@@ -27,7 +25,6 @@ from qmag_ray.calibration.orderstats import (
     merge_into,
     scan_blocks,
 )
-from qmag_ray.calibration.result import CalibrationGrid, QMagFaceCalibration
 from qmag_ray.pairs.source import PairSource
 
 logger = logging.getLogger(__name__)
@@ -68,6 +65,11 @@ class RayExecutor:
     name = "ray"
 
     def __init__(self, source: PairSource, *, task_options: dict[str, Any] | None = None) -> None:
+        if not ray.is_initialized():
+            raise RuntimeError(
+                "RayExecutor needs a connected Ray cluster; call "
+                "qmag_ray.runtime.connect_ray(address) first (or fit in this process)"
+            )
         self.source = source
         self.source_ref = ray.put(source)
         self.options = dict(task_options or {})
@@ -82,34 +84,3 @@ class RayExecutor:
         for _, result in _as_completed(refs, f"pass {self.passes} shard"):
             merge_into(total, result)
         return total
-
-
-def fit_qmagface_ray(
-    source: PairSource,
-    grid: CalibrationGrid | None = None,
-    *,
-    method: str = "paper",
-    direct: DirectSearch | None = None,
-    task_options: dict[str, Any] | None = None,
-) -> QMagFaceCalibration:
-    """Fit alpha and beta on ``source`` with Ray tasks (one per shard, one per weight).
-
-    Args:
-        source: the calibration pairs, in shards.
-        grid: the search grid (the paper's by default).
-        method: ``"paper"`` (spec section 3, default), ``"raw"`` or ``"direct"``.
-        direct: settings of the ``direct`` search (its defaults when None).
-        task_options: extra ``.options(...)`` for every task, e.g. ``{"num_cpus": 1}``.
-
-    Returns:
-        The same ``QMagFaceCalibration`` that ``calibrate`` gives in one process.
-    """
-    if not ray.is_initialized():
-        raise RuntimeError(
-            "fit_qmagface_ray needs a connected Ray cluster; call "
-            "qmag_ray.runtime.connect_ray(address) first (or use fit_qmagface without Ray)"
-        )
-    executor = RayExecutor(source, task_options=task_options)
-    return run_calibration(
-        executor, source, grid or CalibrationGrid(), method=method, direct=direct
-    )

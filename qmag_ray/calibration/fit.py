@@ -32,7 +32,7 @@ from qmag_ray.calibration.orderstats import (
     order_statistics,
     scan_blocks,
 )
-from qmag_ray.calibration.result import CalibrationGrid, QMagFaceCalibration, fmr_key
+from qmag_ray.calibration.result import CalibrationGrid, QMagFaceCalibration
 from qmag_ray.calibration.search import (
     fit_line,
     impostor_counts,
@@ -42,13 +42,11 @@ from qmag_ray.calibration.search import (
     thresholds_at_bounds,
     wanted_ranks,
 )
+from qmag_ray.fmr import OPERATING_FMRS, fmr_key, measurable, supported_fmrs
 from qmag_ray.pairs.source import ArrayPairSource, PairBlock, PairSource
 from qmag_ray.scores import qmagface_score
 
 logger = logging.getLogger(__name__)
-
-#: FMRs at which the result records operating thresholds of the QMagFace score.
-OPERATING_FMRS = (1e-2, 1e-3, 1e-4, 1e-5)
 
 
 class CalibrationMethod(str, Enum):
@@ -112,7 +110,7 @@ def check_data(n_genuine: int, n_impostor: int, grid: CalibrationGrid) -> None:
             f"calibration needs impostor pairs (label 0); the data has none "
             f"({n_genuine} genuine pairs)"
         )
-    if n_impostor * grid.floor < 1 - 1e-9:
+    if not measurable(grid.floor, n_impostor):
         raise ValueError(
             f"--fmr-min (grid.fmr_min) {grid.floor:g} cannot be measured on {n_impostor} "
             f"impostor pairs (smallest measurable FMR 1/N = {1 / n_impostor:.3g}); leave "
@@ -131,7 +129,7 @@ def resolve_grid(grid: CalibrationGrid, n_impostor: int) -> tuple[CalibrationGri
     """
     if grid.fmr_min is not None or n_impostor <= 0:
         return dataclasses.replace(grid, fmr_min=grid.floor), None
-    if n_impostor * grid.floor >= 1 - 1e-9:
+    if measurable(grid.floor, n_impostor):
         return dataclasses.replace(grid, fmr_min=grid.floor), None
     step = 10.0 ** (math.floor(math.log10(1.0 / n_impostor)) - 2)  # 3 significant digits, up
     floor = float(f"{math.ceil(1.0 / n_impostor / step - 1e-9) * step:.3g}")
@@ -149,12 +147,7 @@ def resolve_grid(grid: CalibrationGrid, n_impostor: int) -> tuple[CalibrationGri
     return dataclasses.replace(grid, fmr_min=floor), note
 
 
-def supported_fmrs(fmrs: tuple[float, ...], n_impostor: int) -> list[float]:
-    """The FMRs that ``n_impostor`` impostor pairs can measure (at least one false match)."""
-    return [f for f in fmrs if f * n_impostor >= 1 - 1e-9]
-
-
-def run_calibration(
+def _run_pipeline(
     executor: Executor,
     source: PairSource,
     grid: CalibrationGrid,
@@ -273,17 +266,32 @@ def run_calibration(
     )
 
 
-def calibrate(
+def fit_pairs(
     source: PairSource,
     grid: CalibrationGrid | None = None,
     *,
+    executor: Executor | None = None,
     method: str = "paper",
     direct: DirectSearch | None = None,
 ) -> QMagFaceCalibration:
-    """Fit alpha and beta on any ``PairSource`` in this process (no Ray)."""
-    executor = LocalExecutor(source)
-    return run_calibration(
-        executor, source, grid or CalibrationGrid(), method=method, direct=direct
+    """Fit alpha and beta on a ``PairSource``: the public fit on pairs (``fit_qmagface`` is
+    the one on score arrays).
+
+    Args:
+        source: the calibration pairs in shards (listed, generated, exhaustive or arrays).
+        grid: the search grid (the paper's by default).
+        executor: where the shard and search steps run: None runs them in this process
+            (``LocalExecutor``); ``qmag_ray.calibration.distributed.RayExecutor(source)`` as Ray
+            tasks; ``qmag_ray.calibration.device.DeviceExecutor`` / ``RayDeviceExecutor`` on
+            torch devices. Every executor gives the same result.
+        method, direct: the calibration method and the ``direct`` search's settings.
+    """
+    return _run_pipeline(
+        executor or LocalExecutor(source),
+        source,
+        grid or CalibrationGrid(),
+        method=method,
+        direct=direct,
     )
 
 
@@ -323,4 +331,4 @@ def fit_qmagface(
     if grid is not None and keywords != CalibrationGrid():
         raise ValueError("pass either grid=... or the grid keywords, not both")
     source = ArrayPairSource(cosine, quality, label)
-    return calibrate(source, grid or keywords, method=method, direct=direct)
+    return fit_pairs(source, grid or keywords, method=method, direct=direct)

@@ -15,14 +15,10 @@ import numpy as np
 
 from qmag_ray import storage
 from qmag_ray.config import Settings, option, settings
+from qmag_ray.fmr import fmr_key
 
 FORMAT = "qmag-ray/calibration"
 FORMAT_VERSION = 1
-
-
-def fmr_key(fmr: float) -> str:
-    """Canonical text key of an FMR value in JSON maps (``1e-03``)."""
-    return f"{fmr:.0e}"
 
 
 #: The paper's smallest grid FMR: the floor of a grid whose ``fmr_min`` is not given.

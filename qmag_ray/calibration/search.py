@@ -18,6 +18,10 @@ import math
 
 import numpy as np
 
+from qmag_ray.fmr import impostor_counts, operating_points, thresholds_at_bounds
+
+__all__ = ["impostor_counts", "operating_points", "thresholds_at_bounds"]  # (from qmag_ray.fmr)
+
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
     """The logistic function, one fixed float64 formula (element-wise, position independent)."""
@@ -39,26 +43,6 @@ def weighted_scores(cosine: np.ndarray, quality: np.ndarray, weight: float) -> n
     return sigmoid(weighted_logits(cosine, quality, weight))
 
 
-def impostor_counts(n_impostor: int, fmrs: np.ndarray, *, strict: bool) -> np.ndarray:
-    """Per FMR ``f``, the most impostors ``m`` a threshold may pass: the largest ``m`` in
-    ``0..N`` whose rate ``m / N`` (as a ROC curve computes it) is below ``f`` (``strict``) or
-    at most ``f``. Float comparisons exactly as ``searchsorted`` on the rates would make."""
-    if n_impostor <= 0:
-        raise ValueError("operating points need at least one impostor score")
-    fmrs = np.atleast_1d(np.asarray(fmrs, np.float64))
-    n = float(n_impostor)
-    m = np.clip(np.floor(fmrs * n).astype(np.int64), 0, n_impostor)
-
-    def ok(c: np.ndarray) -> np.ndarray:
-        rate = c.astype(np.float64) / n
-        return rate < fmrs if strict else rate <= fmrs
-
-    for _ in range(4):  # floor(f * N) is within one of the answer; settle it exactly
-        m = np.where((m > 0) & ~ok(m), m - 1, m)
-        m = np.where((m < n_impostor) & ok(np.minimum(m + 1, n_impostor)), m + 1, m)
-    return m
-
-
 def wanted_ranks(m: np.ndarray, n_impostor: int) -> np.ndarray:
     """The impostor ranks (1 = highest) that decide thresholds passing at most ``m``: the
     ``(m + 1)``-th highest of each, and the highest (the fallback threshold)."""
@@ -74,56 +58,6 @@ def rank_values(values: np.ndarray, ranks: np.ndarray, m: np.ndarray, n_impostor
     pos = np.searchsorted(ranks, np.where(some, m + 1, 1))
     bound = np.where(some, np.asarray(values)[pos], -np.inf)
     return bound, float(np.asarray(values)[0])
-
-
-def thresholds_at_bounds(
-    genuine: np.ndarray, bound: np.ndarray, top: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Best threshold and number of accepted genuine pairs for impostor bounds (match iff
-    score >= t).
-
-    A threshold ``t`` passes at most ``m`` impostors iff ``t > bound``, the ``(m + 1)``-th
-    highest impostor score. Among the thresholds with the lowest FNMR the highest is returned:
-    the smallest genuine score above the bound. When no genuine score can be accepted it is the
-    highest impostor score ``top`` if that is above the bound, else NaN (no admissible value).
-    """
-    genuine = np.asarray(genuine, np.float64)
-    bound = np.asarray(bound, np.float64)
-    # Only genuine scores between the lowest and highest bound need sorting; the ones above
-    # are accepted at every FMR, the ones at or below the lowest bound nowhere.
-    lo, hi = bound.min(), bound.max()
-    high = genuine > hi
-    n_high = int(high.sum())
-    min_high = genuine[high].min() if n_high else np.nan
-    mid = np.sort(genuine[(genuine > lo) & ~high])
-    first = np.searchsorted(mid, bound, side="right")
-    accepted = (len(mid) - first + n_high).astype(np.int64)
-    fallback = np.where(top > bound, top, np.nan)
-    above = np.where(n_high, min_high, fallback)
-    if len(mid):
-        thresholds = np.where(first < len(mid), mid[np.minimum(first, len(mid) - 1)], above)
-    else:
-        thresholds = above
-    return thresholds.astype(np.float64), accepted
-
-
-def operating_points(
-    genuine: np.ndarray,
-    impostor_desc: np.ndarray,
-    n_impostor: int,
-    fmrs: np.ndarray,
-    *,
-    strict: bool,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Best threshold and accepted genuine count per FMR from ALL impostor scores, sorted in
-    decreasing order (in-memory metrics). ``strict``: FMR < f (calibration, spec 3) or
-    FMR <= f (ISO/IEC 19795-1, spec 4)."""
-    impostor_desc = np.asarray(impostor_desc, np.float64)
-    if len(impostor_desc) != n_impostor:
-        raise ValueError(f"need all {n_impostor} impostor scores, got {len(impostor_desc)}")
-    m = impostor_counts(n_impostor, fmrs, strict=strict)
-    bound = np.where(m < n_impostor, impostor_desc[np.minimum(m, n_impostor - 1)], -np.inf)
-    return thresholds_at_bounds(genuine, bound, float(impostor_desc[0]))
 
 
 def search_weight(

@@ -259,6 +259,19 @@ def demo(
         f"quality check: Spearman(embedding norm, degradation) = {rho:.3f} over {n} images of "
         "identities the demo model never saw (MagFace: lower quality, smaller norm)"
     )
+    from qmag_ray.workflows.groups import held_out_group_report
+
+    try:
+        groups = held_out_group_report(
+            str(embeddings),
+            str(calibration / "calibration.json"),
+            "pose_band",
+            str(images / "manifest.parquet"),
+        )
+    except ValueError as exc:  # e.g. a set made before synth wrote pose_band
+        typer.echo(f"per-group report skipped: {exc}")
+    else:
+        typer.echo("held-out identities, " + groups.format_table())
     typer.secho(f"demo finished in {time.perf_counter() - started:.0f} s", bold=True)
     typer.echo(f"results: {calibration}/ (calibration.json, metrics.json, plots/*.png)")
     typer.echo(

@@ -85,6 +85,12 @@ class EmbedResources(Settings):
         ge=1,
     )
     progress_seconds: float = option(10.0, "Seconds between progress lines.", gt=0)
+    read_attempts: int = option(
+        5,
+        "Attempts per file read before it is recorded as a transient failure (retried by "
+        "running the same command again); each includes the storage client's own retries.",
+        ge=1,
+    )
     resources: dict[str, float] | None = option(
         None,
         "Custom Ray resources every task and actor of the run requires, NAME=AMOUNT "
@@ -145,8 +151,58 @@ class EmbedConfig(EmbedResources):
         "Replace a finished output; without it a finished output is refused and an "
         "interrupted one is resumed.",
     )
+    quality: str = option(
+        "norm",
+        "norm (the 'quality' column: the MagFace norm) or serfiq (also a 'serfiq' column: "
+        "SER-FIQ from dropout passes of the network's head).",
+    )
+    serfiq_passes: int = option(100, "SER-FIQ stochastic passes per image.", ge=2)
+    serfiq_dropout: float = option(0.5, "SER-FIQ dropout rate of the passes.", gt=0, lt=1)
+    serfiq_seed: int = option(0, "Seed of the SER-FIQ dropout masks (with each image's path).")
+    serfiq_dropout_type: str = option(
+        "element", "SER-FIQ dropout: element, or channel (Dropout2d, as MagFace's trainer)."
+    )
+    input_convention: str | None = option(
+        None,
+        "Input convention of an ONNX model (--model *.onnx, --arch onnx): insightface (RGB, "
+        "(x - 127.5) / 127.5) or magface (BGR, x / 255).",
+    )
+
+    @property
+    def is_onnx(self) -> bool:
+        """Whether the model is an ONNX file run by onnxruntime."""
+        return self.model.lower().endswith(".onnx") or self.arch.lower() == "onnx"
+
+    @property
+    def serfiq_settings(self):  # noqa: ANN201 - SerfiqSettings | None
+        """The SER-FIQ settings, or None when only the norm is computed."""
+        if self.quality != "serfiq":
+            return None
+        from qmag_ray.quality.serfiq import SerfiqSettings
+
+        return SerfiqSettings(
+            self.serfiq_passes, self.serfiq_dropout, self.serfiq_seed, self.serfiq_dropout_type
+        )
 
     def check(self) -> None:
+        if self.is_onnx and not self.input_convention:
+            raise ValueError(
+                "an ONNX model needs input_convention (--input-convention insightface or "
+                "magface): the file does not say how its input is scaled"
+            )
+        if self.is_onnx and self.quality == "serfiq":
+            raise ValueError(
+                "quality serfiq needs the network's head (an iResNet of the registry); an ONNX "
+                "model is opaque: use a quality tool and --quality-file downstream"
+            )
+        if self.input_convention:
+            from qmag_ray.model.onnx import convention
+
+            convention(self.input_convention)
+        if self.quality not in ("norm", "serfiq"):
+            raise ValueError(f"quality must be norm or serfiq, got {self.quality!r}")
+        if self.quality == "serfiq":
+            self.serfiq_settings  # noqa: B018 - validates the dropout type
         if bool(self.images) == bool(self.manifest):
             raise ValueError("give exactly one of `images` (a folder tree) or `manifest` (a table)")
         if self.images_root and not self.manifest:

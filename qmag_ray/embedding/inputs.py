@@ -128,15 +128,22 @@ def _read_error(exc: BaseException, uri: str) -> str:
     return f"cannot read {uri}: {type(exc).__name__}: {exc}"
 
 
-def _read_one(fs, path: str, what: str, monitor: Any) -> bytes | BaseException:  # noqa: ANN001
+def _read_one(fs, path: str, what: str, monitor: Any, attempts: int) -> bytes | BaseException:  # noqa: ANN001
     try:
-        return with_retries(lambda: bytes(fs.cat_file(path)), what=what, monitor=monitor)
+        return with_retries(
+            lambda: bytes(fs.cat_file(path)), what=what, monitor=monitor, attempts=attempts
+        )
     except Exception as exc:  # recorded per file, never raised: the run goes on
         return exc
 
 
 def read_and_decode(
-    batch: dict[str, np.ndarray], *, root: str, resize: bool, monitor: Any = None
+    batch: dict[str, np.ndarray],
+    *,
+    root: str,
+    resize: bool,
+    monitor: Any = None,
+    attempts: int = READ_ATTEMPTS,
 ) -> dict:
     """Read and decode one batch of inputs (a Ray Data ``map_batches`` function).
 
@@ -146,6 +153,7 @@ def read_and_decode(
         root: URI the paths are relative to.
         resize: resize faces that are not 112x112 instead of failing them.
         monitor: a :class:`~qmag_ray.embedding.retry.StoreMonitor` handle told of retries.
+        attempts: attempts per file before a store error counts as a transient failure.
 
     Returns:
         The input columns plus ``index`` (= ``pos``), ``image`` (uint8 N x 112 x 112 x 3, BGR;
@@ -173,12 +181,13 @@ def read_and_decode(
     what = [storage.redact(storage.unstrip(root, f"{root_path}/{rels[i]}")) for i in todo]
     paths = [f"{root_path}/{rels[i]}" for i in todo]
     if local or len(paths) <= 1:
-        blobs = [_read_one(fs, p, w, monitor) for p, w in zip(paths, what, strict=True)]
+        blobs = [_read_one(fs, p, w, monitor, attempts) for p, w in zip(paths, what, strict=True)]
     else:
         with ThreadPoolExecutor(max_workers=min(REMOTE_READ_THREADS, len(paths))) as pool:
             blobs = list(
                 pool.map(
-                    lambda pw: _read_one(fs, pw[0], pw[1], monitor), zip(paths, what, strict=True)
+                    lambda pw: _read_one(fs, pw[0], pw[1], monitor, attempts),
+                    zip(paths, what, strict=True),
                 )
             )
     images = np.zeros((n, INPUT_SIZE, INPUT_SIZE, 3), dtype=np.uint8)
@@ -189,7 +198,7 @@ def read_and_decode(
             errors[i] = _read_error(blob, w)
             if transient[i]:
                 errors[i] = (
-                    f"store unreachable after {READ_ATTEMPTS} attempts ({errors[i]}); "
+                    f"store unreachable after {attempts} attempts ({errors[i]}); "
                     "run the same command again to retry"
                 )
             continue

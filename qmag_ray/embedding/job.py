@@ -83,7 +83,16 @@ def run_embed(config: EmbedConfig, *, connect: Callable[[], Any] | None = None) 
     """
     started = time.perf_counter()
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    dim, model_sha, arch = check_checkpoint(config.model, config.arch)
+    if config.is_onnx:
+        from qmag_ray.model.onnx import convention, describe_onnx
+
+        try:
+            info = describe_onnx(config.model, convention(config.input_convention or "magface"))
+        except ValueError as exc:
+            raise EmbedError(str(exc)) from None
+        dim, model_sha, arch = int(info["embedding_size"]), str(info["sha256"]), "onnx"
+    else:
+        dim, model_sha, arch = check_checkpoint(config.model, config.arch)
     config = _absolute(config)
     source = tasks.describe_source(config)
     layout = OutputLayout(config.output)
@@ -94,6 +103,10 @@ def run_embed(config: EmbedConfig, *, connect: Callable[[], Any] | None = None) 
         "resize": config.resize,
         "images_root": storage.redact(source.root),
     }
+    if config.serfiq_settings is not None:  # resuming must not mix parts with and without it
+        fingerprint["serfiq"] = config.serfiq_settings.to_dict()
+    if config.is_onnx:
+        fingerprint["input_convention"] = config.input_convention
     held = _take_lease(config.output)
     try:
         state = inspect(layout, fingerprint, overwrite=config.overwrite)
@@ -123,7 +136,8 @@ def run_embed(config: EmbedConfig, *, connect: Callable[[], Any] | None = None) 
             dim,
             config.actors,
         )
-        spec = PartSpec(layout.root, run_id, model_sha, arch, dim)
+        extra_columns = ("serfiq",) if config.serfiq_settings is not None else ()
+        spec = PartSpec(layout.root, run_id, model_sha, arch, dim, extra_columns)
         monitor = ray.remote(num_cpus=0)(StoreMonitor).remote()
         progress = Progress(todo, config.progress_seconds, monitor)
         progress.connect_seconds = connect_seconds
@@ -307,4 +321,10 @@ def _settings(config: EmbedConfig, root: str) -> dict[str, Any]:
         "max_failure_fraction": config.max_failure_fraction,
         "wait_for_resources": config.wait_for_resources,
         "resources": dict(config.resources or {}),
+        "read_attempts": config.read_attempts,
+        "quality": config.quality,
+        "input_convention": config.input_convention or "magface",
+        # the registry's iResNets are MagFace-trained; an ONNX model's norm is not a quality
+        "norm_is_quality": not config.is_onnx,
+        "serfiq": None if config.serfiq_settings is None else config.serfiq_settings.to_dict(),
     }

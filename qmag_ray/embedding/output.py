@@ -38,14 +38,16 @@ LAYOUT_VERSION = 2
 """Version of this layout in the run marker (1: parts directly under embeddings/)."""
 
 
-def embeddings_schema(dim: int) -> pa.Schema:
-    """Schema of the embedding parts for ``dim``-dimensional embeddings."""
+def embeddings_schema(dim: int, extra: tuple[str, ...] = ()) -> pa.Schema:
+    """Schema of the embedding parts for ``dim``-dimensional embeddings (plus float32 extra
+    per-image quality columns such as ``serfiq``)."""
     return pa.schema(
         [
             ("path", pa.string()),
             ("identity", pa.string()),
             ("embedding", pa.list_(pa.float32(), dim)),
             ("quality", pa.float32()),
+            *((name, pa.float32()) for name in extra),
         ]
     )
 
@@ -198,20 +200,25 @@ def _summary_status(layout: OutputLayout) -> tuple[str, int]:
 
 
 def embedding_batch(
-    paths: np.ndarray, identities: np.ndarray, embeddings: np.ndarray
+    paths: np.ndarray,
+    identities: np.ndarray,
+    embeddings: np.ndarray,
+    extra: dict[str, np.ndarray] | None = None,
 ) -> pa.RecordBatch:
     """Rows for the embeddings parts; quality is the float32 L2 norm of each embedding."""
     emb = np.ascontiguousarray(embeddings, dtype=np.float32)
     quality = np.linalg.norm(emb, axis=1).astype(np.float32)
     dim = emb.shape[1]
+    extra = extra or {}
     return pa.RecordBatch.from_arrays(
         [
             pa.array(paths.tolist(), type=pa.string()),
             pa.array(identities.tolist(), type=pa.string()),
             pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), dim),
             pa.array(quality, type=pa.float32()),
+            *(pa.array(np.asarray(v, np.float32), type=pa.float32()) for v in extra.values()),
         ],
-        schema=embeddings_schema(dim),
+        schema=embeddings_schema(dim, tuple(extra)),
     )
 
 

@@ -170,7 +170,12 @@ def build_dataset(  # noqa: ANN201 - a ray Dataset
     extra = {"resources": dict(config.resources)} if config.resources else {}
     ds = ds.map_batches(
         read_and_decode,
-        fn_kwargs={"root": root, "resize": config.resize, "monitor": monitor},
+        fn_kwargs={
+            "root": root,
+            "resize": config.resize,
+            "monitor": monitor,
+            "attempts": config.read_attempts,
+        },
         batch_size=config.block_rows,
         batch_format="numpy",
         num_cpus=config.read_cpus,
@@ -187,6 +192,8 @@ def build_dataset(  # noqa: ANN201 - a ray Dataset
             "mixed_precision": config.mixed_precision,
             "amp_dtype": config.amp_dtype,
             "channels_last": config.channels_last,
+            "serfiq": None if config.serfiq_settings is None else config.serfiq_settings.to_dict(),
+            "input_convention": config.input_convention,
         },
         compute=ray.data.ActorPoolStrategy(size=config.actors),
         num_cpus=config.cpus_per_actor,

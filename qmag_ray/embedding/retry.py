@@ -105,15 +105,17 @@ def with_retries(
         try:
             return fn()
         except Exception as exc:
-            if attempt == attempts or not is_transient(exc):
+            if not is_transient(exc):
                 raise
             message = f"{type(exc).__name__}: {first_line(exc)}"
-            logger.info(
-                "retrying %s in %.1f s (attempt %d/%d): %s", what, delay, attempt, attempts, message
-            )
             if monitor is not None:  # informs the progress line only
                 with contextlib.suppress(Exception):
                     monitor.retrying.remote(what, message)
+            if attempt == attempts:
+                raise
+            logger.info(
+                "retrying %s in %.1f s (attempt %d/%d): %s", what, delay, attempt, attempts, message
+            )
             time.sleep(delay)
             delay = min(delay * 2, BACKOFF_CAP_SECONDS)
     raise AssertionError("unreachable")

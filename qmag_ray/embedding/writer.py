@@ -53,6 +53,7 @@ class PartSpec:
     model_sha256: str
     arch: str
     dim: int
+    extra: tuple[str, ...] = ()
 
 
 def part_name(start: int, end: int, run_id: str) -> str:
@@ -89,6 +90,7 @@ def write_parts(
     spec: PartSpec,
     node_id: str,
     monitor: Any = None,
+    extra: dict[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """Write the parts of one embedded batch; return one row of counts per shard in it."""
     layout = OutputLayout(spec.output)
@@ -127,8 +129,15 @@ def write_parts(
         good, bad = sel[ok[sel]], sel[~ok[sel]]
         if len(good):
             table = pa.Table.from_batches(
-                [embedding_batch(paths[good], identities[good], emb[good])],
-                schema=embeddings_schema(spec.dim),
+                [
+                    embedding_batch(
+                        paths[good],
+                        identities[good],
+                        emb[good],
+                        {k: np.asarray(v)[good] for k, v in (extra or {}).items()},
+                    )
+                ],
+                schema=embeddings_schema(spec.dim, tuple(extra or {})),
             )
             write_part(
                 storage.join(shard_folder(layout.embeddings, int(j)), name), table, meta, monitor
@@ -190,6 +199,7 @@ class PartWritingActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = self.embed(batch)
+        extra = {k: out[k] for k in self.spec.extra}
         return write_parts(
-            batch, out["embedding"], out["error"], self.spec, self.node_id, self.monitor
+            batch, out["embedding"], out["error"], self.spec, self.node_id, self.monitor, extra
         )

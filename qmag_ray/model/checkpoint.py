@@ -148,14 +148,33 @@ def _decode(data: bytes, where: str) -> dict[str, Any]:
     return obj
 
 
+def _decode_safetensors(data: bytes, where: str) -> dict[str, Any]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        return dict(load(data))
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"checkpoint {where} ({len(data)} bytes) is truncated or not a safetensors file "
+            f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]})"
+        ) from None
+
+
 def read_checkpoint(uri: str) -> dict[str, Any]:
     """Load the dict stored at ``uri`` on the CPU, tensors and plain containers only.
+
+    ``*.safetensors`` files (a flat state dict of one of the registry's architectures, with or
+    without MagFace's key prefixes) are read with safetensors, which holds tensors only.
 
     Raises:
         CheckpointError: the file is missing, empty, truncated, not a torch file, or would
             need code execution to load.
     """
-    return _decode(_read_raw(uri), storage.redact(uri))
+    data = _read_raw(uri)
+    if uri.lower().endswith(".safetensors"):
+        return _decode_safetensors(data, storage.redact(uri))
+    return _decode(data, storage.redact(uri))
 
 
 def _split(

@@ -15,15 +15,21 @@ from torch import nn
 from qmag_ray.model.registry import register_backbone
 
 BN_EPS = 2e-5
-# MagFace writes momentum=0.9 in the MXNet sense (running = 0.9 * running + 0.1 * batch),
-# which is momentum=0.1 in torch's convention. It only matters for training.
+# torch's momentum is the weight of the NEW batch: running = (1 - m) * running + m * batch.
+# MagFace's trainer passes momentum=0.9 to torch (the running statistics are then ~90% the
+# last batch); 0.1 (torch's default, MXNet's 0.9 convention) is the default here, which the
+# bundled demo model was trained with. ``bn_momentum`` chooses (README "Training parity").
 BN_MOMENTUM = 0.1
+#: Dropout before the fully connected layer: ``element`` (nn.Dropout) or ``channel``
+#: (nn.Dropout2d, whole channels, as MagFace's trainer). Neither has parameters, so the
+#: checkpoint layout is the same; it matters for training and for SER-FIQ's passes.
+DROPOUT_TYPES = ("element", "channel")
 STAGE_WIDTHS = (64, 128, 256, 512)
 INPUT_SIZE = 112
 
 
-def _bn2d(channels: int) -> nn.BatchNorm2d:
-    return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
+def _bn2d(channels: int, momentum: float = BN_MOMENTUM) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=momentum)
 
 
 def _conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
@@ -33,19 +39,21 @@ def _conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
 class IBasicBlock(nn.Module):
     """Pre-activation residual block: BN, conv, BN, PReLU, strided conv, BN, plus shortcut."""
 
-    def __init__(self, in_ch: int, out_ch: int, stride: int = 1) -> None:
+    def __init__(
+        self, in_ch: int, out_ch: int, stride: int = 1, bn_momentum: float = BN_MOMENTUM
+    ) -> None:
         super().__init__()
-        self.bn1 = _bn2d(in_ch)
+        self.bn1 = _bn2d(in_ch, bn_momentum)
         self.conv1 = _conv3x3(in_ch, out_ch)
-        self.bn2 = _bn2d(out_ch)
+        self.bn2 = _bn2d(out_ch, bn_momentum)
         self.prelu = nn.PReLU(out_ch)
         self.conv2 = _conv3x3(out_ch, out_ch, stride)
-        self.bn3 = _bn2d(out_ch)
+        self.bn3 = _bn2d(out_ch, bn_momentum)
         self.downsample: nn.Sequential | None = None
         if stride != 1 or in_ch != out_ch:
             self.downsample = nn.Sequential(
                 nn.Conv2d(in_ch, out_ch, kernel_size=1, stride=stride, bias=False),
-                _bn2d(out_ch),
+                _bn2d(out_ch, bn_momentum),
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -63,6 +71,8 @@ class IResNet(nn.Module):
         embedding_size: length of the output embedding.
         dropout: dropout rate before the fully connected layer (training only).
         input_size: side of the square input; must be divisible by 16.
+        dropout_type: ``element`` or ``channel`` (see ``DROPOUT_TYPES``).
+        bn_momentum: torch BatchNorm momentum (weight of the new batch; training only).
     """
 
     def __init__(
@@ -72,8 +82,16 @@ class IResNet(nn.Module):
         embedding_size: int = 512,
         dropout: float = 0.4,
         input_size: int = INPUT_SIZE,
+        dropout_type: str = "element",
+        bn_momentum: float = BN_MOMENTUM,
     ) -> None:
         super().__init__()
+        if dropout_type not in DROPOUT_TYPES:
+            raise ValueError(f"dropout_type must be one of {DROPOUT_TYPES}, got {dropout_type!r}")
+        if not 0.0 < bn_momentum <= 1.0:
+            raise ValueError(f"bn_momentum must lie in (0, 1], got {bn_momentum}")
+        self.dropout_type = dropout_type
+        self.bn_momentum = float(bn_momentum)
         if len(layers) != 4 or len(widths) != 4 or min(layers) < 1:
             raise ValueError(f"need four stages of >= 1 block, got layers={list(layers)}")
         if input_size % 16:
@@ -84,20 +102,24 @@ class IResNet(nn.Module):
         self.input_size = int(input_size)
 
         self.conv1 = _conv3x3(3, self.widths[0])
-        self.bn1 = _bn2d(self.widths[0])
+        self.bn1 = _bn2d(self.widths[0], bn_momentum)
         self.prelu = nn.PReLU(self.widths[0])
         in_ch = self.widths[0]
         stages = zip(self.layers, self.widths, strict=True)
         for index, (blocks, width) in enumerate(stages, start=1):
-            stage = [IBasicBlock(in_ch, width, stride=2)]
-            stage += [IBasicBlock(width, width) for _ in range(blocks - 1)]
+            stage = [IBasicBlock(in_ch, width, stride=2, bn_momentum=bn_momentum)]
+            stage += [
+                IBasicBlock(width, width, bn_momentum=bn_momentum) for _ in range(blocks - 1)
+            ]
             setattr(self, f"layer{index}", nn.Sequential(*stage))
             in_ch = width
         spatial = self.input_size // 16
-        self.bn2 = _bn2d(in_ch)
-        self.dropout = nn.Dropout(p=dropout)
+        self.bn2 = _bn2d(in_ch, bn_momentum)
+        self.dropout: nn.Module = (
+            nn.Dropout2d(p=dropout) if dropout_type == "channel" else nn.Dropout(p=dropout)
+        )
         self.fc = nn.Linear(in_ch * spatial * spatial, self.embedding_size)
-        self.features = nn.BatchNorm1d(self.embedding_size, eps=BN_EPS, momentum=BN_MOMENTUM)
+        self.features = nn.BatchNorm1d(self.embedding_size, eps=BN_EPS, momentum=bn_momentum)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -114,9 +136,24 @@ class IResNet(nn.Module):
         expected = (3, self.input_size, self.input_size)
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"expected input of shape (N, {expected}), got {tuple(x.shape)}")
+        return self.head(self.trunk(x))
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """The network up to its last residual stage: ``(N, C, input_size/16, input_size/16)``."""
         x = self.prelu(self.bn1(self.conv1(x)))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        x = self.dropout(self.bn2(x))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def head(
+        self, t: torch.Tensor, keep: torch.Tensor | None = None, dropout: float = 0.0
+    ) -> torch.Tensor:
+        """BatchNorm, dropout, linear, BatchNorm on a trunk output.
+
+        With ``keep`` (a bool mask broadcastable to ``bn2(t)``, e.g. ``(passes, C, H, W)``
+        for one image) the dropout is that fixed mask, kept units scaled by
+        ``1 / (1 - dropout)``: one row per pass (SER-FIQ). Without it, the module's dropout.
+        """
+        x = self.bn2(t)
+        x = self.dropout(x) if keep is None else x * keep.to(x.dtype) * (1.0 / (1.0 - dropout))
         return self.features(self.fc(torch.flatten(x, 1)))
 
 

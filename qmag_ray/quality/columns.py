@@ -158,7 +158,12 @@ def image_values(
 
 
 def with_quality(
-    table: EmbeddingTable, embeddings_uri: str, column: str = NORM, file: str | None = None
+    table: EmbeddingTable,
+    embeddings_uri: str,
+    column: str = NORM,
+    file: str | None = None,
+    *,
+    allow_norm: bool = False,
 ) -> tuple[EmbeddingTable, QualityInfo]:
     """The table with ``quality`` taken from ``column`` (rows without a value dropped).
 
@@ -167,6 +172,18 @@ def with_quality(
             or no image with a value at all.
     """
     if column == NORM:  # the norm always comes from the embeddings themselves
+        from qmag_ray.workflows.provenance import embedding_provenance
+
+        if (
+            not allow_norm
+            and embedding_provenance(embeddings_uri).get("embed_norm_is_quality", True) is False
+        ):
+            raise QualityColumnError(
+                f"the embeddings {storage.redact(embeddings_uri)} come from a model that is not "
+                "MagFace-trained (summary.json: norm_is_quality false): its embedding norm does "
+                "not measure quality. Give --quality-column/--quality-file from a quality tool, "
+                "or --norm-quality to use the norm anyway"
+            )
         q = table.quality
         return table, QualityInfo(
             NORM,

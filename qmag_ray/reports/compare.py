@@ -18,7 +18,8 @@ from typing import Any
 
 import pandas as pd
 
-from qmag_ray import metrics, plots, storage
+from qmag_ray import plots, storage
+from qmag_ray.fmr import measurable
 from qmag_ray.reports.bootstrap import BootstrapReport, distribution_stats, identity_bootstrap
 from qmag_ray.reports.scorefiles import ScoreFileError, ScoreSet, read_score_file
 
@@ -185,7 +186,7 @@ def compare_systems(
             raise ScoreFileError(
                 f"{s.source}: needs genuine and impostor pairs ({n_gen} / {n_imp})"
             )
-        usable = tuple(f for f in fmrs if metrics.supports(f, n_imp))
+        usable = tuple(f for f in fmrs if measurable(f, n_imp))
         boot = identity_bootstrap(
             s.scores,
             s.labels,

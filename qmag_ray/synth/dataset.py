@@ -2,7 +2,9 @@
 
 Every image is a pure function of ``(seed, identity, n)``, so a set is reproducible image by
 image whatever the order or parallelism of generation. The manifest lists ``path`` (relative
-to the set's root), ``identity`` and ``degradation``; ``synth.json`` records the parameters.
+to the set's root), ``identity``, ``degradation``, the in-plane rotation ``pose`` (radians)
+and its band ``pose_band`` (``upright`` |pose| < 0.04, ``tilted`` < 0.08, ``strong`` beyond: a
+group attribute for per-group reports); ``synth.json`` records the parameters.
 """
 
 from __future__ import annotations
@@ -71,11 +73,25 @@ def make_identity(seed: int, number: int) -> Identity:
     return sample_identity(np.random.default_rng([seed, 0, number]))
 
 
-def make_image(ident: Identity, seed: int, number: int, index: int, max_d: float = 1.0):
-    """The ``index``-th image of identity ``number``: ``(degradation, uint8 RGB image)``."""
+def make_image(
+    ident: Identity,
+    seed: int,
+    number: int,
+    index: int,
+    max_d: float = 1.0,
+    info: dict | None = None,
+):
+    """The ``index``-th image of identity ``number``: ``(degradation, uint8 RGB image)``;
+    ``info`` (optional) receives the pose (see ``render_face``)."""
     rng = np.random.default_rng([seed, 1, number, index])
     d = float(rng.uniform(0.0, max_d))
-    return d, degrade(render_face(ident, rng), d, rng)
+    return d, degrade(render_face(ident, rng, info), d, rng)
+
+
+def pose_band(roll: float) -> str:
+    """The pose group of an in-plane rotation (radians)."""
+    r = abs(roll)
+    return "upright" if r < 0.04 else "tilted" if r < 0.08 else "strong"
 
 
 def iter_images(spec: SynthSpec) -> Iterator[SynthImage]:
@@ -110,11 +126,20 @@ def _write_identities(
             if local:
                 fs.makedirs(storage.join(root, name), exist_ok=True)
             for index in range(spec.images_per_identity):
-                d, img = make_image(ident, spec.seed, number, index, spec.max_degradation)
+                info: dict = {}
+                d, img = make_image(ident, spec.seed, number, index, spec.max_degradation, info)
                 rel = f"{name}/{index:04d}.{spec.image_format}"
                 data = encode(img, spec.image_format)
                 pending.append(pool.submit(fs.pipe_file, storage.join(root, rel), data))
-                rows.append({"path": rel, "identity": name, "degradation": d})
+                rows.append(
+                    {
+                        "path": rel,
+                        "identity": name,
+                        "degradation": d,
+                        "pose": info["roll"],
+                        "pose_band": pose_band(info["roll"]),
+                    }
+                )
         for fut in pending:
             fut.result()
     return rows
@@ -169,7 +194,7 @@ def write_dataset(
                 results[futures[fut]] = fut.result()
                 progress(len(results[futures[fut]]))
     rows = [row for i in range(len(chunks)) for row in results[i]]
-    manifest = pd.DataFrame(rows, columns=["path", "identity", "degradation"])
+    manifest = pd.DataFrame(rows, columns=["path", "identity", "degradation", "pose", "pose_band"])
     buf = io.BytesIO()
     manifest.to_parquet(buf, index=False)
     storage.write_bytes(storage.join(output, MANIFEST), buf.getvalue())

@@ -108,9 +108,11 @@ def _ellipse(cx: float, cy: float, rx: float, ry: float, tilt: float = 0.0, n: i
     return np.stack([cx + c * x - s * y, cy + s * x + c * y], axis=1)
 
 
-def _pose_matrix(rng: np.random.Generator) -> np.ndarray:
+def _pose_matrix(rng: np.random.Generator, info: dict | None = None) -> np.ndarray:
     """2x3 affine from face coordinates (origin at the face centre) to image pixels."""
     angle = rng.uniform(-0.12, 0.12)
+    if info is not None:
+        info["roll"] = float(angle)
     scale = rng.uniform(0.94, 1.06)
     tx, ty = rng.uniform(-3.5, 3.5, 2)
     c, s = scale * np.cos(angle), scale * np.sin(angle)
@@ -132,9 +134,12 @@ def _face_outline(ident: Identity) -> np.ndarray:
     return np.stack([x, y], axis=1)
 
 
-def render_face(ident: Identity, rng: np.random.Generator) -> np.ndarray:
-    """One clean image (uint8 RGB, 112x112) of ``ident`` with random pose, expression, lighting."""
-    m = _pose_matrix(rng)
+def render_face(ident: Identity, rng: np.random.Generator, info: dict | None = None) -> np.ndarray:
+    """One clean image (uint8 RGB, 112x112) of ``ident`` with random pose, expression, lighting.
+
+    ``info`` (optional) receives the drawn in-plane rotation ``roll`` (radians); the image and
+    the random stream are the same with or without it."""
+    m = _pose_matrix(rng, info)
     # background: a smooth gradient between four random corner colours
     c = rng.uniform(40, 220, (2, 2, 3)).astype(np.float32)
     top = c[0, 0] + (c[0, 1] - c[0, 0]) * _RAMP[:, None]

@@ -14,8 +14,8 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from qmag_ray.calibration.result import fmr_key
 from qmag_ray.config import Settings, option, settings
+from qmag_ray.fmr import allowed_excess, fmr_key
 
 LOWER_IS_BETTER = ("fnmr", "fmr", "eer", "error", "loss")
 
@@ -54,8 +54,7 @@ class GateConfig(Settings):
     )
     max_regression: dict[str, float] = option(
         {},
-        "Gate: other metrics and the largest worsening each may show, METRIC=BOUND "
-        "(repeatable).",
+        "Gate: other metrics and the largest worsening each may show, METRIC=BOUND (repeatable).",
     )
     require_improvement: bool = option(
         False, "Gate: the challenger's FNMR must be strictly lower than the champion's."
@@ -129,7 +128,7 @@ def decide(
     if base is None:
         reasons.append(f"NOTE: champion has no finite {key}; FNMR comparison skipped")
     else:
-        allowed = max(gate.max_fnmr_increase, gate.max_fnmr_increase_relative * base)
+        allowed = allowed_excess(base, gate.max_fnmr_increase, gate.max_fnmr_increase_relative)
         passed = fnmr <= base + allowed
         ok &= passed
         reasons.append(

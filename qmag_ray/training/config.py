@@ -78,6 +78,17 @@ class TrainConfig(Settings):
     dropout: float | None = option(
         None, "Override of the backbone's dropout rate (shapes are unaffected).", ge=0, lt=1
     )
+    dropout_type: str = option(
+        "element",
+        "Head dropout: element (nn.Dropout, the demo model's) or channel (Dropout2d, MagFace's).",
+    )
+    bn_momentum: float = option(
+        0.1,
+        "torch BatchNorm momentum, the new batch's weight (0.1 the demo model's; MagFace passes "
+        "0.9).",
+        gt=0,
+        le=1,
+    )
     flip: bool = option(False, "Random horizontal flips.")
     seed: int = option(0, "Seed of initialisation, shuffling and augmentation.")
     log_every: int = option(20, "Steps between reported metrics.", ge=1)
@@ -102,3 +113,13 @@ class TrainConfig(Settings):
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         return TypeAdapter(cls).validate_python(dict(values))
+
+
+def backbone_kwargs(cfg: TrainConfig) -> dict[str, object]:
+    """Keyword arguments of the backbone factory that training settings choose."""
+    if cfg.dropout_type not in ("element", "channel"):
+        raise ValueError(f"`dropout_type` must be element or channel, got {cfg.dropout_type!r}")
+    kwargs: dict[str, object] = {"dropout_type": cfg.dropout_type, "bn_momentum": cfg.bn_momentum}
+    if cfg.dropout is not None:
+        kwargs["dropout"] = cfg.dropout
+    return kwargs

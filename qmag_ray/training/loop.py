@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from qmag_ray import storage
 from qmag_ray.model import create_backbone, load_backbone, read_checkpoint
-from qmag_ray.training.config import TrainConfig
+from qmag_ray.training.config import TrainConfig, backbone_kwargs
 from qmag_ray.training.data import FaceDataset, collate, list_labelled_images
 from qmag_ray.training.magface import MagFaceHead
 
@@ -57,7 +57,7 @@ class MagFaceNet(nn.Module):
 
 def build_net(cfg: TrainConfig, num_classes: int) -> MagFaceNet:
     """Backbone (fresh or from ``init_checkpoint``) and a MagFace head for ``num_classes``."""
-    kwargs: dict[str, Any] = {} if cfg.dropout is None else {"dropout": cfg.dropout}
+    kwargs: dict[str, Any] = backbone_kwargs(cfg)
     if cfg.init_checkpoint:
         backbone = load_backbone(cfg.init_checkpoint, cfg.arch, **kwargs).train()
     else:

@@ -18,7 +18,7 @@ _LAZY = {
     "run_calibration": "qmag_ray.workflows.calibrate",
     "EvaluationOutcome": "qmag_ray.workflows.evaluate",
     "run_evaluation": "qmag_ray.workflows.evaluate",
-    "WorkflowError": "qmag_ray.workflows.sides",
+    "WorkflowError": "qmag_ray.errors",
     "RecalibrateConfig": "qmag_ray.workflows.recalibrate_config",
     "run_recalibration": "qmag_ray.workflows.recalibrate",
 }

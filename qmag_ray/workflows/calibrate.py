@@ -24,16 +24,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qmag_ray import metrics, storage
-from qmag_ray.calibration.fit import METHODS, calibrate
+from qmag_ray.calibration.fit import METHODS, fit_pairs
 from qmag_ray.calibration.result import QMagFaceCalibration
 from qmag_ray.config import to_plain
 from qmag_ray.embeddings import load_embeddings
+from qmag_ray.errors import WorkflowError
 from qmag_ray.pairs.templates import Pooling
 from qmag_ray.quality.columns import QualityColumnError, with_quality
 from qmag_ray.workflows import reporting
 from qmag_ray.workflows.config import CalibrateConfig, PairMode
 from qmag_ray.workflows.provenance import check_embedding_input, embedding_provenance
-from qmag_ray.workflows.sides import PairSide, Sides, WorkflowError, build_sides, templates_table
+from qmag_ray.workflows.sides import PairSide, Sides, build_sides, templates_table
 from qmag_ray.workflows.validation import (
     format_held_out,
     format_methods,
@@ -120,11 +121,12 @@ def _fit(
         raise WorkflowError(
             f"unknown calibration method {method!r}; available: {', '.join(METHODS)}"
         )
+    executor = None
     if use_ray:
-        from qmag_ray.calibration.distributed import fit_qmagface_ray
+        from qmag_ray.calibration.distributed import RayExecutor
 
-        return fit_qmagface_ray(side.source, cfg.grid, method=method, direct=cfg.direct)
-    return calibrate(side.source, cfg.grid, method=method, direct=cfg.direct)
+        executor = RayExecutor(side.source)
+    return fit_pairs(side.source, cfg.grid, executor=executor, method=method, direct=cfg.direct)
 
 
 def _metric_arrays(side: PairSide, cfg: CalibrateConfig, use_ray: bool):
@@ -223,7 +225,13 @@ def run_calibration(config: CalibrateConfig, *, use_ray: bool = True) -> Calibra
     checked = check_embedding_input(cfg.embeddings, allow_incomplete=cfg.allow_incomplete)
     table = load_embeddings(cfg.embeddings)
     try:
-        table, qinfo = with_quality(table, cfg.embeddings, cfg.quality.column, cfg.quality.file)
+        table, qinfo = with_quality(
+            table,
+            cfg.embeddings,
+            cfg.quality.column,
+            cfg.quality.file,
+            allow_norm=cfg.quality.allow_norm,
+        )
     except QualityColumnError as exc:
         raise WorkflowError(str(exc)) from None
     table, pooled = templates_table(table, cfg)

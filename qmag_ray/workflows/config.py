@@ -144,6 +144,12 @@ class QualityChoice(Settings):
         "CSV/Parquet file with 'path' (as in the embeddings) and the --quality-column; images "
         "without a value count as missing images.",
     )
+    allow_norm: bool = option(
+        False,
+        "Use the embedding norm as the quality even for a model its embed run marks as not "
+        "MagFace-trained (an ONNX model).",
+        flag="norm-quality",
+    )
 
 
 @settings

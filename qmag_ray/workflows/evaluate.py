@@ -27,6 +27,8 @@ import numpy as np
 from qmag_ray import metrics, storage
 from qmag_ray.calibration.result import QMagFaceCalibration
 from qmag_ray.embeddings import load_embeddings
+from qmag_ray.errors import WorkflowError
+from qmag_ray.fmr import measurable
 from qmag_ray.pairs.listed import ListedPairSource
 from qmag_ray.pairs.templates import Pooling
 from qmag_ray.quality.columns import QualityColumnError, with_quality
@@ -38,7 +40,7 @@ from qmag_ray.workflows.provenance import (
     check_embedding_input,
     embedding_provenance,
 )
-from qmag_ray.workflows.sides import WorkflowError, read_listed, templates_table
+from qmag_ray.workflows.sides import read_listed, templates_table
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +180,11 @@ def run_evaluation(config: EvaluateConfig, *, use_ray: bool = True) -> Evaluatio
     base_table = load_embeddings(cfg.embeddings)
     try:
         table, qinfo = with_quality(
-            base_table, cfg.embeddings, cfg.quality.column, cfg.quality.file
+            base_table,
+            cfg.embeddings,
+            cfg.quality.column,
+            cfg.quality.file,
+            allow_norm=cfg.quality.allow_norm,
         )
     except QualityColumnError as exc:
         raise WorkflowError(str(exc)) from None
@@ -268,9 +274,15 @@ def run_evaluation(config: EvaluateConfig, *, use_ray: bool = True) -> Evaluatio
         files[storage.join("plots", uri[len(plots_dir.rstrip("/")) + 1 :])] = uri
     try:
         extra = write_extra_reports(
-            cfg, table=table, base_table=base_table, idx_a=resolved.idx_a,
-            idx_b=resolved.idx_b, cosine=cos, qmagface=qmag, labels=y,
-            fmrs=tuple(f for f in metrics.REPORT_FMRS if metrics.supports(f, int((y == 0).sum()))),
+            cfg,
+            table=table,
+            base_table=base_table,
+            idx_a=resolved.idx_a,
+            idx_b=resolved.idx_b,
+            cosine=cos,
+            qmagface=qmag,
+            labels=y,
+            fmrs=tuple(f for f in metrics.REPORT_FMRS if measurable(f, int((y == 0).sum()))),
         )
     except QualityColumnError as exc:
         raise WorkflowError(str(exc)) from None

@@ -43,6 +43,9 @@ def embedding_provenance(uri: str) -> dict[str, Any]:
         if not isinstance(data, dict):
             continue
         found = {f"embed_{k}": data[k] for k in _FIELDS if k in data}
+        settings = data.get("settings") or {}
+        if isinstance(settings, dict) and "norm_is_quality" in settings:
+            found["embed_norm_is_quality"] = bool(settings["norm_is_quality"])
         if "model_uri" in data:
             found["embed_model_uri"] = storage.redact(str(data["model_uri"]))
         return found

@@ -104,13 +104,13 @@ def check_gate_measurable(cfg: RecalibrateConfig) -> int:
     no FMR below 1/N is measured (the metric would be empty after embedding, fitting and
     registering a challenger). Returns N.
     """
-    from qmag_ray.metrics import supports
+    from qmag_ray.fmr import measurable
     from qmag_ray.pairs.protocols import read_pairs
 
     assert cfg.holdout is not None
     _, n_impostor = read_pairs(cfg.holdout.pairs, cfg.holdout.protocol).counts()
     target = cfg.gate.target_fmr
-    if not supports(target, n_impostor):
+    if not measurable(target, n_impostor):
         smallest = 1.0 / n_impostor if n_impostor else float("inf")
         raise RecalibrationError(
             f"--target-fmr (gate.target_fmr) {target:g} cannot be measured on the held-out "

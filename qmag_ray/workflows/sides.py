@@ -17,6 +17,7 @@ import numpy as np
 
 from qmag_ray import storage
 from qmag_ray.embeddings import EmbeddingTable, load_embeddings
+from qmag_ray.errors import WorkflowError
 from qmag_ray.pairs.exhaustive import ExhaustiveSource
 from qmag_ray.pairs.generate import generate_pairs, identity_split
 from qmag_ray.pairs.generated import GeneratedPairSource
@@ -34,10 +35,6 @@ from qmag_ray.pairs.templates import (
 from qmag_ray.workflows.config import CalibrateConfig, PairMode, ValidationMode
 
 logger = logging.getLogger(__name__)
-
-
-class WorkflowError(ValueError):
-    """Inputs a workflow cannot use; the message says what and where (a user error)."""
 
 
 @dataclass(frozen=True, eq=False)

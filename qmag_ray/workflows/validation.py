@@ -21,6 +21,7 @@ import numpy as np
 
 from qmag_ray import metrics
 from qmag_ray.calibration.result import CalibrationGrid, QMagFaceCalibration
+from qmag_ray.fmr import allowed_excess, measurable
 
 #: Below this many false matches an FNMR at FMR is marked as resting on little evidence.
 FEW_FALSE_MATCHES = 10
@@ -133,14 +134,14 @@ def check_guard(
                 "impostor pairs"
             )
             continue
-        if f * n_impostor < min_false_matches - 1e-9:
+        if not measurable(f, n_impostor, min_false_matches):
             reasons.append(
                 f"NOTE: FMR {fmr_text(f)} not judged: {n_impostor} held-out impostor pairs allow "
                 f"{f * n_impostor:.1f} false matches there (fewer than {min_false_matches})"
             )
             continue
         measured += 1
-        allowed = max(abs_tolerance, tolerance * c)
+        allowed = allowed_excess(c, abs_tolerance, tolerance)
         worse = q - c > allowed
         failed |= worse
         reasons.append(

@@ -154,7 +154,7 @@ def ray_worker_peak_mb() -> dict[str, int]:
 
 def exhaustive(args: argparse.Namespace) -> None:
     """One executor per process run, so this process's peak RSS belongs to that run alone."""
-    from qmag_ray.calibration.fit import calibrate
+    from qmag_ray.calibration.fit import fit_pairs
     from qmag_ray.pairs.exhaustive import ExhaustiveSource
 
     table = identity_table(args.exhaustive, args.dim, args.seed)
@@ -165,14 +165,15 @@ def exhaustive(args: argparse.Namespace) -> None:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         import ray
 
-        from qmag_ray.calibration.distributed import fit_qmagface_ray
+        from qmag_ray.calibration.distributed import RayExecutor
+        from qmag_ray.calibration.fit import fit_pairs
         from qmag_ray.runtime import connect_ray
 
         connect_ray(None)
         with PssSampler() as sampler:
             idle_mb = sum(_pss_mb(p) for p in _cluster_pids())
             start = time.perf_counter()
-            cal = fit_qmagface_ray(source)
+            cal = fit_pairs(source, executor=RayExecutor(source))
             result["seconds"] = round(time.perf_counter() - start, 1)
         result["executor"] = f"ray, {args.ray_shards} shards, {os.cpu_count()} CPUs"
         result["cluster_pss_before_mb"] = round(idle_mb)
@@ -182,7 +183,7 @@ def exhaustive(args: argparse.Namespace) -> None:
         ray.shutdown()
     else:
         start = time.perf_counter()
-        cal = calibrate(source)
+        cal = fit_pairs(source)
         result["executor"] = "in-process"
         result["seconds"] = round(time.perf_counter() - start, 1)
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
@@ -226,14 +227,15 @@ def main() -> None:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         import ray
 
-        from qmag_ray.calibration.distributed import fit_qmagface_ray
+        from qmag_ray.calibration.distributed import RayExecutor
+        from qmag_ray.calibration.fit import fit_pairs
         from qmag_ray.pairs.source import ArrayPairSource
         from qmag_ray.runtime import connect_ray
 
         connect_ray(None)
         source = ArrayPairSource(cos, q, y, shards=args.ray_shards)
         start = time.perf_counter()
-        ray_cal = fit_qmagface_ray(source)
+        ray_cal = fit_pairs(source, executor=RayExecutor(source))
         result["ray_seconds"] = round(time.perf_counter() - start, 3)
         result["ray_identical"] = (ray_cal.alpha, ray_cal.beta) == (cal.alpha, cal.beta)
         ray.shutdown()

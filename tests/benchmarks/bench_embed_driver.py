@@ -142,15 +142,25 @@ def main() -> None:
             began = time.perf_counter()
             make_tree(tree, n)
             print(f"tree of {n} images in {time.perf_counter() - began:.0f} s", flush=True)
-            cmd = [sys.executable, __file__, "--child", "--images", str(tree), "--model",
-                   str(model), "--output", str(work / f"out-{n}"), "--batch-size",
-                   str(args.batch_size)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                "--images",
+                str(tree),
+                "--model",
+                str(model),
+                "--output",
+                str(work / f"out-{n}"),
+                "--batch-size",
+                str(args.batch_size),
+            ]
             done = subprocess.run(cmd, capture_output=True, text=True, check=False)
             lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
             if done.returncode != 0 or not lines:
                 print(done.stdout[-3000:], done.stderr[-6000:])
                 raise SystemExit(f"the run on {n} images failed")
-            results[n] = json.loads(lines[-1][len("RESULT "):])
+            results[n] = json.loads(lines[-1][len("RESULT ") :])
             print(f"N={n}: {results[n]}", flush=True)
             shutil.rmtree(tree)
             shutil.rmtree(work / f"out-{n}", ignore_errors=True)

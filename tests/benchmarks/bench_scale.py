@@ -52,7 +52,7 @@ def one(args: argparse.Namespace) -> dict[str, object]:
     sys.path.insert(0, str(HERE))
     from bench_calibrate import identity_table
 
-    from qmag_ray.calibration.fit import calibrate
+    from qmag_ray.calibration.fit import fit_pairs
     from qmag_ray.pairs.exhaustive import ExhaustiveSource
 
     table = identity_table(args.one, args.dim, args.seed)
@@ -66,7 +66,8 @@ def one(args: argparse.Namespace) -> dict[str, object]:
         import ray
         from bench_calibrate import PssSampler, _cluster_pids
 
-        from qmag_ray.calibration.distributed import fit_qmagface_ray
+        from qmag_ray.calibration.distributed import RayExecutor
+        from qmag_ray.calibration.fit import fit_pairs
         from qmag_ray.runtime import connect_ray
 
         connect_ray(None)
@@ -95,7 +96,7 @@ def one(args: argparse.Namespace) -> dict[str, object]:
         thread.start()
         with PssSampler() as sampler:
             start, driver0 = time.perf_counter(), time.thread_time()
-            cal = fit_qmagface_ray(source)
+            cal = fit_pairs(source, executor=RayExecutor(source))
             out["seconds"] = round(time.perf_counter() - start, 1)
             driver = time.thread_time() - driver0
         stop.set()
@@ -109,7 +110,7 @@ def one(args: argparse.Namespace) -> dict[str, object]:
         ray.shutdown()
     else:
         start, cpu0 = time.perf_counter(), time.process_time()
-        cal = calibrate(source)
+        cal = fit_pairs(source)
         out["seconds"] = round(time.perf_counter() - start, 1)
         out["cpu_seconds"] = round(time.process_time() - cpu0, 1)
         out["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024

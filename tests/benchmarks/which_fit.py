@@ -105,13 +105,14 @@ def main() -> None:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         import ray
 
-        from qmag_ray.calibration.distributed import fit_qmagface_ray
+        from qmag_ray.calibration.distributed import RayExecutor
+        from qmag_ray.calibration.fit import fit_pairs
 
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         for method in METHODS:
             source = ArrayPairSource(fc, fq, fy, shards=args.ray_shards)
             start = time.perf_counter()
-            cal = fit_qmagface_ray(source, grid, method=method)
+            cal = fit_pairs(source, executor=RayExecutor(source), grid=grid, method=method)
             results[method]["ray_seconds"] = time.perf_counter() - start
             same = (cal.alpha, cal.beta) == (results[method]["alpha"], results[method]["beta"])
             results[method]["ray_identical"] = same

@@ -72,10 +72,12 @@ class FaultProxy:
                 finally:
                     conn.close()
                 self.send_response(answer.status, answer.reason)
+                head = self.command == "HEAD"  # keeps the object's own Content-Length
                 for key, value in answer.getheaders():
-                    if key.lower() not in _HOP and key.lower() != "content-length":
+                    if key.lower() not in _HOP and (head or key.lower() != "content-length"):
                         self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data)))
+                if not head:
+                    self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
