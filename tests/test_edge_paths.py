@@ -102,8 +102,8 @@ def test_promotion_gives_up_when_the_champion_keeps_moving(
                 name, challenger, {key: 0.01}, evaluate_while_another_run_promotes, GateConfig()
             )
     assert str(err.value) == (
-        f"the {name}@champion alias kept moving during {MAX_ATTEMPTS} gate attempts; "
-        "another recalibration is running concurrently, try again later"
+        f"the {name}@champion alias kept moving during {MAX_ATTEMPTS} gate attempts although "
+        "the promotion lock was held: something moves it without the lock"
     )
     assert len(calls) == MAX_ATTEMPTS == 5
     assert str(alias_version(name, CHAMPION).version) != challenger  # never took the alias

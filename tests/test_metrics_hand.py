@@ -169,3 +169,75 @@ def test_report_defaults_and_folds() -> None:
     assert (cos["accuracy"], cos["accuracy_std"]) == (75.0, 25.0)
     assert report["conventions"]["accuracy"].startswith("2 contiguous folds")
     assert cos["edc"]["fmr"] == 1e-3  # the default EDC operating point
+
+
+def test_report_states_its_conventions() -> None:
+    """metrics.json documents how every figure was computed: the text is part of the output."""
+    s = np.array([0.9, 0.1, 0.8, 0.2])
+    report = metrics.verification_report(s, s, np.array([1, 0, 1, 0]), np.ones(4), folds=2)
+    assert report["conventions"] == {
+        "fnmr_at_fmr": "ISO/IEC 19795-1: lowest FNMR among thresholds with FMR <= target; "
+        "match iff score >= threshold; only FMRs >= 1/n_impostor are reported",
+        "rates": "fractions (eer, auc, fnmr_at_fmr); accuracy and accuracy_std in percent",
+        "accuracy": "2 contiguous folds, best of 600 linear thresholds on the other folds, "
+        "match iff score > threshold",
+        "edc": "pairs discarded by lowest pair quality; fnmr_rederived re-derives the threshold "
+        "at each step, fnmr_fixed_threshold keeps the 0% threshold",
+    }
+
+
+def test_accuracy_counts_a_score_equal_to_the_threshold_as_no_match() -> None:
+    # Genuine 0.5, 0.8; impostor 0.2; t = 0.5: 0.5 > 0.5 is false, so one genuine hit, and the
+    # impostor is rejected: 2 of 3 right. At t = 0.1 all three are matches: 2 of 3 right.
+    got = metrics._accuracy_at(np.array([0.5, 0.8]), np.array([0.2]), np.array([0.5, 0.1]))
+    np.testing.assert_allclose(got, [2 / 3, 2 / 3], rtol=0, atol=1e-15)
+    got = metrics._accuracy_at(np.array([0.5, 0.8]), np.array([0.2, 0.6]), np.array([0.6]))
+    np.testing.assert_allclose(got, [0.75], rtol=0, atol=1e-15)  # 0.8 hit, 0.2 and 0.6 rejected
+    # In the benchmark: each fold's threshold is 0.1 (the lowest grid value); a test impostor
+    # scoring exactly 0.1 is rejected (0.1 > 0.1 is false): 100 % on both folds.
+    s = np.array([0.1, 0.9, 0.1, 0.9])
+    got = metrics.benchmark_accuracy(s, np.array([0, 1, 0, 1]), folds=2)
+    assert got["fold_thresholds"] == [0.1, 0.1] and got["fold_accuracies"] == [100.0, 100.0]
+
+
+def test_edc_default_operating_point() -> None:
+    s = np.array([0.9, 0.3, 0.7, 0.2])
+    got = metrics.error_versus_discard(s, np.array([1, 1, 0, 0]), np.arange(4.0))
+    assert got["fmr"] == 1e-3 and len(got["discard"]) == 20 and got["discard"][-1] == 0.95
+
+
+def test_eer_interpolates_between_two_points_away_from_zero() -> None:
+    # Genuine 0.9, 0.8, 0.6, 0.3; impostors 0.95, 0.6, 0.2, 0.1. ROC (FMR, FNMR): (1/4, 1/2)
+    # after 0.8, then the tie at 0.6 gives (1/2, 1/4). FNMR - FMR: 1/4 then -1/4: t = 1/2,
+    # EER = 1/4 + 1/2 * (1/2 - 1/4) = 3/8.
+    s = np.array([0.9, 0.8, 0.6, 0.3, 0.95, 0.6, 0.2, 0.1])
+    y = np.array([1, 1, 1, 1, 0, 0, 0, 0])
+    assert metrics.eer(s, y) == pytest.approx(0.375, abs=1e-12)
+
+
+def test_one_impostor_or_one_genuine_is_enough_to_measure() -> None:
+    s, y = np.array([0.9, 0.5, 0.7]), np.array([1, 1, 0])
+    # FMR 1.0 on one impostor: it may pass, every genuine is accepted; t = the lowest genuine.
+    fnmr, thr = metrics.operating_thresholds(s, y, [1.0])
+    assert fnmr.tolist() == [0.0] and thr.tolist() == [0.5]
+    assert metrics.roc_auc(s, y) == 0.5  # 0.9 beats 0.7, 0.5 does not
+    assert metrics.roc_auc(np.array([0.9, 0.5, 0.95]), np.array([1, 0, 0])) == 0.5
+
+
+def test_edc_fixed_threshold_counts_an_impostor_at_the_threshold() -> None:
+    # Genuine 0.6, 0.9; impostors 0.6, 0.2; FMR 0.5: t > 0.2 -> 0.6 (FNMR 0), and the
+    # impostor at 0.6 is a false match there: FMR 1/2. At 75 % one pair is left: None.
+    s = np.array([0.6, 0.9, 0.6, 0.2])
+    y = np.array([1, 1, 0, 0])
+    got = metrics.error_versus_discard(s, y, np.arange(4.0), fmr=0.5, steps=(0.0, 0.75))
+    assert got["fixed_threshold"] == 0.6
+    assert got["fmr_fixed_threshold"] == [0.5, None] and got["fnmr_fixed_threshold"] == [0.0, None]
+
+
+def test_edc_discards_equal_qualities_in_input_order() -> None:
+    # 400 pairs of one quality: the first 100 (impostors scoring 0.99) go first.
+    s = np.r_[np.full(100, 0.99), np.linspace(0.5, 0.9, 150), np.linspace(0.0, 0.4, 150)]
+    y = np.r_[np.zeros(100, int), np.ones(150, int), np.zeros(150, int)]
+    got = metrics.error_versus_discard(s, y, np.ones(400), fmr=0.01, steps=(0.25,))
+    assert got["kept_genuine"] == [150] and got["kept_impostor"] == [150]
+    assert got["fnmr_rederived"] == [0.0]

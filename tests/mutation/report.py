@@ -41,7 +41,9 @@ def main() -> int:
         return 1
     text = SURVIVORS.read_text()
     equivalents = set(re.findall(r"^- `([^`]+__mutmut_\d+)`: equivalent", text, re.MULTILINE))
-    listed = set(re.findall(r"^- `([^`]+__mutmut_\d+)`: (?:equivalent|open)", text, re.MULTILINE))
+    listed = set(
+        re.findall(r"^- `([^`]+__mutmut_\d+)`: (?:equivalent|open|killed now)", text, re.MULTILINE)
+    )
     counts = Counter(status.values())
     alive = sorted(n for n, s in status.items() if s in ("survived", "no tests", "suspicious"))
     equivalent = [n for n in alive if n in equivalents]
