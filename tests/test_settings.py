@@ -166,16 +166,18 @@ def test_recalibrate_takes_every_calibrate_and_evaluate_setting() -> None:
     listed_only = {"pairs", "protocol", "prefix", "match", "on_missing", "on_self", "on_duplicate"}
     listed_only |= {"templates", "pooling"}
     for spec in option_specs(COMMAND_MODELS["calibrate"]):
-        if spec.key in listed_only or spec.key in ("embeddings", "output"):
+        # the calibration's input is the recalibration's own (finished) embed output
+        if spec.key in listed_only or spec.key in ("embeddings", "allow_incomplete", "output"):
             continue
         if spec.key.startswith("tracking."):
             continue
         assert spec.key in recal, spec.key
         assert recal[spec.key].default == spec.default and recal[spec.key].help == spec.help
     for spec in option_specs(COMMAND_MODELS["evaluate"]):
-        if spec.key in ("output", "calibration", "alpha", "beta") or spec.key.startswith(
-            "tracking."
-        ):
+        # a recalibration's scorer is its own fit, and its held-out embeddings must come from
+        # its model (check_holdout_model): the scorer and another-model settings do not apply
+        scorer = ("calibration", "alpha", "beta", "allow_other_model")
+        if spec.key in ("output", *scorer) or spec.key.startswith("tracking."):
             continue
         assert f"holdout.{spec.key}" in recal, spec.key
     assert {"direct.coarse", "holdout.on_bad", "holdout.on_self", "holdout.on_duplicate"} <= set(

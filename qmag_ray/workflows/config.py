@@ -252,7 +252,9 @@ class EmbeddingsInput(Settings):
 
 @settings
 class PairInputs(PairListSettings, EmbeddingsInput):
-    """Embeddings and a pair list over them."""
+    """Embeddings and a pair list over them; the embeddings must be a finished embed output."""
+
+    allow_incomplete: bool = option(False, ALLOW_INCOMPLETE_HELP)
 
 
 @settings
@@ -262,7 +264,6 @@ class CalibrateConfig(PairInputs, CalibrationSettings):
     output: str = option(
         help="Folder or URI for calibration.json, metrics.json, tables and plots.", min_length=1
     )
-    allow_incomplete: bool = option(False, ALLOW_INCOMPLETE_HELP)
     tracking: CalibrateTrackingConfig = section(
         CalibrateTrackingConfig, "MLflow tracking and registration."
     )
@@ -316,7 +317,6 @@ class EvaluateConfig(PairInputs, ScorerSettings, EvaluationSettings):
     """
 
     output: str = option(help="Folder or URI for metrics.json and plots.", min_length=1)
-    allow_incomplete: bool = option(False, ALLOW_INCOMPLETE_HELP)
     allow_other_model: bool = option(
         False,
         "Apply a calibration fitted on embeddings of another model (their model sha256s "
