@@ -14,9 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-SHARED_DATA = SHARED / "data"
+from shared_gate import SHARED, SHARED_DATA, SHARED_SKIP, need_shared  # noqa: F401
 
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -54,27 +52,6 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         print(f"stopped a leftover of an earlier test run: {line}")
     session.config._qmag_watchdog = proc_guard.start_watchdog()  # type: ignore[attr-defined]
     signal.signal(signal.SIGTERM, _terminate_as_interrupt)
-
-
-#: Every skip for missing shared data starts with this, so the summary can count them.
-SHARED_SKIP = "needs the shared test data"
-
-
-def need_shared(*relative: str) -> Path:
-    """``../shared/data`` (or ``../shared/data/<relative>``), skipping the test when it is absent.
-
-    The one place tests reach the shared data (benchmark pair files, toy faces): on a user's
-    clone without ``../shared`` the test skips with one line naming what is missing and where it
-    is expected; under ``CI=true`` (CI always has the data) the test fails instead.
-    """
-    wanted = SHARED_DATA.joinpath(*relative)
-    missing = SHARED_DATA if not SHARED_DATA.is_dir() else wanted
-    if not missing.exists():
-        message = f"{SHARED_SKIP}: {missing} is missing (clone the shared data beside the repo)"
-        if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
-            pytest.fail(message + " [CI=true: required]", pytrace=False)
-        pytest.skip(message)
-    return wanted
 
 
 @pytest.fixture(scope="session")

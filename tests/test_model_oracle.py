@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import need_shared
 from model_oracle import (
     LAYERS,
     backbone_from_checkpoint,
@@ -26,6 +25,7 @@ from model_oracle import (
     keyed_state,
     magface_input,
 )
+from shared_gate import need_shared
 
 from qmag_ray.images import decode_face, to_input
 from qmag_ray.model import create_backbone, load_backbone

@@ -21,7 +21,7 @@ def test_uses_folder(shared_data):
     assert (shared_data / "pairs" / "x.txt").read_text() == "ok"
 
 def test_uses_file():
-    from conftest import need_shared
+    from shared_gate import need_shared
     assert need_shared("pairs", "x.txt").read_text() == "ok"
 
 def test_plain():
@@ -32,7 +32,8 @@ def test_plain():
 def run_probe(root: Path, ci: str | None) -> subprocess.CompletedProcess[str]:
     repo = root / "repo"
     (repo / "tests").mkdir(parents=True)
-    for helper in ("conftest.py", "proc_guard.py"):  # the conftest and what it imports
+    # the conftest and what it imports
+    for helper in ("conftest.py", "proc_guard.py", "shared_gate.py"):
         if Path(__file__).with_name(helper).exists():
             shutil.copy(Path(__file__).with_name(helper), repo / "tests" / helper)
     (repo / "tests" / "test_probe.py").write_text(PROBE)
