@@ -274,7 +274,7 @@ def test_calibrate_job_logs_to_mlflow_and_registers_the_scorer(
 @pytest.mark.parametrize(
     ("case", "expected"),
     [
-        ("bad-key", "unknown field(s) fmr_minimum for CalibrateConfig.grid"),
+        ("bad-key", "unknown setting grid.fmr_minimum in "),
         ("no-bucket", "not found: s3://qmag-e2e-no-such-bucket/embeddings/ does not exist"),
     ],
     ids=["bad-key", "no-bucket"],
