@@ -59,12 +59,14 @@ def check_container(uri: str, max_bytes: int | None = None) -> int:
     """Refuse, from its size and first bytes, a file that cannot be a torch checkpoint.
 
     A torch checkpoint is a zip archive (``PK\\x03\\x04``, torch >= 1.6) holding a
-    ``*/data.pkl`` record, or the legacy pickle with torch's magic number. Anything else, or
+    ``*/data.pkl`` record, or the legacy pickle with torch's magic number; a ``*.safetensors``
+    file starts with the length of its JSON header and the header itself. Anything else, or
     anything larger than ``max_bytes`` (default ``MAX_CHECKPOINT_BYTES``), is refused before it
     is read whole. Returns the size in bytes.
     """
     where = storage.redact(uri)
     limit = MAX_CHECKPOINT_BYTES if max_bytes is None else max_bytes
+    safetensors = uri.lower().endswith(".safetensors")
     try:
         fs, path = storage.filesystem(uri)
         if fs.isdir(path):
@@ -72,7 +74,15 @@ def check_container(uri: str, max_bytes: int | None = None) -> int:
         size = int(fs.size(path))
         with fs.open(path, "rb") as f:
             head = f.read(len(_LEGACY_MAGIC))
-            if head.startswith(_ZIP_MAGIC):
+            if safetensors and size:
+                # 8-byte little-endian header length, then the JSON header
+                length = int.from_bytes(head[:8], "little") if len(head) >= 8 else 0
+                if not (head[8:9] == b"{" and 0 < length <= size - 8):
+                    raise CheckpointError(
+                        f"checkpoint {where} ({size} bytes) is not a safetensors file: its "
+                        "header is missing or damaged (refused before reading it)"
+                    )
+            elif head.startswith(_ZIP_MAGIC):
                 f.seek(0)
                 try:
                     names = zipfile.ZipFile(f).namelist()  # reads the central directory only
@@ -90,7 +100,7 @@ def check_container(uri: str, max_bytes: int | None = None) -> int:
         raise CheckpointError(f"checkpoint not found: {where}") from exc
     if size == 0:
         return 0  # reported by the caller
-    if not (head.startswith(_ZIP_MAGIC) or head == _LEGACY_MAGIC):
+    if not safetensors and not (head.startswith(_ZIP_MAGIC) or head == _LEGACY_MAGIC):
         raise CheckpointError(
             f"checkpoint {where} ({size} bytes) is not a torch checkpoint: it is neither a torch "
             "zip archive nor a legacy torch file (refused before reading it)"
