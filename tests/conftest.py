@@ -46,6 +46,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     pytest process dies, and SIGTERM (a timeout) becomes an interrupt so that fixture
     teardown runs.
     """
+    if os.environ.get("MUTANT_UNDER_TEST"):
+        return  # a forked `make mutants` worker: server-free tests only, one per mutant
     import proc_guard
 
     for line in proc_guard.reap():

@@ -336,3 +336,96 @@ def test_shard_pass_results_merge_to_the_result_of_all_pairs() -> None:
     assert merged.n_impostor == whole.n_impostor == int((y == 0).sum())
     np.testing.assert_array_equal(merged.hist, whole.hist)
     np.testing.assert_array_equal(np.sort(merged.genuine_cosine), np.sort(cos[y == 1]))
+
+
+def test_pass_results_add_counts_and_join_values_of_one_plan_only() -> None:
+    a = PassResult(np.zeros((2, 3), np.int64), [np.array([0.1])])
+    b = PassResult(
+        np.ones((2, 3), np.int64),
+        [np.array([0.5, 0.2])],
+        n_impostor=4,
+        genuine_cosine=np.array([0.7]),
+        genuine_quality=np.array([20.0]),
+    )
+    c = PassResult(np.full((2, 3), 2, np.int64), [np.empty(0)], n_impostor=1)  # no genuine
+    assert merge_into(merge_into(a, b), c) is a
+    np.testing.assert_array_equal(a.hist, np.full((2, 3), 3))
+    np.testing.assert_array_equal(a.collected[0], [0.1, 0.5, 0.2])
+    assert a.n_impostor == 5 and a.n_genuine == 1
+    np.testing.assert_array_equal(a.genuine_cosine, [0.7])
+    np.testing.assert_array_equal(a.genuine_quality, [20.0])
+    # Another histogram shape, or another number of collected intervals: another plan.
+    for other in (
+        PassResult(np.zeros((2, 4), np.int64), [np.empty(0)]),
+        PassResult(np.zeros((2, 3), np.int64), []),
+    ):
+        with pytest.raises(ValueError, match="^cannot merge results of different pass plans$"):
+            merge_into(a, other)
+
+
+# --- the search's steps one by one (values worked by hand) ----------------------------------
+
+
+def test_wanted_ranks_and_rank_values() -> None:
+    from qmag_ray.calibration.search import rank_values, wanted_ranks
+
+    # 5 impostors; thresholds passing at most 2 or 5 (all) impostors: the 3rd highest decides
+    # the first; "all may pass" needs no order statistic; rank 1 is the fallback.
+    np.testing.assert_array_equal(wanted_ranks(np.array([2, 5]), 5), [1, 3])
+    # 4 impostors with order statistics v1 = 0.9, v2 = 0.7, v4 = 0.1 at ranks 1, 2, 4; m = 1
+    # and 3 take v2 and v4 as bounds, m = 4 (every impostor may pass) has bound -inf.
+    bound, top = rank_values(np.array([0.9, 0.7, 0.1]), np.array([1, 2, 4]), [1, 3, 4], 4)
+    assert bound.tolist() == [0.7, 0.1, -math.inf] and top == 0.9
+
+
+def test_search_weight_on_the_sigmoid_and_on_the_raw_score() -> None:
+    from qmag_ray.calibration.search import search_weight
+
+    # w = 0.5: z = w * q + s = 0.5 * [1, 2] + [0.2, 0.4] = [0.7, 1.4]. Bounds (logits) 0.8 and
+    # -inf (every impostor may pass), highest impostor logit 1.0. Raw: above 0.8 the smallest
+    # genuine z is 1.4 (1 accepted); above -inf it is 0.7 (2 accepted).
+    args = (0.5, np.array([0.8, -np.inf]), 1.0, np.array([0.2, 0.4]), np.array([1.0, 2.0]))
+    t, acc = search_weight(*args, raw=True)
+    assert t.tolist() == [1.4, 0.7] and acc.tolist() == [1, 2]
+    # Default (the paper): the same on u = sigmoid(z), sigmoid monotone.
+    t, acc = search_weight(*args)
+    want = [1 / (1 + math.exp(-1.4)), 1 / (1 + math.exp(-0.7))]
+    np.testing.assert_allclose(t, want, rtol=1e-15)
+    assert acc.tolist() == [1, 2]
+
+
+def test_hopeless_fmr_and_degenerate_lines_say_what_to_do() -> None:
+    from qmag_ray.calibration.search import fit_line, select_optimal
+
+    with pytest.raises(ValueError) as err:
+        select_optimal(np.array([0.0, 1.0]), np.full((2, 1), np.nan), np.zeros((2, 1), int), 3,
+                       np.array([1e-3]))  # fmt: skip
+    assert str(err.value) == (
+        "no threshold exists for FMR 0.001: at every candidate weight, each threshold with FMR "
+        "below 0.001 rejects all 3 genuine pairs (too few impostor pairs above the genuine "
+        "scores to measure it); raise --fmr-min (grid.fmr_min) above this FMR or give more "
+        "impostor pairs (--impostors-per-side)"
+    )
+    with pytest.raises(ValueError, match=r"^cannot fit the line: some optimal thresholds are "
+                       r"not finite$"):  # fmt: skip
+        fit_line(np.array([0.1, np.nan]), np.array([1.0, 2.0]))
+    with pytest.raises(
+        ValueError,
+        match=r"^cannot fit the line: all 3 optimal thresholds are "
+        r"equal \(0\.5\); the data are too few or too coarse for this FMR range$",
+    ):
+        fit_line(np.array([0.5, 0.5, 0.5]), np.array([1.0, 2.0, 3.0]))
+
+
+def test_float32_inputs_are_computed_in_float64() -> None:
+    from qmag_ray.scores import qmagface_score
+
+    x32 = np.array([0.1], np.float32)
+    x = float(x32[0])  # 0.100000001490116...
+    got = sigmoid(x32)
+    assert got.dtype == np.float64 and got[0] == 1.0 / (1.0 + math.exp(-x))
+    got = qmagface_score(x32, np.array([20.0]), 0.25, 0.5)
+    assert got.dtype == np.float64 and got[0] == (0.5 * x - 0.25) * 20.0 + x
+    buf = np.empty(1)
+    assert qmagface_score(np.array([0.75]), np.array([20.0]), 0.25, 0.5, out=buf) is buf
+    assert buf[0] == 0.75

@@ -109,7 +109,7 @@ def test_input_errors_say_what_is_wrong() -> None:
     bad[3] = np.inf
     with pytest.raises(ValueError, match="non-finite values, first at index 3"):
         metrics.fnmr_at_fmr(bad, Y)
-    with pytest.raises(ValueError, match=r"labels must be 1 \(genuine\) or 0 \(impostor\)"):
+    with pytest.raises(ValueError, match=r"^labels must be 1 \(genuine\) or 0 \(impostor\)$"):
         metrics.roc_auc(S, np.array([1, 1, 2, 0, 0]))
 
 
@@ -241,3 +241,111 @@ def test_edc_discards_equal_qualities_in_input_order() -> None:
     got = metrics.error_versus_discard(s, y, np.ones(400), fmr=0.01, steps=(0.25,))
     assert got["kept_genuine"] == [150] and got["kept_impostor"] == [150]
     assert got["fnmr_rederived"] == [0.0]
+
+
+def test_tar_table_and_its_console_table_worked_by_hand() -> None:
+    # 10 impostors (0.9, 0.8, eight at 0.1) and genuine pairs of two scores:
+    # "a": 0.95, 0.85, 0.7. ISO at FAR 0.16: one false accept allowed, threshold 0.85, TAR 2/3.
+    #   ROC (FPR, TPR), all corners kept: (0,0) (0,1/3) (0.1,1/3) (0.1,2/3) (0.2,2/3) (0.2,1)
+    #   (1,1); reversed, the first point nearest to 0.16 is (0.2, 1): 1; nearest to 0.01 is
+    #   the first FPR-0 point, (0, 1/3): 1/3. 10 impostors cannot measure 0.01: ISO None.
+    # "b": 0.99, 0.98, 0.97 (all above every impostor): ISO 1 at 0.16; nearest 1 at both.
+    imp = [0.9, 0.8] + [0.1] * 8
+    labels = np.array([0] * 10 + [1, 1, 1])
+    scores = {"a": np.array(imp + [0.95, 0.85, 0.7]), "b": np.array(imp + [0.99, 0.98, 0.97])}
+    table = metrics.tar_table(scores, labels, (0.16, 0.01))
+    assert table["fars"] == [0.16, 0.01]
+    assert table["iso"]["a"]["2e-01"] == pytest.approx(2 / 3, abs=1e-12)
+    assert table["iso"]["a"]["1e-02"] is None and table["iso"]["b"]["1e-02"] is None
+    assert table["iso"]["b"]["2e-01"] == 1.0
+    assert table["nearest"]["a"] == {"2e-01": 1.0, "1e-02": pytest.approx(1 / 3, abs=1e-12)}
+    assert table["nearest"]["b"] == {"2e-01": 1.0, "1e-02": 1.0}
+    assert set(table) == {"fars", "iso", "nearest"}
+    lines = metrics.format_tar_table(table).splitlines()
+    assert lines[0] == "TAR % @ FAR   " + "a ISO".rjust(16) + "a nearest".rjust(18) + (
+        "b ISO".rjust(16) + "b nearest".rjust(18)
+    )
+    assert lines[1] == "2e-01         " + "66.667".rjust(16) + "100.000".rjust(18) + (
+        "100.000".rjust(16) + "100.000".rjust(18)
+    )
+    assert lines[2] == "1e-02         " + "-".rjust(16) + "33.333".rjust(18) + (
+        "-".rjust(16) + "100.000".rjust(18)
+    )
+    assert lines[3] == (
+        "ISO: best threshold with FAR <= f; nearest: the ROC point whose FAR is nearest to f "
+        "(InsightFace's IJB tables)"
+    )
+    assert len(lines) == 4
+
+
+def test_nearest_tar_with_one_pair_of_a_class_or_none() -> None:
+    # One genuine (0.9), impostors 0.5 and 0.1: scikit-learn drops the collinear middle
+    # point, ROC (0,0) (0,1) (1,1); reversed, the first point nearest to FAR 0.1 is (0, 1): 1.
+    assert (
+        metrics.tar_at_far_nearest(np.array([0.9, 0.5, 0.1]), np.array([1, 0, 0]), [0.1])[0] == 1.0
+    )
+    # One impostor (0.5), genuine 0.9 and 0.1: ROC (0,0) (0,1/2) (1,1/2) (1,1); reversed,
+    # nearest to 0.1 is (0, 1/2).
+    assert (
+        metrics.tar_at_far_nearest(np.array([0.5, 0.9, 0.1]), np.array([0, 1, 1]), [0.1])[0] == 0.5
+    )
+    # Without impostors or without genuine pairs: NaN at every FAR.
+    for labels in ([1, 1], [0, 0]):
+        got = metrics.tar_at_far_nearest(np.array([0.9, 0.8]), np.array(labels), (0.1, 0.01))
+        assert got.shape == (2,) and np.isnan(got).all()
+
+
+def test_table_without_rough_figures_has_no_marks() -> None:
+    # 20 impostors (0.05 .. 1.0 in steps of 0.05) and 5 genuine pairs: FMR 0.5 rests on
+    # floor(0.5 * 20) = 10 false matches, not fewer than 10: no mark, no footnote.
+    s = np.r_[np.arange(1, 21) / 20, [0.9, 0.8, 0.7, 0.6, 0.5]]
+    y = np.r_[np.zeros(20, int), np.ones(5, int)]
+    report = metrics.verification_report(s, s, y, np.ones(25), fmrs=(0.5,))
+    table = metrics.format_table(report)
+    assert "FNMR % @ FMR 5e-01 [10 false matches]" in table
+    assert "*" not in table and "rough figure" not in table
+
+
+def test_edc_keeps_input_order_among_equal_qualities_after_better_ones() -> None:
+    # 20 pairs of quality 1 (10 genuine at 0.8, 10 impostors at 0.1) followed by 20 of
+    # quality 0 (10 impostors at 0.99, then 10 genuine at 0.3). Discarding 25 % = 10 pairs
+    # takes the first 10 quality-0 pairs in input order: exactly the 10 impostors at 0.99.
+    # (An unstable sort reorders the tied block, which starts in the middle of the input.)
+    s = np.r_[np.full(10, 0.8), np.full(10, 0.1), np.full(10, 0.99), np.full(10, 0.3)]
+    y = np.r_[np.ones(10, int), np.zeros(10, int), np.zeros(10, int), np.ones(10, int)]
+    q = np.r_[np.ones(20), np.zeros(20)]
+    got = metrics.error_versus_discard(s, y, q, fmr=0.1, steps=(0.25,))
+    assert got["kept_genuine"] == [20] and got["kept_impostor"] == [10]
+    # FMR 0.1 on the 10 kept impostors (all 0.1): one may pass, but a threshold at 0.1
+    # passes all ten, so t is the next score, 0.3: every kept genuine accepted.
+    assert got["fnmr_rederived"] == [0.0]
+
+
+def test_one_class_gives_nan_without_asking_scikit_learn() -> None:
+    # Without impostors or without genuine pairs EER and AUC are undefined: NaN, decided
+    # before scikit-learn is called (which would warn about the missing class).
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for labels in ([1, 1], [0, 0]):
+            y = np.array(labels)
+            assert math.isnan(metrics.eer(np.array([0.9, 0.4]), y))
+            assert math.isnan(metrics.roc_auc(np.array([0.9, 0.4]), y))
+
+
+def test_operating_points_need_every_impostor_score() -> None:
+    from qmag_ray.fmr import operating_points
+
+    with pytest.raises(ValueError, match=r"^need all 3 impostor scores, got 2$"):
+        operating_points(np.array([0.9]), np.array([0.5, 0.1]), 3, np.array([0.5]), strict=False)
+
+
+def test_impostor_counts_need_an_impostor_and_fmrs_count_false_matches() -> None:
+    from qmag_ray.fmr import impostor_counts, supported_fmrs
+
+    with pytest.raises(ValueError, match="^operating points need at least one impostor score$"):
+        impostor_counts(0, np.array([0.1]), strict=False)
+    # 1000 impostors: FMR 0.1 allows 100 false matches, 0.01 allows 10; asking for 20.
+    assert supported_fmrs([0.1, 0.01], 1000, 20) == [0.1]
+    assert supported_fmrs([0.1, 0.01], 1000) == [0.1, 0.01]

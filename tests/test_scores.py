@@ -115,3 +115,12 @@ def test_float32_embeddings_are_scored_in_float64() -> None:
     want = (a64 * b64).sum(axis=1) / (np.sqrt((a64**2).sum(1)) * np.sqrt((b64**2).sum(1)))
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-14)
     assert pair_quality(np.float32([1.5, 3.0]), [2, 2]).dtype == np.float64
+
+
+def test_omega_of_float32_cosines_is_computed_in_float64() -> None:
+    """float32 0.1 is 0.100000001490116...; in float64, 0.5 * that - 0.25 keeps those bits
+    (-0.19999999925494194), where float32 arithmetic would round to float32(-0.2)."""
+    s32 = np.array([0.1], np.float32)
+    want = 0.5 * float(s32[0]) - 0.25  # Python floats: float64
+    got = omega(s32, 0.25, 0.5)
+    assert got.dtype == np.float64 and got[0] == want and want != float(np.float32(-0.2))

@@ -128,8 +128,8 @@ def fit_line(thresholds: np.ndarray, weights: np.ndarray) -> tuple[float, float]
         raise ValueError("cannot fit the line: some optimal thresholds are not finite")
     if np.ptp(t) == 0:
         raise ValueError(
-            f"cannot fit the line: all {len(t)} optimal thresholds are equal ({t[0]!r}); the "
-            "data are too few or too coarse for this FMR range"
+            f"cannot fit the line: all {len(t)} optimal thresholds are equal "
+            f"({float(t[0])!r}); the data are too few or too coarse for this FMR range"
         )
     beta, intercept = np.polyfit(t, w, 1)
     alpha = -float(intercept)
