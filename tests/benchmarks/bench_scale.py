@@ -72,7 +72,14 @@ def one(args: argparse.Namespace) -> dict[str, object]:
         from qmag_ray.calibration.distributed import RayExecutor
         from qmag_ray.runtime import connect_ray
 
-        connect_ray(None)
+        for attempt in range(5):  # a loaded machine can miss Ray's 30 s raylet start-up window
+            try:
+                connect_ray(None)
+                break
+            except Exception:
+                if attempt == 4:
+                    raise
+                ray.shutdown()
         cpu: dict[int, float] = {}
         stop = threading.Event()
 
