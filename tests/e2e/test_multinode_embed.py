@@ -9,8 +9,9 @@ server process, reached by the jobs through a fault-injecting HTTP proxy on 127.
 
 - parts are written by the worker nodes (the node id in every part's metadata), then the
   calibrate job fits on the embed job's output;
-- two concurrent embed jobs on one output: exactly one writer, one row per image, the other
-  refused naming the holder;
+- two concurrent embed jobs on one output (their image reads held by the proxy until one is
+  refused, so that they overlap): exactly one writer, one row per image, the other refused
+  naming the holder;
 - an S3 outage of part of the images during an embed: those reads are retried, shown in the
   progress line, recorded as transient failures; the same command again (no ``--overwrite``)
   retries exactly those and completes every image;
@@ -62,6 +63,7 @@ RESOURCE = "qmag_worker"
 # Bounds, not expectations: on an idle machine a job takes well under a minute, but this
 # machine's two cores are shared (a job took 200 s at load 40); a hung job still ends the test.
 JOB_TIMEOUT = 900.0
+CLI_TIMEOUT = 300.0  # `ray job submit --no-wait` (it uploads the working directory)
 JOIN_ATTEMPTS = 5
 
 
@@ -72,6 +74,18 @@ class Cluster(NamedTuple):
     head_id: str
     s3_endpoint: str
     proxy: FaultProxy
+
+
+def job_state(cluster: Cluster, submission_id: str) -> str:
+    """The job's status; the job API is asked again when it answers slowly (a loaded head)."""
+    for attempt in range(5):
+        try:
+            return job_status(cluster.head, submission_id)
+        except OSError:
+            if attempt == 4:
+                raise
+            time.sleep(2)
+    raise AssertionError("unreachable")
 
 
 def _clear_s3fs_cache() -> None:
@@ -291,6 +305,10 @@ def test_two_concurrent_embed_jobs_on_one_output_have_one_writer(
     images = faces(f"s3://{BUCKET}/faces-c/", identities=16, per_identity=5)
     output = f"s3://{BUCKET}/emb/c/"
     config = embed_config("c", f"s3://{BUCKET}/faces-c/", checkpoint, output)
+    # The image reads stall (the proxy holds them) until one job has been refused, so that
+    # the two runs overlap however the loaded machine schedules their start: the first to
+    # take the lease cannot finish before the second asks for it.
+    cluster.proxy.hold(f"/{BUCKET}/faces-c/id")
     ids = []
     for k in range(2):
         sid = f"embed-c{k}-{os.getpid()}"
@@ -311,16 +329,23 @@ def test_two_concurrent_embed_jobs_on_one_output_have_one_writer(
             "jobs/embed.py",
             "--config",
             config,
+            timeout=CLI_TIMEOUT,
         )
         assert result.returncode == 0, result.stderr[-2000:]
         ids.append(sid)
     deadline = time.monotonic() + JOB_TIMEOUT
-    while any(job_status(cluster.head, s) in ("PENDING", "RUNNING") for s in ids):
+    try:
+        while all(job_state(cluster, s) in ("PENDING", "RUNNING") for s in ids):
+            assert time.monotonic() < deadline, [job_logs(cluster.head, s)[-3000:] for s in ids]
+            time.sleep(1)
+    finally:
+        cluster.proxy.release()
+    while any(job_state(cluster, s) in ("PENDING", "RUNNING") for s in ids):
         assert time.monotonic() < deadline, [job_logs(cluster.head, s)[-3000:] for s in ids]
         time.sleep(2)
-    statuses = sorted(job_status(cluster.head, s) for s in ids)
+    statuses = sorted(job_state(cluster, s) for s in ids)
     assert statuses == ["FAILED", "SUCCEEDED"], [job_logs(cluster.head, s)[-3000:] for s in ids]
-    loser = next(s for s in ids if job_status(cluster.head, s) == "FAILED")
+    loser = next(s for s in ids if job_state(cluster, s) == "FAILED")
     logs = job_logs(cluster.head, loser)
     assert "another writer holds" in logs and "embed by" in logs, logs[-3000:]
     assert "Traceback" not in logs, logs[-3000:]
@@ -387,20 +412,21 @@ def test_losing_a_worker_node_mid_job_still_embeds_every_image_exactly_once(
         "jobs/embed.py",
         "--config",
         config,
+        timeout=CLI_TIMEOUT,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     deadline = time.monotonic() + JOB_TIMEOUT
     while not (written := [m for p, m in parts(output) if "/embeddings/" in p]):
-        assert job_status(cluster.head, sid) in ("PENDING", "RUNNING"), job_logs(cluster.head, sid)
+        assert job_state(cluster, sid) in ("PENDING", "RUNNING"), job_logs(cluster.head, sid)
         assert time.monotonic() < deadline, job_logs(cluster.head, sid)[-3000:]
         time.sleep(1)
     busy = written[0]["qmag_ray.node_id"]  # the node of the model actor
     victim = cluster.workers[cluster.worker_ids.index(busy)]
     kill_node(victim)
-    while job_status(cluster.head, sid) in ("PENDING", "RUNNING"):
+    while job_state(cluster, sid) in ("PENDING", "RUNNING"):
         assert time.monotonic() < deadline, job_logs(cluster.head, sid)[-3000:]
         time.sleep(2)
-    status = job_status(cluster.head, sid)
+    status = job_state(cluster, sid)
     if status != "SUCCEEDED":  # the rerun resumes on the surviving node
         rerun = submit(cluster, job_env, config, "embed-k2")
         assert rerun.status == "SUCCEEDED", rerun.describe()
