@@ -23,10 +23,9 @@ from mlflow_fixtures import free_port, tracking_at
 from typer.testing import CliRunner
 from workflow_data import synthetic_table, write_table
 
-from qmag_ray.calibration.result import QMagFaceCalibration
 from qmag_ray.config import ConfigError, load_config
 from qmag_ray.embedding import EmbedConfig, run_embed
-from qmag_ray.embeddings import EmbeddingTable, load_embeddings
+from qmag_ray.embeddings import load_embeddings
 from qmag_ray.model import create_backbone, save_checkpoint
 from qmag_ray.synth import SynthSpec, write_dataset
 from qmag_ray.workflows.recalibrate_config import RecalibrateConfig
@@ -235,94 +234,3 @@ def test_four_recalibrations_with_known_gate_outcomes(ray_cluster: None, tmp_pat
         assert MlflowClient().get_model_version("qmagface", "3").tags["gate.promote"] == "false"
         decision = fourth.to_dict()
         assert decision["promotion"]["promoted"] is False and decision["version"] == "3"
-
-
-def guard_failing_validation(folder: Path, pairs: Path, dim: int) -> None:
-    """Held-out embeddings and pairs on which any scorer with omega(-0.5) < 0 loses to cosine.
-
-    20 genuine pairs have cosine exactly -0.5 and pair quality 1e4; 1024 impostor pairs have
-    cosine -0.9 +- 0.03 and pair quality 1e-3. By hand: cosine accepts every genuine pair at
-    FMR 1e-2 and 1e-1 (all genuine scores are above all impostor scores), FNMR 0. QMagFace
-    scores a genuine pair -0.5 + 1e4 * omega(-0.5) <= -1.5 when omega(-0.5) <= -1e-4, below
-    every impostor score (c + 1e-3 * omega(c) > -1 for |alpha| + |beta| < 50): FNMR 1 at both
-    target FMRs, worse than cosine by more than any tolerance, so the guard fails.
-    """
-    rng = np.random.default_rng(0)
-    basis = np.eye(dim)
-    rows: list[tuple[str, str, np.ndarray, float]] = []  # path, identity, direction, norm
-    for k in range(20):
-        a, b = basis[0], -0.5 * basis[0] + np.sqrt(0.75) * basis[1]
-        rows += [(f"val/g{k:02d}a.jpg", f"G{k:02d}", a, 1e4)]
-        rows += [(f"val/g{k:02d}b.jpg", f"G{k:02d}", b, 1e4)]
-    for j in range(32):
-        x = basis[2] + 0.01 * rng.normal(size=dim) * (np.arange(dim) >= 4)
-        y = -0.9 * basis[2] + np.sqrt(0.19) * basis[3]
-        y = y + 0.01 * rng.normal(size=dim) * (np.arange(dim) >= 4)
-        rows += [
-            (f"val/x{j:02d}.jpg", f"X{j:02d}", x, 1e-3),
-            (f"val/y{j:02d}.jpg", f"Y{j:02d}", y, 1e-3),
-        ]
-    vectors = np.stack([d / np.linalg.norm(d) * n for _, _, d, n in rows]).astype(np.float32)
-    table = EmbeddingTable(
-        np.asarray([r[0] for r in rows], dtype=object),
-        np.asarray([r[1] for r in rows], dtype=object),
-        vectors,
-        np.linalg.norm(vectors.astype(np.float64), axis=1),
-    )
-    write_table(table, folder)
-    listed = [(f"val/g{k:02d}a.jpg", f"val/g{k:02d}b.jpg", 1) for k in range(20)]
-    listed += [(f"val/x{j:02d}.jpg", f"val/y{i:02d}.jpg", 0) for j in range(32) for i in range(32)]
-    pd.DataFrame(listed, columns=["a", "b", "label"]).to_csv(pairs, index=False)
-
-
-@pytest.mark.ray
-@pytest.mark.mlflow
-@pytest.mark.slow
-def test_a_recalibration_whose_guard_fails_registers_nothing(
-    ray_cluster: None, tmp_path: Path
-) -> None:
-    from importlib.resources import files
-
-    from mlflow import MlflowClient
-
-    from qmag_ray.cli import app
-    from qmag_ray.validation import Validation
-
-    model = str(files("qmag_ray") / "assets" / "demo_iresnet.pth")  # MagFace-trained
-    write_dataset(str(tmp_path / "images"), SynthSpec(identities=12, images_per_identity=5))
-    guard_failing_validation(tmp_path / "val_emb", tmp_path / "val.csv", dim=128)
-    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    raw = {
-        **base_config(tmp_path, tracking),
-        "model": model,
-        "holdout": {"embeddings": str(tmp_path / "val_emb"), "pairs": str(tmp_path / "val.csv")},
-        "validation": {
-            "mode": "pairs",
-            "pairs": str(tmp_path / "val.csv"),
-            "embeddings": str(tmp_path / "val_emb"),
-        },
-    }
-    path = tmp_path / "recalibrate.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    result = CliRunner().invoke(app, ["recalibrate", "--config", str(path)])
-    # A refused registration is the run's decision, not a failed run: exit 0, and it says why.
-    assert result.exit_code == 0, result.output
-    assert "registry: NOT registered as a champion candidate" in result.output
-    assert "guard failed" in result.output and "registered version" not in result.output
-
-    (saved,) = (tmp_path / "runs").glob("*/calibration/calibration.json")
-    cal = QMagFaceCalibration.from_file(str(saved))
-    # The construction's premise (see guard_failing_validation), from the fit itself:
-    assert -0.5 * cal.beta - cal.alpha <= -1e-4, (cal.alpha, cal.beta)
-    assert abs(cal.alpha) + abs(cal.beta) < 50, (cal.alpha, cal.beta)
-    validation = Validation.from_dict(cal.extra["validation"])
-    assert validation.mode == "pairs" and validation.passed is False
-    targets = [(r.fmr, r.cosine_fnmr, r.qmagface_fnmr) for r in validation.rows if r.target]
-    assert targets == [(1e-2, 0.0, 1.0), (1e-1, 0.0, 1.0)]
-    assert [r.split(":")[0] for r in validation.guard.reasons] == ["FAIL", "FAIL"]
-
-    client = MlflowClient(tracking)
-    assert client.search_model_versions("name = 'qmagface'") == []
-    (run,) = client.search_runs(client.get_experiment_by_name("recal-test").experiment_id)
-    assert run.data.tags["qmag_ray.outcome"] == "not_registered"
-    assert "gate.promote" not in run.data.tags  # never reached the gate
