@@ -188,9 +188,8 @@ def test_real_sized_crops_equal_an_opencv_reference_within_one_grey_level(
 
 
 def test_flip_with_serfiq_is_refused_before_ray_starts(tmp_path: Path, monkeypatch) -> None:
-    from typer.testing import CliRunner
-
     import ray
+    from typer.testing import CliRunner
 
     from qmag_ray import runtime
     from qmag_ray.cli.app import app
