@@ -71,12 +71,20 @@ def main() -> None:
 
     from qmag_ray.search.distributed import search_sharded
 
-    ray.init(
-        num_cpus=args.cpus,
-        include_dashboard=False,
-        object_store_memory=int(gallery.nbytes * 1.5) + (256 << 20),
-        logging_level="WARNING",
-    )
+    for attempt in range(5):  # a loaded machine can miss Ray's fixed 30 s start-up wait
+        try:
+            ray.init(
+                num_cpus=args.cpus,
+                include_dashboard=False,
+                object_store_memory=int(gallery.nbytes * 1.5) + (256 << 20),
+                logging_level="WARNING",
+            )
+            break
+        except Exception as exc:  # noqa: BLE001 - retried, then raised
+            print(f"ray.init attempt {attempt + 1} failed: {exc}", flush=True)
+            ray.shutdown()
+            if attempt == 4:
+                raise
     with peak_memory(interval=1.0) as mem:
         t0 = time.perf_counter()
         ours = search_sharded(probes, gallery, args.k, 0.08, 0.12, shards=args.shards, use_ray=True)
