@@ -19,7 +19,7 @@ from qmag_ray.quality.columns import image_values, with_quality
 from qmag_ray.quality.edc import QualityEvaluation, evaluate_quality
 from qmag_ray.reports.bootstrap import BootstrapReport, distribution_stats, identity_bootstrap
 from qmag_ray.reports.groups import GroupReport, group_report
-from qmag_ray.reports.scorefiles import score_frame
+from qmag_ray.reports.scorefiles import score_file_frame
 from qmag_ray.workflows.config import EvaluateConfig
 
 logger = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def write_extra_reports(
             with storage.atomic_open(uri) as f:
                 for s in range(0, max(1, len(labels)), SCORE_CHUNK):
                     r = slice(s, s + SCORE_CHUNK)
-                    frame = score_frame(
+                    frame = score_file_frame(
                         path_a=table.path[idx_a[r]],
                         id_a=id_a[r],
                         path_b=table.path[idx_b[r]],
