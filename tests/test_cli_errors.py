@@ -233,6 +233,8 @@ def test_safe_stream_redacts_split_writes_drops_ray_noise_and_masks_env_secrets(
     quiet.write("ss-word@127.0.0.1:5000/#/runs/1\n")
     quiet.write("2026 WARNING authentication_token_setup.py:85 -- Token authentication is ")
     quiet.write("enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out.\n")
+    quiet.write("Registered model 'qmagface' already exists. Creating a new version of this ")
+    quiet.write("model...\n")
     quiet.write("header: tok-0123456789abcdef\nno newline yet")
     assert sink.getvalue() == "View run x at: http://127.0.0.1:5000/#/runs/1\nheader: ***\n"
     quiet.flush()

@@ -55,6 +55,7 @@ QUIET_PATTERNS = (
     re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d INFO mlflow\."),
     re.compile(r"^Successfully registered model '"),
     re.compile(r"^Created version '\d+' of model '"),
+    re.compile(r"^Registered model '.+' already exists\. Creating a new version of this model"),
 )
 
 
