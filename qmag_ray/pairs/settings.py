@@ -8,9 +8,15 @@ from enum import Enum
 from qmag_ray.config import Settings, option, section, settings
 from qmag_ray.pairs.protocols import PairProtocol
 from qmag_ray.pairs.resolve import Match, Policy
-from qmag_ray.pairs.templates import Pooling
 
 _POLICY = "error or skip (skipped items are counted and reported)"
+
+
+class Pooling(str, Enum):
+    """How image features are pooled into media and templates."""
+
+    QUALITY = "quality"
+    MEAN = "mean"
 
 
 class PairMode(str, Enum):

@@ -23,7 +23,6 @@ import io
 import logging
 import posixpath
 from dataclasses import dataclass
-from enum import Enum
 
 import numpy as np
 import pandas as pd
@@ -38,15 +37,9 @@ from qmag_ray.pairs.resolve import (
     ResolveReport,
     lookup_names,
 )
+from qmag_ray.pairs.settings import Pooling
 
 logger = logging.getLogger(__name__)
-
-
-class Pooling(str, Enum):
-    """How image features are pooled into media and templates."""
-
-    QUALITY = "quality"
-    MEAN = "mean"
 
 
 class TemplateError(ValueError):

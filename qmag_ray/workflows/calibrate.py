@@ -29,8 +29,8 @@ from qmag_ray.calibration.result import QMagFaceCalibration
 from qmag_ray.config import to_plain
 from qmag_ray.embeddings import load_embeddings
 from qmag_ray.errors import WorkflowError
-from qmag_ray.pairs.templates import Pooling
-from qmag_ray.quality.columns import QualityColumnError, with_quality
+from qmag_ray.pairs.settings import Pooling
+from qmag_ray.quality.columns import with_chosen_quality
 from qmag_ray.workflows import reporting
 from qmag_ray.workflows.config import CalibrateConfig, PairMode
 from qmag_ray.workflows.provenance import check_embedding_input, embedding_provenance
@@ -224,16 +224,7 @@ def run_calibration(config: CalibrateConfig, *, use_ray: bool = True) -> Calibra
     cfg = config
     checked = check_embedding_input(cfg.embeddings, allow_incomplete=cfg.allow_incomplete)
     table = load_embeddings(cfg.embeddings)
-    try:
-        table, qinfo = with_quality(
-            table,
-            cfg.embeddings,
-            cfg.quality.column,
-            cfg.quality.file,
-            allow_norm=cfg.quality.allow_norm,
-        )
-    except QualityColumnError as exc:
-        raise WorkflowError(str(exc)) from None
+    table, qinfo = with_chosen_quality(table, cfg.embeddings, cfg.quality)
     table, pooled = templates_table(table, cfg)
     shards = _shards(cfg, use_ray)
     sides = build_sides(table, cfg, shards)

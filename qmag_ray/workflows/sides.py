@@ -285,10 +285,10 @@ def _pairs_held_out(
     assert val.pairs is not None
     val_table = table
     if val.embeddings:
-        from qmag_ray.quality.columns import with_quality
+        from qmag_ray.quality.columns import with_chosen_quality
 
-        val_table, _ = with_quality(
-            load_embeddings(val.embeddings), val.embeddings, cfg.quality.column, cfg.quality.file
+        val_table, _ = with_chosen_quality(
+            load_embeddings(val.embeddings), val.embeddings, cfg.quality
         )
     resolved, protocol = read_listed(val_table, val.pairs, val.protocol, cfg)
     listed = ListedPairSource(val_table, resolved, shards=shards)
