@@ -19,6 +19,7 @@ An unannotated block fails the suite, so a new README command is always one or t
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
@@ -107,7 +108,7 @@ def _commands(body: list[tuple[int, str]]) -> list[Command]:
 
 
 BLOCKS = readme_blocks(README.read_text())
-OUTPUT_ANNOTATION = re.compile(r"<!--\s*readme-test:\s*output\s*\((.+?)\)\s*-->")
+OUTPUT_ANNOTATION = re.compile(r"^\s*<!--\s*readme-test:\s*output\s*\((.+?)\)\s*-->\s*$")
 NUMBER = re.compile(r"[-+]?(?:\d+(?:[.,]\d+)*(?:[eE][-+]?\d+)?)")
 
 
@@ -381,9 +382,13 @@ class ReadmeShell:
             timeout=COMMAND_TIMEOUT,
             check=False,
         )
-        record = self.root / "outputs" / f"README-{cmd.line}.txt"
-        record.parent.mkdir(exist_ok=True)
-        record.write_text(f"$ {cmd.text}\n{result.stdout}")
+        # what each command printed, for README's measured-output blocks (QMAG_README_OUTPUTS
+        # keeps a copy outside pytest's temp dirs, which later runs remove)
+        for folder in (self.root / "outputs", os.environ.get("QMAG_README_OUTPUTS")):
+            if folder:
+                Path(folder).mkdir(parents=True, exist_ok=True)
+                record = Path(folder) / f"README-{cmd.line}.txt"
+                record.write_text(f"$ {cmd.text}\n{result.stdout}")
         tail = "\n".join(result.stdout.strip().splitlines()[-12:])
         assert result.returncode == 0, f"{cmd.where()} exited {result.returncode}:\n{tail}"
         self.ran.append(Ran(cmd, result.stdout))
