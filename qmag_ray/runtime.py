@@ -31,9 +31,12 @@ def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> s
         if num_cpus is not None:
             kwargs["num_cpus"] = num_cpus
     ray.init(**kwargs)
-    from qmag_ray.cli.console import quiet_ray_data
+    import sys
 
-    quiet_ray_data()
+    if "ray.data" in sys.modules:  # never import it here: it pulls in torch and pandas
+        from qmag_ray.cli.console import quiet_ray_data  # (~280 MB for a calibration)
+
+        quiet_ray_data()
     gcs = str(ray.get_runtime_context().gcs_address)
     logger.info("connected to Ray at %s", gcs)
     return gcs

@@ -361,6 +361,10 @@ class IdentifyConfig(EmbeddingsInput, PathMatching, ScorerSettings, TemplatePool
     on_unlabelled: Policy = option(
         Policy.ERROR, "Probes without an identity: error or skip (counted)."
     )
+    quality: QualityChoice = section(
+        QualityChoice, "The per-image quality the QMagFace ranking uses.", prefix="quality-"
+    )
+    tracking: TrackingConfig = section(TrackingConfig, "MLflow tracking.")
 
     def check(self) -> None:
         if self.layout is not None:
