@@ -300,8 +300,11 @@ def _head_problem(head: RayHead) -> str | None:
             return (
                 f"ray start exited with {head.service.proc.returncode}:\n{head.service.log_tail()}"
             )
-        if alive_nodes(head):
-            return None
+        try:
+            if alive_nodes(head):
+                return None
+        except subprocess.TimeoutExpired:  # `ray list nodes` itself is slow on a loaded machine
+            pass
         time.sleep(2)
     return f"no node alive after 120 s:\n{head.service.log_tail()}"
 
