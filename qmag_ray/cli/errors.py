@@ -7,7 +7,7 @@ Every ``qmag-ray`` command runs inside ``handled``:
   code 2; any other failure in ``error: <type>: <message>`` and exit code 1; neither shows a
   traceback unless ``--debug`` or ``QMAG_RAY_DEBUG=1`` asks for it;
 * everything the command prints (stdout and stderr, log records and what Ray relays from its
-  workers) passes through ``redact_text``: ``user:password@`` of URIs, signed-URL query values
+  workers) passes through ``redact_console``: ``user:password@`` of URIs, signed-URL query values
   and the values of credential environment variables never reach the terminal;
 * Ray's known messages that tell a user nothing (``QUIET_PATTERNS``) are dropped unless
   ``--verbose``; this holds for what Ray's C++ core writes to the process's stderr below
@@ -69,11 +69,11 @@ def _secret_values() -> list[str]:
     return sorted(set(values), key=len, reverse=True)
 
 
-def redact_text(text: str) -> str:
+def redact_console(text: str) -> str:
     """``text`` without URI credentials, credential query values or secret env values."""
-    from qmag_ray.tracking.sanitize import redact_text as sanitize_text
+    from qmag_ray.tracking.sanitize import redact_text
 
-    text = sanitize_text(text)
+    text = redact_text(text)
     for value in _secret_values():
         if value in text:
             text = text.replace(value, MASK)
@@ -104,7 +104,7 @@ class SafeStream(io.TextIOBase):
             lines = text.splitlines(keepends=True)
             text = "".join(ln for ln in lines if not any(p.search(ln) for p in QUIET_PATTERNS))
         if text and not getattr(self._inner, "closed", False):
-            self._inner.write(redact_text(text))
+            self._inner.write(redact_console(text))
 
     def flush(self) -> None:
         if self._pending:
@@ -262,7 +262,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
 
 def short_message(exc: BaseException, *, limit: int = 2, width: int = 400) -> str:
     """The exception's message cut to ``limit`` lines (each at most ``width`` characters)."""
-    text = redact_text(str(exc).strip()) or type(exc).__name__
+    text = redact_console(str(exc).strip()) or type(exc).__name__
     lines = [ln.rstrip() for ln in text.splitlines() if ln.strip()]
     cut = lines[:limit]
     cut = [ln if len(ln) <= width else ln[: width - 3] + "..." for ln in cut]
@@ -271,11 +271,11 @@ def short_message(exc: BaseException, *, limit: int = 2, width: int = 400) -> st
     return "\n".join(cut)
 
 
-def report(exc: BaseException, *, debug: bool) -> int:
+def report_error(exc: BaseException, *, debug: bool) -> int:
     """Print ``exc`` for a person (traceback only with ``debug``); returns the exit code."""
     if debug:
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        typer.echo(redact_text(text).rstrip(), err=True)
+        typer.echo(redact_console(text).rstrip(), err=True)
     user = isinstance(exc, user_error_types())
     message = short_message(exc)
     if not user:
@@ -301,5 +301,5 @@ def handled(*, debug: bool = False, quiet: bool = True) -> Iterator[None]:
         except (*_PASS_THROUGH, SystemExit):
             raise
         except Exception as exc:  # noqa: BLE001 - this is the one place errors are reported
-            code = report(exc, debug=debug_enabled(debug))
+            code = report_error(exc, debug=debug_enabled(debug))
             raise typer.Exit(code) from None

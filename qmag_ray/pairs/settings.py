@@ -19,6 +19,19 @@ class Pooling(str, Enum):
     MEAN = "mean"
 
 
+class ValidationMode(str, Enum):
+    """How the held-out side is formed.
+
+    ``auto``: ``pairs`` when a validation pair list is given, else ``split`` when every
+    embedding has an identity label, else ``none`` (with a warning in the outcome).
+    """
+
+    AUTO = "auto"
+    SPLIT = "split"
+    PAIRS = "pairs"
+    NONE = "none"
+
+
 class PairMode(str, Enum):
     """Where the calibration pairs come from; ``auto``: a pair list if given, else generated."""
 

@@ -30,7 +30,9 @@ from qmag_ray.embeddings import load_embeddings
 from qmag_ray.errors import WorkflowError
 from qmag_ray.fmr import measurable
 from qmag_ray.pairs.listed import ListedPairSource
+from qmag_ray.pairs.scoring import pair_arrays
 from qmag_ray.pairs.settings import Pooling
+from qmag_ray.pairs.sides import read_listed, templates_table
 from qmag_ray.quality.columns import with_chosen_quality
 from qmag_ray.workflows import reporting
 from qmag_ray.workflows.config import EvaluateConfig, ScorerSettings
@@ -40,7 +42,6 @@ from qmag_ray.workflows.provenance import (
     check_embedding_input,
     embedding_provenance,
 )
-from qmag_ray.workflows.sides import read_listed, templates_table
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +212,7 @@ def run_evaluation(config: EvaluateConfig, *, use_ray: bool = True) -> Evaluatio
     shards = max(1, min(64, len(resolved) // 250_000)) if use_ray else 1
     source = ListedPairSource(table, resolved, shards=shards)
     logger.info("scoring %d pairs in %d shard(s)", len(resolved), shards)
-    cos, q, y = reporting.pair_arrays(source, use_ray=use_ray)
+    cos, q, y = pair_arrays(source, use_ray=use_ray)
     sorted_note = sorted_by_label_note(y, protocol)
     if sorted_note:
         notes.append(sorted_note)

@@ -19,7 +19,7 @@ from qmag_ray.quality.columns import image_values, with_quality
 from qmag_ray.quality.edc import QualityEvaluation, evaluate_quality
 from qmag_ray.reports.bootstrap import BootstrapReport, distribution_stats, identity_bootstrap
 from qmag_ray.reports.groups import GroupReport, group_report
-from qmag_ray.reports.scorefiles import score_frame, write_score_file
+from qmag_ray.reports.scorefiles import score_file_frame, write_score_file
 from qmag_ray.workflows.config import EvaluateConfig
 
 logger = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def write_extra_reports(
     id_a, id_b = table.identity[idx_a], table.identity[idx_b]
     if rep.score_files:
         for system in systems:
-            frame = score_frame(
+            frame = score_file_frame(
                 path_a=table.path[idx_a],
                 id_a=id_a,
                 path_b=table.path[idx_b],
