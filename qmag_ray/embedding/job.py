@@ -181,7 +181,9 @@ def run_embed(config: EmbedConfig, *, connect: Callable[[], Any] | None = None) 
     finally:
         if held is not None:
             held.release()
-    logger.info("%s", summary.line())
+    # the summary is what the caller prints (the CLI's one result line): logged again only
+    # when the run failed (before the error) or with --verbose
+    logger.log(logging.INFO if summary.status == "failed" else logging.DEBUG, "%s", summary.line())
     if summary.status == "failed":
         listed = "; ".join(f"{e['path']}: {e['error']}" for e in summary.failure_examples[:5])
         fraction = summary.failed / max(summary.inputs, 1)

@@ -189,6 +189,7 @@ def main() -> None:
     p.add_argument("--beta", type=float, default=0.1229)
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--head-only", action="store_true", help="fine-tune only the head")
+    p.add_argument("--only-finetuned", action="store_true", help="skip the bundled model")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -197,7 +198,8 @@ def main() -> None:
         tuned.parent.mkdir(parents=True, exist_ok=True)
         (finetune_head if args.head_only else finetune)(args, tuned)
     manifest = pd.read_parquet(f"{args.eval}/manifest.parquet").set_index("path")
-    for name, model in (("bundled", DEMO), ("finetuned", str(tuned))):
+    models = [("bundled", DEMO), ("finetuned", str(tuned))]
+    for name, model in models[1:] if args.only_finetuned else models:
         folder = out / name
         t = time.perf_counter()
         if not (folder / "embeddings").exists():

@@ -5,7 +5,7 @@ trunk once, then the head's SER-FIQ passes (``serfiq_qualities``, the embed acto
 each setting, and prints Spearman(SER-FIQ, degradation) and Spearman(SER-FIQ, norm) next to
 Spearman(norm, degradation). In process, one torch thread::
 
-    .venv/bin/python tests/benchmarks/serfiq_sweep.py EVAL_SET [MODEL.pth]
+    .venv/bin/python tests/benchmarks/serfiq_sweep.py EVAL_SET [MODEL.pth [N_SETTINGS]]
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def main() -> None:
     torch.set_num_threads(1)
     root = sys.argv[1]
     model = sys.argv[2] if len(sys.argv) > 2 else "qmag_ray/assets/demo_iresnet.pth"
+    n_settings = int(sys.argv[3]) if len(sys.argv) > 3 else len(SETTINGS)
     man = pd.read_parquet(f"{root}/manifest.parquet")
     batch = read_and_decode(
         {
@@ -58,7 +59,7 @@ def main() -> None:
     d = man["degradation"].to_numpy()
     print(f"Spearman(norm, degradation) {spearmanr(norm, d).correlation:.3f}", flush=True)
     keys = [image_key(0, str(p)) for p in man["path"]]
-    for p, kind, m in SETTINGS:
+    for p, kind, m in SETTINGS[:n_settings]:
         began = time.process_time()
         settings = SerfiqSettings(m, p, 0, kind)
         with torch.inference_mode():
