@@ -1,10 +1,11 @@
 """Shared entry-point logic of the Ray job scripts in this folder.
 
 Every ``jobs/<command>.py`` takes ``--config URI`` (a YAML file, local or ``s3://``) plus
-``--set key=value`` overrides, merges them into one YAML file and hands over, in the same
-process, to the ``qmag-ray <command>`` command of the library: the job scripts hold no logic of
-their own. Inside a submitted Ray job ``RAY_ADDRESS`` is set, so the command attaches to the
-cluster the job runs on (``qmag_ray.runtime.connect_ray``) and never starts a second one.
+``--set key=value`` overrides and hands both over, in the same process, to the ``qmag-ray
+<command>`` command of the library, which reads the file, applies the overrides and names the
+user's file (or the override) in any error: the job scripts hold no logic of their own.
+Inside a submitted Ray job ``RAY_ADDRESS`` is set, so the command attaches to the cluster the
+job runs on (``qmag_ray.runtime.connect_ray``) and never starts a second one.
 """
 
 from __future__ import annotations
@@ -12,13 +13,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
-import tempfile
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
-
-import yaml
 
 logger = logging.getLogger("qmag_ray.jobs")
 
@@ -28,26 +24,6 @@ Overrides use dotted keys for nested settings (`--set gate.tolerance=0.002`); va
 as YAML (`1e-3`, `true`, `[1, 2]`). Inside a Ray job RAY_ADDRESS is set and the job attaches to
 that cluster; run outside a cluster without --ray-address, the command starts a local Ray.
 """
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML loader that also reads ``1e-3`` as a number (YAML 1.1 wants ``1.0e-3``)."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
-    list("-+0123456789."),
-)
-
-
-def load_yaml(text: str | bytes) -> Any:
-    """Parse YAML safely, with ``1e-3`` read as a float."""
-    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: plain data only
-
-
-class JobConfigError(ValueError):
-    """A job configuration or override that cannot be used; the message names it."""
 
 
 def build_parser(command: str, description: str) -> argparse.ArgumentParser:
@@ -88,56 +64,12 @@ def build_parser(command: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``a.b=value`` -> (["a", "b"], value parsed as YAML)."""
-    key, sep, raw = text.partition("=")
-    parts = [p.strip() for p in key.split(".")]
-    if not sep or not all(parts):
-        raise JobConfigError(f"override {text!r} is not of the form key=value")
-    try:
-        value = load_yaml(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise JobConfigError(f"override {text!r}: value is not valid YAML: {exc}") from None
-    return parts, value
-
-
-def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Return a copy of ``data`` with every ``key=value`` override set (dotted keys nest)."""
-    merged: dict[str, Any] = yaml.safe_load(yaml.safe_dump(data)) or {}
-    for text in overrides:
-        parts, value = parse_override(text)
-        node = merged
-        for depth, part in enumerate(parts[:-1]):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                where = ".".join(parts[: depth + 1])
-                raise JobConfigError(f"override {text!r}: {where} is not a mapping")
-            node = child
-        node[parts[-1]] = value
-    return merged
-
-
-def load_config_mapping(uri: str) -> dict[str, Any]:
-    """Read the YAML mapping at ``uri`` (any fsspec URI) with errors that name the file."""
-    from qmag_ray import storage
-
-    try:
-        loaded = load_yaml(storage.read_bytes(uri))
-    except FileNotFoundError:
-        raise JobConfigError(f"config file not found: {uri}") from None
-    except yaml.YAMLError as exc:
-        raise JobConfigError(f"config file {uri} is not valid YAML: {exc}") from None
-    if loaded is None:
-        return {}
-    if not isinstance(loaded, dict):
-        raise JobConfigError(f"config file {uri} must hold a mapping at the top level")
-    return loaded
-
-
 def cli_arguments(command: str, config_path: str, args: argparse.Namespace) -> list[str]:
     """The argument list handed to the ``qmag-ray`` application."""
     argv = ["--verbose"] if args.verbose else []
     argv += [command, "--config", config_path]
+    for override in args.overrides:
+        argv += ["--set", override]
     if args.ray_address:
         argv += ["--ray-address", args.ray_address]
     return argv + list(args.passthrough)
@@ -170,12 +102,7 @@ def run(
         from qmag_ray.cli import app as qmag_app
 
         app = qmag_app
-    if not args.overrides:
-        return app(args=cli_arguments(command, args.config, args), prog_name="qmag-ray")
-    merged = apply_overrides(load_config_mapping(args.config), args.overrides)
-    keys = ", ".join(o.partition("=")[0].strip() for o in args.overrides)
-    logger.info("config %s with overrides of: %s", args.config, keys)
-    with tempfile.TemporaryDirectory(prefix=f"qmag-ray-{command}-") as tmp:
-        path = Path(tmp) / f"{Path(args.config).stem}+overrides.yaml"
-        path.write_text(yaml.safe_dump(merged, sort_keys=False), encoding="utf-8")
-        return app(args=cli_arguments(command, str(path), args), prog_name="qmag-ray")
+    if args.overrides:
+        keys = ", ".join(o.partition("=")[0].strip() for o in args.overrides)
+        logger.info("config %s with overrides of: %s", args.config, keys)
+    return app(args=cli_arguments(command, args.config, args), prog_name="qmag-ray")

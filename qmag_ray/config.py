@@ -5,7 +5,8 @@ Every setting is declared once, as a field of a frozen pydantic dataclass made w
 nested stage is a ``section(...)``. The same model gives
 
 - the YAML layout of ``--config`` (a nested section is a nested mapping: ``grid: {n_fmr: 30}``),
-- the dotted override keys of the job scripts (``--set grid.n_fmr=30``),
+- the dotted override keys of ``--set`` (``--set grid.n_fmr=30``, on every command and job
+  script; ``parse_override``),
 - the command-line options (``option_specs``: ``grid.n_fmr`` is ``--n-fmr``; a section may put
   a prefix before its fields' flags, a field may name its flag outright), built by
   ``qmag_ray.cli.settings_command``.
@@ -260,6 +261,25 @@ _Loader.add_implicit_resolver(
 def load_yaml(text: str | bytes) -> Any:
     """Parse YAML safely (plain data only), with ``1e-3`` read as a float."""
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``grid.n_fmr=30`` -> ``("grid.n_fmr", 30)``: a dotted key and its value parsed as YAML
+    (``1e-3``, ``true``, ``[1, 2]``; nothing after ``=`` is null). The one parser of the
+    ``--set`` overrides of the commands and the job scripts.
+
+    Raises:
+        ConfigError: not ``key=value``, an empty key part, or a value that is not YAML.
+    """
+    key, sep, raw = text.partition("=")
+    parts = [p.strip() for p in key.split(".")]
+    if not sep or not all(parts):
+        raise ConfigError(f"--set {text!r} is not of the form key=value (dotted keys nest)")
+    try:
+        value = load_yaml(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML: {exc}") from None
+    return ".".join(parts), value
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:

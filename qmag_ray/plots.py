@@ -287,3 +287,56 @@ def group_quality(uri: str, quality: Mapping[str, np.ndarray], measure: str, col
     ax.set_title(f"Quality by {column}", fontsize="medium")
     ax.grid(True, axis="y", alpha=0.3)
     return _save(fig, uri)
+
+
+def cmc_curves(uri: str, ranks: Mapping[str, np.ndarray], max_rank: int) -> str:
+    """CMC curves: the share of mated searches whose mate is within rank 1..``max_rank``, one
+    line per score (``ranks``: 1-based mate rank per mated search, 0 = not in the list)."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    ks = np.arange(1, max_rank + 1)
+    n = 0
+    for i, (name, r) in enumerate(ranks.items()):
+        r = np.asarray(r)
+        n = len(r)
+        rate = [float(np.mean((r >= 1) & (r <= k))) if len(r) else np.nan for k in ks]
+        label = f"{name} (rank-1 {100 * rate[0]:.2f}%)"
+        ax.plot(ks, np.multiply(rate, 100), marker="o", ms=3, color=f"C{i}", label=label)
+    ax.set_xlabel("rank")
+    ax.set_ylabel("identification rate (%)")
+    ax.set_xticks([1, 5, 10, 15, 20] if max_rank >= 20 else list(ks))
+    ax.set_title(f"CMC: {n} mated searches", fontsize="medium")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    return _save(fig, uri)
+
+
+def dir_fpir_curves(
+    uri: str,
+    mated_top1: Mapping[str, np.ndarray],
+    mated_rank1: Mapping[str, np.ndarray],
+    nonmated_top1: Mapping[str, np.ndarray],
+) -> str:
+    """DIR (TPIR) against FPIR, log x axis: at each threshold, the share of non-mated searches
+    with a candidate above it and of mated searches whose rank-1 candidate is the mate above
+    it; one line per score."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    n_nm = 0
+    for i, name in enumerate(mated_top1):
+        s = np.asarray(mated_top1[name], np.float64)
+        ok = np.asarray(mated_rank1[name], bool)
+        nm = np.sort(np.asarray(nonmated_top1[name], np.float64))[::-1]
+        n_nm = len(nm)
+        fpir = np.arange(1, n_nm + 1) / n_nm
+        correct = np.sort(s[ok])
+        above = len(correct) - np.searchsorted(correct, nm, side="right")
+        dirs = above / max(1, len(s))
+        ax.plot(fpir, np.multiply(dirs, 100), color=f"C{i}", label=name, drawstyle="steps-post")
+    ax.set_xscale("log")
+    ax.set_xlabel("false positive identification rate (FPIR)")
+    ax.set_ylabel("detection and identification rate (%)")
+    ax.set_title(f"DIR at FPIR: {n_nm} non-mated searches", fontsize="medium")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    return _save(fig, uri)

@@ -12,7 +12,10 @@ def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> s
     """Connect to the Ray cluster at ``address``, or start a local one when there is none.
 
     Inside a submitted Ray job ``RAY_ADDRESS`` is set and ``ray.init()`` attaches to that
-    cluster: a job never starts a second cluster of its own. Returns the address connected to.
+    cluster: a job never starts a second cluster of its own. Without an address and without
+    ``RAY_ADDRESS`` a new local cluster is started (``address="local"``): a bare
+    ``ray.init()`` would attach to whichever cluster ``ray start`` last started on this
+    machine, someone else's included. Returns the address connected to.
     """
     import ray
 
@@ -23,13 +26,17 @@ def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> s
     if address:
         kwargs["address"] = address
     elif not os.environ.get("RAY_ADDRESS"):
+        kwargs["address"] = "local"
         kwargs["include_dashboard"] = False
         if num_cpus is not None:
             kwargs["num_cpus"] = num_cpus
     ray.init(**kwargs)
-    from qmag_ray.cli.console import quiet_ray_data
+    import sys
 
-    quiet_ray_data()
+    if "ray.data" in sys.modules:  # never import it here: it pulls in torch and pandas
+        from qmag_ray.cli.console import quiet_ray_data  # (~280 MB for a calibration)
+
+        quiet_ray_data()
     gcs = str(ray.get_runtime_context().gcs_address)
     logger.info("connected to Ray at %s", gcs)
     return gcs

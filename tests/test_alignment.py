@@ -3,6 +3,13 @@
 The reference is written here: Umeyama's closed-form similarity (plain numpy) and a plain
 bilinear sampler with a black border. Faces are synthetic renderings placed into real-sized
 loose crops (300x250) by a known similarity transform that also moves their landmarks.
+
+Against that float64 sampler OpenCV differs by up to a few grey levels on the renderings'
+sharpest edges: ``warpAffine`` rounds every sample position to 1/32 pixel (INTER_BITS = 5) and
+its bilinear weights to 15-bit fixed point. The alignment IS OpenCV's warp, so on real-sized
+crops (250x250) it is checked against the standard OpenCV reference written here:
+``cv2.estimateAffinePartial2D`` or Umeyama (skimage's ``SimilarityTransform``) plus
+``cv2.warpAffine``, at most one grey level apart everywhere.
 """
 
 from __future__ import annotations
@@ -69,13 +76,19 @@ def warp(image: np.ndarray, forward: np.ndarray, shape: tuple[int, int]) -> np.n
     return top * (1 - fy) + bottom * fy
 
 
-def loose_crop(seed: int, angle: float, scale: float, shift: tuple[float, float]):
-    """(300x250 BGR crop, its five landmarks, the 112x112 face it holds)."""
+def loose_crop(
+    seed: int,
+    angle: float,
+    scale: float,
+    shift: tuple[float, float],
+    shape: tuple[int, int] = (300, 250),
+):
+    """(``shape`` BGR crop, its five landmarks, the 112x112 face it holds)."""
     _, rgb = make_image(make_identity(seed, 0), seed, 0, 0, max_d=0.0)
     face = np.ascontiguousarray(rgb[:, :, ::-1])
     c, s = np.cos(np.radians(angle)) * scale, np.sin(np.radians(angle)) * scale
     forward = np.array([[c, -s, shift[0]], [s, c, shift[1]]])
-    crop = np.clip(np.rint(warp(face, forward, (300, 250))), 0, 255).astype(np.uint8)
+    crop = np.clip(np.rint(warp(face, forward, shape)), 0, 255).astype(np.uint8)
     landmarks = TEMPLATE @ forward[:, :2].T + forward[:, 2]
     return crop, landmarks, face
 
@@ -114,6 +127,90 @@ def test_alignment_equals_the_reference_within_one_grey_level(seed, angle, scale
     back = align_face(crop, lm).astype(np.float64)
     inner = (slice(8, 104), slice(8, 104))
     assert np.abs(back[inner] - face[inner]).mean() < 4.0
+
+
+REAL_SIZED = [
+    (6, 12.0, 1.6, (60.0, 40.0)),
+    (7, -25.0, 1.35, (40.0, 110.0)),
+    (8, 3.0, 1.8, (25.0, 40.0)),
+    (9, 33.0, 1.5, (120.0, 20.0)),
+    (10, -8.0, 2.0, (10.0, 15.0)),
+]
+
+
+def cv2_reference(image: np.ndarray, landmarks: np.ndarray, how: str) -> np.ndarray:
+    """The standard alignment as OpenCV users write it: the similarity from
+    ``cv2.estimateAffinePartial2D`` (least squares refined on all five points) or Umeyama's
+    closed form (skimage's ``SimilarityTransform.estimate``), then ``cv2.warpAffine``."""
+    import cv2
+
+    if how == "estimateAffinePartial2D":
+        matrix, inliers = cv2.estimateAffinePartial2D(
+            landmarks.astype(np.float64),
+            TEMPLATE.astype(np.float64),
+            method=cv2.RANSAC,
+            ransacReprojThreshold=1e6,  # every point an inlier: refined on all five
+            refineIters=100,
+        )
+        assert matrix is not None and inliers.all()
+    else:
+        matrix = umeyama(landmarks, TEMPLATE)
+    return cv2.warpAffine(
+        image, matrix, (112, 112), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+        borderValue=(0, 0, 0),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("how", ["estimateAffinePartial2D", "umeyama"])
+@pytest.mark.parametrize(("seed", "angle", "scale", "shift"), REAL_SIZED)
+def test_real_sized_crops_equal_an_opencv_reference_within_one_grey_level(
+    seed, angle, scale, shift, how
+) -> None:
+    # 250x250 loose crops (the size of LFW's and most detectors' crops) straight from the
+    # renderer, with its sharp edges, and the same crops after a JPEG round trip
+    crop, lm, _ = loose_crop(seed, angle, scale, shift, (250, 250))
+    assert ((lm >= 0) & (lm < 250)).all()
+    noisy = lm + np.random.default_rng(seed).normal(0, 1.5, lm.shape)  # a detector's noise
+    ours = align_face(crop, noisy).astype(np.int16)
+    ref = cv2_reference(crop, noisy, how).astype(np.int16)
+    assert np.abs(ours - ref).max() <= 1
+    # through the embed job's decoding (a JPEG file, aligned in decode)
+    data = encode(crop, "JPEG")
+    pixels = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))[:, :, ::-1]
+    ours = decode(data, landmarks=noisy).image.astype(np.int16)
+    ref = cv2_reference(np.ascontiguousarray(pixels), noisy, how).astype(np.int16)
+    assert np.abs(ours - ref).max() <= 1
+    # the landmarks of the aligned face land on the template
+    np.testing.assert_allclose(
+        TEMPLATE, lm @ similarity_transform(lm)[:, :2].T + similarity_transform(lm)[:, 2],
+        atol=1e-6,
+    )  # fmt: skip
+
+
+def test_flip_with_serfiq_is_refused_before_ray_starts(tmp_path: Path, monkeypatch) -> None:
+    import ray
+    from typer.testing import CliRunner
+
+    from qmag_ray import runtime
+    from qmag_ray.cli.app import app
+
+    def no_ray(*_a, **_k):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(runtime, "connect_ray", no_ray)
+    monkeypatch.setattr(ray, "init", no_ray)
+    (tmp_path / "images").mkdir()
+    args = ["embed", "--images", str(tmp_path / "images"), "--model", str(tmp_path / "m.pth")]
+    args += ["--arch", "iresnet-demo", "--output", str(tmp_path / "out")]
+    result = CliRunner().invoke(app, [*args, "--flip", "--quality", "serfiq"])
+    assert result.exit_code == 2, result.output
+    lines = [x for x in result.output.strip().splitlines() if x.strip()]
+    assert len(lines) <= 2 and "Traceback" not in result.output
+    assert "--flip" in result.output and "--quality serfiq" in result.output
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="--flip cannot be combined with --quality serfiq"):
+        EmbedConfig(images="i", model="m", arch="iresnet-demo", output="o", flip=True,
+                    quality="serfiq")  # fmt: skip
 
 
 def test_decode_aligns_any_size_and_bad_landmarks_fail_per_image(tmp_path: Path) -> None:

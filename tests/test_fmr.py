@@ -12,7 +12,7 @@ from qmag_ray.fmr import (
     supported_fmrs,
 )
 from qmag_ray.tracking.gate import GateConfig, decide
-from qmag_ray.workflows.validation import check_guard
+from qmag_ray.validation import FmrRow, check_guard
 
 
 def test_measurable_counts_false_matches() -> None:
@@ -31,10 +31,10 @@ def test_tolerance_rule_is_the_larger_allowance() -> None:
 
 def test_guard_and_gate_apply_the_same_rule() -> None:
     # cosine / champion FNMR 0.10; 0.104 is within max(0.0005, 0.05 * 0.10) = 0.005, 0.106 not.
-    rows = [{"fmr": 1e-2, "target": True, "cosine_fnmr": 0.10, "qmagface_fnmr": 0.104}]
-    assert check_guard(rows, 10_000, tolerance=0.05, abs_tolerance=0.0005)["passed"] is True
-    rows[0]["qmagface_fnmr"] = 0.106
-    assert check_guard(rows, 10_000, tolerance=0.05, abs_tolerance=0.0005)["passed"] is False
+    rows = [FmrRow(fmr=1e-2, target=True, cosine_fnmr=0.10, qmagface_fnmr=0.104)]
+    assert check_guard(rows, 10_000, tolerance=0.05, abs_tolerance=0.0005).passed is True
+    rows = [FmrRow(fmr=1e-2, target=True, cosine_fnmr=0.10, qmagface_fnmr=0.106)]
+    assert check_guard(rows, 10_000, tolerance=0.05, abs_tolerance=0.0005).passed is False
     gate = GateConfig(target_fmr=1e-2, max_fnmr_increase=0.0005, max_fnmr_increase_relative=0.05)
     key = gate.fnmr_metric
     assert decide({key: 0.104}, {key: 0.10}, gate).promote

@@ -99,3 +99,16 @@ def test_custom_metric_key_and_validation() -> None:
         GateConfig(max_fnmr_increase=-0.1)
     with pytest.raises(ValueError, match="max_regression.auc"):
         GateConfig(max_regression={"auc": -1})
+
+
+def test_decision_to_dict_is_its_json_form() -> None:
+    gate = GateConfig(target_fmr=1e-3)
+    key = gate.fnmr_metric
+    decision = decide({key: 0.01}, None, gate)
+    data = decision.to_dict()
+    assert data == {
+        "promote": True,
+        "reasons": ["NOTE: no champion yet; the challenger is judged on absolute checks only"],
+    }
+    data["reasons"].append("x")  # a copy: the decision is not changed through it
+    assert len(decision.reasons) == 1

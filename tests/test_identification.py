@@ -278,6 +278,7 @@ def test_scface_and_tinyface_layouts() -> None:
 
 
 @pytest.mark.ray
+@pytest.mark.mlflow
 def test_cli_identify_scface_layout_end_to_end(ray_cluster: None, tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
     centers = rng.normal(size=(4, 16))
@@ -285,22 +286,28 @@ def test_cli_identify_scface_layout_end_to_end(ray_cluster: None, tmp_path: Path
     vec = (centers[ident] + 0.1 * rng.normal(size=(len(SCFACE), 16))).astype(np.float32)
     table = EmbeddingTable(np.array(SCFACE, dtype=object), None, vec, np.linalg.norm(vec, axis=1))
     write_embeddings(table, str(tmp_path / "emb"))
-    res = CliRunner().invoke(
-        app,
-        [
-            "identify",
-            "--embeddings",
-            str(tmp_path / "emb"),
-            "--layout",
-            "scface",
-            "--alpha",
-            "0.05",
-            "--beta",
-            "0.1",
-            "--output",
-            str(tmp_path / "o"),
-        ],
-    )
+    from mlflow_fixtures import tracking_at
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with tracking_at(store):
+        res = CliRunner().invoke(
+            app,
+            [
+                "identify",
+                "--embeddings",
+                str(tmp_path / "emb"),
+                "--layout",
+                "scface",
+                "--alpha",
+                "0.05",
+                "--beta",
+                "0.1",
+                "--output",
+                str(tmp_path / "o"),
+                "--tracking-uri",
+                store,
+            ],
+        )
     assert res.exit_code == 0, res.output
     assert "[d1]" in res.output and "[d3]" in res.output
     doc = json.loads((tmp_path / "o" / "metrics.json").read_text())
@@ -319,3 +326,104 @@ def test_cli_identify_scface_layout_end_to_end(ray_cluster: None, tmp_path: Path
         ],
     )
     assert res.exit_code == 2 and "alpha (--alpha) and beta (--beta)" in res.output
+
+
+def dyadic_unit_vectors(n: int, dim: int, rng: np.random.Generator) -> np.ndarray:
+    """Unit vectors with four entries of +-0.5 (norm exactly 1): every dot product is a
+    multiple of 1/4, exact in float32 whatever the summation order, so scores tie a lot."""
+    out = np.zeros((n, dim), np.float32)
+    for i in range(n):
+        out[i, rng.choice(dim, 4, replace=False)] = rng.choice([-0.5, 0.5], 4)
+    return out
+
+
+@pytest.mark.parametrize("shards", [1, 2, 5])
+def test_sharded_search_with_given_qualities_is_exact_with_ties(shards: int) -> None:
+    # a quality that is not the norm (every norm is 1 here), exact arithmetic, many ties:
+    # the lists must equal the reference sorted by (-score, gallery index) exactly
+    rng = np.random.default_rng(11)
+    g = dyadic_unit_vectors(700, 12, rng)
+    p = dyadic_unit_vectors(90, 12, rng)
+    qg = rng.integers(1, 9, len(g)).astype(np.float32)
+    qp = rng.integers(1, 9, len(p)).astype(np.float32)
+    alpha, beta = 0.5, 0.25  # dyadic: QMagFace scores exact too
+    cos = p.astype(np.float64) @ g.astype(np.float64).T
+    qmag = cos + np.minimum(0.0, beta * cos - alpha) * np.minimum(qp[:, None], qg[None, :])
+    out = search_sharded(
+        p, g, 20, alpha, beta, shards=shards, q_probes=qp, q_gallery=qg, use_ray=False,
+        probe_block=32, gallery_block=64,
+    )  # fmt: skip
+    for name, ref in (("cosine", cos), ("qmagface", qmag)):
+        for r in range(len(p)):
+            expected = sorted(range(len(g)), key=lambda j: (-ref[r, j], j))[:20]
+            assert list(out[name].index[r]) == expected, (name, r)
+            np.testing.assert_array_equal(out[name].score[r], ref[r, expected])
+    # by the norms (all 1) QMagFace would rank exactly as cosine does; by these qualities not
+    assert (out["qmagface"].index != out["cosine"].index).any()
+    by_norm = search_sharded(p, g, 20, alpha, beta, shards=shards, use_ray=False)
+    assert np.array_equal(by_norm["qmagface"].index, by_norm["cosine"].index)
+
+
+@pytest.mark.ray
+@pytest.mark.mlflow
+def test_cli_identify_ranks_by_a_quality_column_and_records_mlflow(
+    ray_cluster: None, generated, tmp_path: Path
+) -> None:
+    import pyarrow.parquet as pq
+    from mlflow import MlflowClient
+    from mlflow_fixtures import tracking_at
+
+    emb = pq.read_table(generated["embeddings"]).to_pandas()
+    # an external quality that disagrees with the norms: reversed order, another scale
+    norms = np.linalg.norm(np.stack(emb["embedding"].to_numpy()), axis=1)
+    ext = pd.DataFrame({"path": emb["path"], "ext_q": 3.0 + (norms.max() - norms) * 0.5})
+    ext.to_csv(tmp_path / "quality.csv", index=False)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["identify", "--embeddings", generated["embeddings"], "--gallery"]
+    args += [generated["gallery"], "--probes", generated["probes"], "--alpha", str(ALPHA)]
+    args += ["--beta", str(BETA), "--output", str(tmp_path / "o"), "--tracking-uri", store]
+    args += ["--quality-column", "ext_q", "--quality-file", str(tmp_path / "quality.csv")]
+    args += ["--experiment", "ident"]
+    with tracking_at(store):
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 0, res.output
+        doc = json.loads((tmp_path / "o" / "metrics.json").read_text())
+        # independent reference: the full score matrices with the file's quality
+        e = emb.set_index("path")
+        q_of = dict(zip(ext["path"], ext["ext_q"], strict=True))
+        gal = pd.read_csv(generated["gallery"], keep_default_na=False)
+        pro = pd.read_csv(generated["probes"], keep_default_na=False)
+        gv = np.stack(e.loc[gal["path"], "embedding"].to_numpy()).astype(np.float64)
+        pv = np.stack(e.loc[pro["path"], "embedding"].to_numpy()).astype(np.float64)
+        cos = (pv / np.linalg.norm(pv, axis=1)[:, None]) @ (
+            gv / np.linalg.norm(gv, axis=1)[:, None]
+        ).T
+        qg = np.array([q_of[x] for x in gal["path"]])
+        qp = np.array([q_of[x] for x in pro["path"]])
+        qmag = cos + np.minimum(0.0, BETA * cos - ALPHA) * np.minimum(qp[:, None], qg[None, :])
+        g_id = [x or None for x in gal["identity"]]
+        cmc, dirs = reference_report(qmag, g_id, list(pro["identity"]))
+        got = doc["results"]["overall"]["qmagface"]
+        for k, v in cmc.items():
+            assert got["cmc"][k] == pytest.approx(v, abs=1e-12), k
+        for f, v in dirs.items():
+            d = got["dir_at_fpir"][f"{f:.0e}"]["dir"]
+            assert (v is None and d is None) or d == pytest.approx(v, abs=1e-12)
+        # the norm's ranking gives other lists: the column was really used
+        _, qmag_norm = reference_scores(pv, gv)
+        assert (np.argmax(qmag, axis=1) != np.argmax(qmag_norm, axis=1)).any()
+        assert doc["quality"]["column"] == "ext_q"
+        # the MLflow run: settings, metrics as in metrics.json, the result files and plots
+        client = MlflowClient(store)
+        exp = client.get_experiment_by_name("ident")
+        (run,) = client.search_runs([exp.experiment_id])
+        assert run.data.tags["qmag_ray.kind"] == "identify"
+        assert run.data.params["quality_column"] == "ext_q"
+        m = run.data.metrics
+        assert m["overall.qmagface.rank_1"] == pytest.approx(got["cmc"]["1"])
+        cos_dir = doc["results"]["overall"]["cosine"]["dir_at_fpir"]["1e-01"]["dir"]
+        assert m["overall.cosine.dir_at_fpir_1e-01"] == pytest.approx(cos_dir)
+        assert m["d1.cosine.rank_5"] == pytest.approx(doc["results"]["d1"]["cosine"]["cmc"]["5"])
+        files = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"metrics.json", "candidates.parquet", "cmc.png", "dir_fpir.png"} <= files
+        assert (tmp_path / "o" / "cmc.png").read_bytes()[:4] == b"\x89PNG"

@@ -206,8 +206,10 @@ def check_job_command(argv: list[str]) -> None:
     args = JOBS_COMMON.build_parser(script.stem, "check").parse_args(argv[2:])
     config = repo_path_of_config(args.config)
     assert config.is_file(), f"--config {args.config} -> {config} does not exist"
+    from qmag_ray.config import parse_override
+
     for override in args.overrides:
-        JOBS_COMMON.parse_override(override)
+        parse_override(override)
 
 
 def ray_command(args: list[str]) -> Any:
@@ -634,18 +636,21 @@ def recording_app(seen: dict[str, Any]) -> typer.Typer:
     @app.command()
     def embed(
         config: str = typer.Option(...),
+        overrides: list[str] = typer.Option([], "--set"),
         ray_address: str | None = typer.Option(None),
         overwrite: bool = typer.Option(False, "--overwrite"),
     ) -> None:
-        seen.update(path=config, config=yaml.safe_load(Path(config).read_text()))
-        seen.update(ray_address=ray_address, overwrite=overwrite)
+        from qmag_ray.config import read_config_file  # local paths and s3:// alike
+
+        seen.update(path=config, config=read_config_file(config))
+        seen.update(overrides=overrides, ray_address=ray_address, overwrite=overwrite)
         if seen["config"].get("fail"):
             raise typer.Exit(code=3)
 
     return app
 
 
-def test_job_hands_merged_config_to_the_command(tmp_path: Path) -> None:
+def test_job_hands_the_users_config_and_its_overrides_to_the_command(tmp_path: Path) -> None:
     config = tmp_path / "embed.yaml"
     config.write_text("images: s3://b/faces/\nactors: 2\ngate:\n  tolerance: 0.01\n")
     seen: dict[str, Any] = {}
@@ -657,15 +662,41 @@ def test_job_hands_merged_config_to_the_command(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exit_info:
         JOBS_COMMON.run("embed", "test", argv=argv, app=recording_app(seen))
     assert exit_info.value.code == 0
-    assert seen["config"] == {
-        "images": "s3://b/faces/",
-        "actors": 8,
-        "gate": {"tolerance": 0.002},
-        "grid": {"fmrs": [0.001, 0.0001]},
-    }
+    # no merged copy: the command reads the user's file and applies the overrides itself
+    assert seen["path"] == str(config)
+    assert seen["overrides"] == ["actors=8", "gate.tolerance=2e-3", "grid.fmrs=[1e-3, 1e-4]"]
     assert seen["ray_address"] == "10.0.0.1:6379" and seen["overwrite"] and seen["verbose"]
-    assert not Path(seen["path"]).exists(), "the merged config is a temporary file"
     assert yaml.safe_load(config.read_text())["actors"] == 2, "the source config is untouched"
+
+
+def test_job_errors_name_the_users_config_file_and_the_override(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Through the real command: a bad key in the file names that file, a bad override is
+    said to come from the command line (no temporary merged file appears anywhere)."""
+    config = tmp_path / "my-recal.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "images": str(tmp_path / "images"),
+                "embeddings": str(tmp_path / "emb"),
+                "model": str(tmp_path / "model.pth"),
+                "arch": "iresnet-demo",
+                "output": str(tmp_path / "runs"),
+                "holdout": {"embeddings": "h", "pairs": "p.csv"},
+                "method": "sigmoid",
+            }
+        )
+    )
+    argv = ["--config", str(config), "--set", "embed.actors=-3", "--set", "grid.n_fmr=40"]
+    with pytest.raises(SystemExit) as exit_info:
+        JOBS_COMMON.run("recalibrate", "test", argv=argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert f"got 'sigmoid' (from {config})" in err
+    assert "embed.actors (--actors) must be >= 1, got -3 (from the command line)" in err
+    assert "overrides.yaml" not in err and "qmag-ray-recalibrate-" not in err
+    assert "Traceback" not in err
 
 
 def test_job_without_overrides_passes_the_config_uri_and_the_exit_code(tmp_path: Path) -> None:
@@ -693,7 +724,14 @@ def test_job_reads_its_config_from_s3(s3_bucket: str) -> None:
             argv=["--config", uri, "--set", "output=s3://b/o2/"],
             app=recording_app(seen),
         )
-    assert seen["config"] == {"images": "s3://b/x/", "output": "s3://b/o2/"}
+    assert seen["config"] == {"images": "s3://b/x/", "output": "s3://b/out/"}
+    assert seen["path"] == uri and seen["overrides"] == ["output=s3://b/o2/"]
+    from qmag_ray.config import load_config, parse_override
+    from qmag_ray.embedding.config import EmbedConfig
+
+    given = dict([parse_override("output=s3://b/o2/")], model="m.pth", arch="iresnet-demo")
+    cfg = load_config(EmbedConfig, uri, given)
+    assert (cfg.images, cfg.output) == ("s3://b/x/", "s3://b/o2/")
 
 
 @pytest.mark.parametrize(
@@ -701,21 +739,30 @@ def test_job_reads_its_config_from_s3(s3_bucket: str) -> None:
     [("actors", "key=value"), ("=3", "key=value"), ("a..b=1", "key=value"), ("k=[1,", "YAML")],
 )
 def test_bad_override_is_refused_with_its_text(override: str, message: str) -> None:
-    with pytest.raises(JOBS_COMMON.JobConfigError, match=message):
-        JOBS_COMMON.apply_overrides({}, [override])
+    from qmag_ray.config import ConfigError, parse_override
+
+    with pytest.raises(ConfigError, match=message) as info:
+        parse_override(override)
+    assert repr(override) in str(info.value)
 
 
-def test_override_below_a_scalar_names_the_key() -> None:
-    with pytest.raises(JOBS_COMMON.JobConfigError, match="actors is not a mapping"):
-        JOBS_COMMON.apply_overrides({"actors": 2}, ["actors.x=1"])
+def test_override_below_a_scalar_names_the_key(tmp_path: Path) -> None:
+    from qmag_ray.config import ConfigError, load_config
+    from qmag_ray.embedding.config import EmbedConfig
+
+    config = tmp_path / "embed.yaml"
+    config.write_text("actors: 2\n")
+    with pytest.raises(ConfigError, match=r"actors is a value, not a section \(actors.x\)"):
+        load_config(EmbedConfig, str(config), {"actors.x": 1})
 
 
-def test_missing_config_file_is_named(tmp_path: Path) -> None:
+def test_missing_config_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     missing = tmp_path / "nope.yaml"
-    with pytest.raises(JOBS_COMMON.JobConfigError, match="nope.yaml"):
-        JOBS_COMMON.run(
-            "embed", "t", argv=["--config", str(missing), "--set", "a=1"], app=typer.Typer()
-        )
+    with pytest.raises(SystemExit) as exit_info:
+        JOBS_COMMON.run("embed", "t", argv=["--config", str(missing), "--set", "actors=1"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert f"config file not found: {missing} (--config)" in err
 
 
 def test_embed_job_config_is_a_valid_embed_config() -> None:

@@ -30,6 +30,7 @@ from qmag_ray.embeddings import load_embeddings
 from qmag_ray.pairs.generate import generate_pairs, identity_split
 from qmag_ray.pairs.listed import score_pairs
 from qmag_ray.pairs.source import ArrayPairSource
+from qmag_ray.validation import MethodComparison
 from qmag_ray.workflows.calibrate import CalibrationOutcome, run_calibration
 from qmag_ray.workflows.config import CalibrateConfig
 
@@ -138,42 +139,47 @@ def test_issue_situation_paper_fit_is_reproduced_and_flagged(
     assert (cal.alpha, cal.beta) == (published.alpha, published.beta)
     assert cal.optimal_thresholds == published.optimal_thresholds
 
-    guard = compared.validation["guard"]
-    assert guard["passed"] is False and compared.guard_passed is False
-    assert any(r.startswith("FAIL: FMR 1e-03") for r in guard["reasons"])
+    guard = compared.validation.guard
+    assert guard.passed is False and compared.guard_passed is False
+    assert any(r.startswith("FAIL: FMR 1e-03") for r in guard.reasons)
     # Judged on the held-out identities: their pairs, rebuilt independently, give the rows.
     cos, q, y = side_arrays(situation, 1)
-    rows = [r for r in compared.validation["rows"] if r["target"]]
-    fmrs = [r["fmr"] for r in rows]
+    rows = [r for r in compared.validation.rows if r.target]
+    fmrs = [r.fmr for r in rows]
     assert fmrs == [1e-3, 1e-2]
     want_cos = oracle_fnmr_at_fmr(cos, y, fmrs)
-    np.testing.assert_allclose([r["cosine_fnmr"] for r in rows], want_cos, rtol=0, atol=1e-12)
+    np.testing.assert_allclose([r.cosine_fnmr for r in rows], want_cos, rtol=0, atol=1e-12)
     paper_fnmr = oracle_fnmr_at_fmr(qmagface_score(cos, q, cal.alpha, cal.beta), y, fmrs)
-    np.testing.assert_allclose([r["qmagface_fnmr"] for r in rows], paper_fnmr, rtol=0, atol=1e-12)
-    assert (paper_fnmr > 2 * np.array([r["cosine_fnmr"] for r in rows])).all()
+    np.testing.assert_allclose([r.qmagface_fnmr for r in rows], paper_fnmr, rtol=0, atol=1e-12)
+    assert (paper_fnmr > 2 * np.array([r.cosine_fnmr for r in rows])).all()
 
 
 def test_compare_methods_reports_every_method_and_direct_beats_cosine(
     compared: CalibrationOutcome, situation: str
 ) -> None:
-    methods = compared.validation["methods"]
-    assert methods["chosen"] == "paper" and methods["methods"] == ["paper", "raw", "direct"]
-    assert methods["guard"] == {"paper": False, "raw": True, "direct": True}
+    methods = compared.validation.methods
+    assert methods is not None
+    assert methods.chosen == "paper" and methods.methods == ("paper", "raw", "direct")
+    assert methods.guard == {"paper": False, "raw": True, "direct": True}
+    assert methods.passing == ["raw", "direct"]
     cos, q, y = side_arrays(situation, 0)
     for name in ("raw", "direct"):
         fitted = fit_qmagface(cos, q, y, grid=GRID, method=name)
-        assert methods["fits"][name] == {"alpha": fitted.alpha, "beta": fitted.beta}
+        assert (methods.fits[name].alpha, methods.fits[name].beta) == (fitted.alpha, fitted.beta)
     held = side_arrays(situation, 1)
-    for row in (r for r in methods["rows"] if r["target"]):
-        assert row["direct"] <= row["cosine"] and row["raw"] is not None
-        fit = methods["fits"]["direct"]
-        scores = qmagface_score(held[0], held[1], fit["alpha"], fit["beta"])
-        want = oracle_fnmr_at_fmr(scores, held[2], [row["fmr"]])[0]
-        assert row["direct"] == pytest.approx(want, abs=1e-12)
-    assert methods["eer"]["direct"] < methods["eer"]["cosine"] < methods["eer"]["paper"]
+    for row in (r for r in methods.rows if r.target):
+        assert row.fnmr["direct"] <= row.cosine and row.fnmr["raw"] is not None
+        fit = methods.fits["direct"]
+        scores = qmagface_score(held[0], held[1], fit.alpha, fit.beta)
+        want = oracle_fnmr_at_fmr(scores, held[2], [row.fmr])[0]
+        assert row.fnmr["direct"] == pytest.approx(want, abs=1e-12)
+    assert methods.eer["direct"] < methods.eer["cosine"] < methods.eer["paper"]
 
     saved = json.loads((Path(compared.output) / "calibration.json").read_text())
-    assert saved["extra"]["validation"]["methods"] == json.loads(json.dumps(methods))
+    assert saved["extra"]["validation"]["methods"] == json.loads(json.dumps(methods.to_dict()))
+    assert MethodComparison.from_dict(saved["extra"]["validation"]["methods"]) == methods
+    direct_row = next(r for r in saved["extra"]["validation"]["methods"]["rows"] if r["target"])
+    assert set(direct_row) == {"fmr", "target", "cosine", "paper", "raw", "direct"}
     table = pd.read_csv(Path(compared.output) / "held_out_methods.csv")
     assert list(table.columns) == ["fmr", "target", "cosine", "paper", "raw", "direct"]
     text = compared.summary()
@@ -182,7 +188,7 @@ def test_compare_methods_reports_every_method_and_direct_beats_cosine(
     flat = compared.tracking_metrics()
     assert flat["held_out.methods.paper.guard_passed"] == 0.0
     assert flat["held_out.methods.direct.fnmr_at_fmr_1e-03"] == next(
-        r["direct"] for r in methods["rows"] if r["fmr"] == 1e-3
+        r.fnmr["direct"] for r in methods.rows if r.fmr == 1e-3
     )
 
 
@@ -193,7 +199,7 @@ def test_split_is_identity_disjoint(compared: CalibrationOutcome, situation: str
     assert compared.fit_identities == fit_ids and compared.held_out_identities == held_ids
     assert not fit_ids & held_ids and fit_ids | held_ids == set(table.identity)
     assert len(fit_ids) == len(held_ids) == 150
-    assert compared.validation["identity_disjoint"] is True
+    assert compared.validation.identity_disjoint is True
 
 
 def test_unknown_method_is_refused_before_any_work(tmp_path: Path) -> None:

@@ -97,3 +97,72 @@ def test_the_norm_of_a_model_not_magface_trained_is_refused_unless_asked(tmp_pat
         with_quality(table, str(out), "quality")
     same, _ = with_quality(table, str(out), "quality", allow_norm=True)
     assert same is table
+
+
+# Execution providers: the GPU path's selection exercised on this CPU-only machine.
+CUDA_EP, CPU_EP = "CUDAExecutionProvider", "CPUExecutionProvider"
+
+
+def test_provider_selection_puts_cuda_first_on_a_gpu_actor_and_cpu_after_it():
+    from qmag_ray.model.onnx import select_providers
+
+    assert select_providers([CUDA_EP, CPU_EP], use_gpu=True) == [CUDA_EP, CPU_EP]
+    assert select_providers(["TensorrtExecutionProvider", CUDA_EP, CPU_EP], True) == [
+        CUDA_EP,
+        CPU_EP,
+    ]
+    assert select_providers([CUDA_EP, CPU_EP], use_gpu=False) == [CPU_EP]
+    assert select_providers([CPU_EP], use_gpu=False) == [CPU_EP]
+    with pytest.raises(ValueError, match="no CUDAExecutionProvider .*onnxruntime-gpu.*--gpus-per"):
+        select_providers([CPU_EP], use_gpu=True)
+
+
+def test_a_session_that_dropped_cuda_is_refused():
+    from qmag_ray.model.onnx import check_session_providers
+
+    check_session_providers([CUDA_EP, CPU_EP], [CUDA_EP, CPU_EP])
+    check_session_providers([CPU_EP], [CPU_EP])
+    with pytest.raises(ValueError, match="could not start CUDAExecutionProvider .*runs on CPU"):
+        check_session_providers([CUDA_EP, CPU_EP], [CPU_EP])
+
+
+def test_gpu_actor_with_the_installed_onnxruntime(tmp_path: Path):
+    """This machine's onnxruntime (CPU wheel): a GPU actor is refused with the fix named; on a
+    machine with onnxruntime-gpu and a GPU the session runs CUDA first."""
+    import onnxruntime as ort
+
+    onnx_file = export(create_backbone("iresnet-demo").eval(), tmp_path / "net.onnx")
+    if CUDA_EP in ort.get_available_providers():
+        actor = EmbedActor(onnx_file, "onnx", use_gpu=True, input_convention="magface")
+        assert actor.onnx.providers[:2] == [CUDA_EP, CPU_EP]
+    else:
+        with pytest.raises(ValueError, match="install onnxruntime-gpu"):
+            EmbedActor(onnx_file, "onnx", use_gpu=True, input_convention="magface")
+
+
+def test_cuda_requested_from_an_onnxruntime_without_it_falls_back_and_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The CUDA branch end to end on the CPU: onnxruntime is told CUDA exists (as
+    onnxruntime-gpu says even when the CUDA libraries will not load), the session is asked
+    for CUDA then CPU, starts on the CPU only (a real session with what such a host gets),
+    and the backbone refuses it."""
+    import onnxruntime as ort
+
+    from qmag_ray.model.onnx import OnnxBackbone, convention
+
+    onnx_file = export(create_backbone("iresnet-demo").eval(), tmp_path / "net.onnx")
+    asked: list[list[str]] = []
+    real_session = ort.InferenceSession
+
+    def session(model, sess_options=None, providers=None):  # noqa: ANN001, ANN202
+        asked.append(list(providers))
+        return real_session(model, sess_options=sess_options, providers=[CPU_EP])
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA_EP, CPU_EP])
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    with pytest.raises(ValueError, match="could not start CUDAExecutionProvider"):
+        OnnxBackbone(onnx_file, convention("magface"), use_gpu=True)
+    assert asked == [[CUDA_EP, CPU_EP]]
+    # the same model on a CPU actor is fine
+    assert OnnxBackbone(onnx_file, convention("magface")).providers == [CPU_EP]

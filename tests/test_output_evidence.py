@@ -10,18 +10,17 @@ import numpy as np
 import pytest
 
 from qmag_ray import plots
+from qmag_ray.validation import FmrRow, Guard, HeldOutComparison
 from qmag_ray.workflows.evaluate import sorted_by_label_note
-from qmag_ray.workflows.validation import format_held_out
 
 
-def validation(n_impostor: int, fmrs: list[float]) -> dict:
-    rows = [{"fmr": f, "target": True, "cosine_fnmr": 0.5, "qmagface_fnmr": 0.4} for f in fmrs]
-    guard = {"passed": True, "reasons": []}
-    return {"n_genuine": 100, "n_impostor": n_impostor, "rows": rows, "eer": {}, "guard": guard}
+def validation(n_impostor: int, fmrs: list[float]) -> HeldOutComparison:
+    rows = tuple(FmrRow(f, True, 0.5, 0.4) for f in fmrs)
+    return HeldOutComparison(100, n_impostor, rows, None, None, Guard(True, ()))
 
 
 def test_held_out_table_shows_the_false_matches_and_marks_fewer_than_ten() -> None:
-    text = format_held_out(validation(90_000, [1.12e-5, 1e-4, 1e-3]))
+    text = validation(90_000, [1.12e-5, 1e-4, 1e-3]).table()
     lines = text.splitlines()
     assert lines[1].split()[-2:] == ["false", "matches"]
     # by hand: floor(1.12e-5 * 90000) = 1, floor(1e-4 * 90000) = 9, floor(1e-3 * 90000) = 90
@@ -29,7 +28,7 @@ def test_held_out_table_shows_the_false_matches_and_marks_fewer_than_ten() -> No
     assert lines[4].split() == ["1e-04", "50.000", "40.000", "9*"]
     assert lines[5].split() == ["1e-03", "50.000", "40.000", "90"]
     assert "* fewer than 10 false matches" in text
-    assert "*" not in format_held_out(validation(90_000, [1e-3, 1e-2]))
+    assert "*" not in validation(90_000, [1e-3, 1e-2]).table()
 
 
 @pytest.fixture()

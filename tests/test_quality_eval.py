@@ -23,7 +23,7 @@ from qmag_ray.quality.columns import QualityColumnError, with_quality
 from qmag_ray.quality.edc import evaluate_quality, step_area
 from qmag_ray.reports.bootstrap import distribution_stats, identity_bootstrap, weighted_fnmr_eer
 from qmag_ray.reports.groups import group_report
-from qmag_ray.reports.scorefiles import read_score_file, score_frame, write_score_file
+from qmag_ray.reports.scorefiles import read_score_file, score_file_frame, write_score_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -141,7 +141,7 @@ def test_d_prime_by_hand():
 
 
 def test_score_files_follow_bobs_documented_csv_layout(tmp_path):
-    frame = score_frame(
+    frame = score_file_frame(
         path_a=np.array(["a/1.jpg", "a/1.jpg", "c/1.jpg"], object),
         id_a=np.array(["a", "a", None], object),
         path_b=np.array(["a/2.jpg", "b/1.jpg", "c/2.jpg"], object),

@@ -1,8 +1,12 @@
 """Recalibration end to end: real local Ray, a real SQLite MLflow store, real images and model.
 
-One test drives three runs (each costs Ray Data and calibration start-ups): the first embeds
+One test drives four runs (each costs Ray Data and calibration start-ups): the first embeds
 everything and becomes champion, the second (through the CLI and a YAML config) sees unchanged
-data and registers nothing, the third embeds only the new identities and is judged by the gate.
+data and registers nothing, the third embeds only the new identities and passes a gate that
+allows any FNMR rise, the fourth fits the same data again (only a setting that does not touch
+the fit changed) and must fail a gate that requires an improvement. Each gate outcome follows
+from the construction, not from the figures. Another test runs a recalibration whose held-out
+guard fails by construction: nothing is registered.
 """
 
 from __future__ import annotations
@@ -118,7 +122,7 @@ def test_a_gate_fmr_the_holdout_cannot_measure_is_refused_before_any_work(
 @pytest.mark.ray
 @pytest.mark.mlflow
 @pytest.mark.slow
-def test_three_recalibrations(ray_cluster: None, tmp_path: Path) -> None:
+def test_four_recalibrations_with_known_gate_outcomes(ray_cluster: None, tmp_path: Path) -> None:
     import mlflow
     from mlflow import MlflowClient
 
@@ -153,7 +157,7 @@ def test_three_recalibrations(ray_cluster: None, tmp_path: Path) -> None:
         # 1. Everything is new; with no champion the version passing the gate becomes champion.
         first = run_recalibration(cfg)
         assert first.status == "registered" and first.version == "1"
-        assert first.embed["embedded_this_run"] == 60 and first.embed["skipped_existing"] == 0
+        assert first.embed.embedded_this_run == 60 and first.embed.skipped_existing == 0
         assert first.promotion is not None and first.promotion.promoted
         assert str(alias_version("qmagface", CHAMPION).version) == "1"
         assert str(alias_version("qmagface", CHALLENGER).version) == "1"
@@ -178,21 +182,55 @@ def test_three_recalibrations(ray_cluster: None, tmp_path: Path) -> None:
             str(tmp_path / "images"),
             SynthSpec(identities=4, images_per_identity=5, first_identity=12),
         )
-        third = run_recalibration(cfg)
-        assert third.embed["embedded_this_run"] == 20 and third.embed["skipped_existing"] == 60
+        # The gate allows an FNMR rise of 1 (FNMR is a fraction): it must promote.
+        permissive = load_config(RecalibrateConfig, str(config_path), {"gate.max_fnmr_increase": 1})
+        third = run_recalibration(permissive)
+        assert third.embed.embedded_this_run == 20 and third.embed.skipped_existing == 60
         assert third.status == "registered" and third.version == "2"
         assert third.fingerprint != first.fingerprint
-        assert str(alias_version("qmagface", CHALLENGER).version) == "2"
         promotion = third.promotion
         assert promotion is not None and promotion.previous_champion == "1"
-        champion = str(alias_version("qmagface", CHAMPION).version)
-        assert champion == ("2" if promotion.promoted else "1")
+        assert promotion.promoted is True and promotion.champion_version == "2"
+        assert str(alias_version("qmagface", CHAMPION).version) == "2"
+        assert str(alias_version("qmagface", CHALLENGER).version) == "2"
         key = "qmagface.fnmr_at_fmr_1e-02"
         new, old = third.challenger_metrics[key], promotion.champion_metrics[key]
-        assert promotion.promoted == (new <= old)  # max_fnmr_increase 0
+        assert np.isfinite(new) and np.isfinite(old)
+        assert any(
+            r.startswith(f"PASS: {key} challenger") and r.endswith("(allowed increase 1)")
+            for r in promotion.decision.reasons
+        ), promotion.decision.reasons
         tags = MlflowClient().get_model_version("qmagface", "2").tags
-        assert tags["gate.promote"] == str(promotion.promoted).lower()
+        assert tags["gate.promote"] == "true"
         assert tags["gate.champion_version"] == "1" and tags[TAG_INPUTS] == third.fingerprint
         metrics = mlflow.get_run(third.run_id).data.metrics
         assert metrics[f"champion_v1.{key}"] == old and metrics[f"challenger.{key}"] == new
-        assert np.isfinite(new) and np.isfinite(old)
+
+        # 4. The same data again; only the guard tolerance changed, which the fit never reads
+        # (validation mode none), so the fingerprint differs but the fitted scorer is the same:
+        # the challenger's FNMR equals the champion's, and a gate that requires a strict
+        # improvement must keep the champion.
+        strict = load_config(
+            RecalibrateConfig,
+            str(config_path),
+            {
+                "validation.tolerance": 0.06,
+                "gate.max_fnmr_increase": 1,
+                "gate.require_improvement": True,
+            },
+        )
+        fourth = run_recalibration(strict)
+        assert fourth.embed.embedded_this_run == 0 and fourth.embed.skipped_existing == 80
+        assert fourth.status == "registered" and fourth.version == "3"
+        assert fourth.fingerprint not in (first.fingerprint, third.fingerprint)
+        assert fourth.challenger_metrics == third.challenger_metrics  # the same scorer
+        kept = fourth.promotion
+        assert kept is not None and kept.promoted is False
+        assert kept.previous_champion == kept.champion_version == "2"
+        assert kept.champion_metrics[key] == fourth.challenger_metrics[key]
+        assert f"FAIL: improvement required, {key} did not improve" in kept.decision.reasons
+        assert str(alias_version("qmagface", CHAMPION).version) == "2"
+        assert str(alias_version("qmagface", CHALLENGER).version) == "3"
+        assert MlflowClient().get_model_version("qmagface", "3").tags["gate.promote"] == "false"
+        decision = fourth.to_dict()
+        assert decision["promotion"]["promoted"] is False and decision["version"] == "3"

@@ -241,3 +241,29 @@ def test_train_takes_a_config_file(tmp_path: Path) -> None:
     path.write_text("data: d\noutput: o\nepochs: 3\nmagface: {scale: 32}\n")
     cfg = load_config(TrainConfig, str(path), {"epochs": 4})
     assert (cfg.epochs, cfg.magface.scale, cfg.data) == (4, 32.0, "d")
+
+
+def test_set_overrides_any_setting_by_its_yaml_key_and_a_flag_wins(tmp_path: Path) -> None:
+    path = tmp_path / "recal.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "images": str(tmp_path / "no-images"),
+                "embeddings": str(tmp_path / "emb"),
+                "model": str(tmp_path / "no-model.pth"),
+                "arch": "iresnet-demo",
+                "output": str(tmp_path / "runs"),
+                "holdout": {"embeddings": "h", "pairs": "p.csv"},
+                "method": "sigmoid",
+            }
+        )
+    )
+    args = ["recalibrate", "--config", str(path), "--set", "method=raw"]
+    args += ["--set", "embed.actors=-3", "--set", "embed.batch_size=0", "--batch-size", "-7"]
+    code, text = invoke(args)
+    assert code == 2, text
+    assert "sigmoid" not in text  # --set method=raw replaced the file's method
+    assert "embed.actors (--actors) must be >= 1, got -3 (from the command line)" in text
+    assert "embed.batch_size (--batch-size) must be >= 1, got -7 (from the command line)" in text
+    code, text = invoke(["recalibrate", "--config", str(path), "--set", "embed.actors"])
+    assert code == 2 and "--set 'embed.actors' is not of the form key=value" in text, text

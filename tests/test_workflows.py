@@ -22,11 +22,11 @@ from qmag_ray.errors import WorkflowError
 from qmag_ray.pairs.generate import generate_pairs, identity_split
 from qmag_ray.pairs.listed import score_pairs
 from qmag_ray.pairs.resolve import ResolveError
+from qmag_ray.pairs.sides import build_sides
+from qmag_ray.validation import FmrRow, Validation, check_guard, target_fmrs
 from qmag_ray.workflows.calibrate import CalibrationOutcome, run_calibration
 from qmag_ray.workflows.config import CalibrateConfig, EvaluateConfig
 from qmag_ray.workflows.evaluate import run_evaluation
-from qmag_ray.workflows.sides import build_sides
-from qmag_ray.workflows.validation import check_guard, target_fmrs
 
 GRID = {"grid.fmr_min": 1e-3, "grid.n_fmr": 12}
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -100,16 +100,17 @@ def test_held_out_figures_are_those_of_the_held_out_identities(
 ) -> None:
     cos, q, y = _side_arrays(helpful, 1)
     cal = helpful_run.calibration
-    rows = [r for r in helpful_run.validation["rows"] if r["cosine_fnmr"] is not None]
-    fmrs = np.array([r["fmr"] for r in rows])
+    rows = [r for r in helpful_run.validation.rows if r.cosine_fnmr is not None]
+    fmrs = np.array([r.fmr for r in rows])
     # Expected figures from the oracles (plain score formula, scikit-learn ROC).
     want_cos = oracle_fnmr_at_fmr(cos, y, fmrs)
-    np.testing.assert_allclose([r["cosine_fnmr"] for r in rows], want_cos, rtol=0, atol=1e-12)
+    np.testing.assert_allclose([r.cosine_fnmr for r in rows], want_cos, rtol=0, atol=1e-12)
     qmag = qmagface_score(cos, q, cal.alpha, cal.beta)
     want_q = oracle_fnmr_at_fmr(qmag, y, fmrs)
-    np.testing.assert_allclose([r["qmagface_fnmr"] for r in rows], want_q, rtol=0, atol=1e-12)
-    assert helpful_run.validation["eer"]["qmagface"] == metrics.eer(qmag, y)
-    assert [r["fmr"] for r in helpful_run.validation["rows"] if r["target"]] == [1e-3, 1e-2]
+    np.testing.assert_allclose([r.qmagface_fnmr for r in rows], want_q, rtol=0, atol=1e-12)
+    comparison = helpful_run.validation.comparison
+    assert comparison is not None and comparison.qmagface_eer == metrics.eer(qmag, y)
+    assert [r.fmr for r in helpful_run.validation.rows if r.target] == [1e-3, 1e-2]
 
 
 def test_split_is_identity_disjoint(helpful: str) -> None:
@@ -137,37 +138,39 @@ def test_guard_flags_a_scorer_worse_than_cosine(
     harmful_run: CalibrationOutcome, helpful_run: CalibrationOutcome
 ) -> None:
     for run, expected in ((harmful_run, False), (helpful_run, True)):
-        guard = run.validation["guard"]
-        assert guard["passed"] is expected
+        guard = run.validation.guard
+        assert guard.passed is expected
         assert run.guard_passed is expected
         worse = [
-            r["qmagface_fnmr"] - r["cosine_fnmr"] > max(5e-4, 0.05 * r["cosine_fnmr"])
-            for r in run.validation["rows"]
-            if r["target"]
+            r.qmagface_fnmr - r.cosine_fnmr > max(5e-4, 0.05 * r.cosine_fnmr)
+            for r in run.validation.rows
+            if r.target
         ]
         assert any(worse) is (not expected)
         saved = QMagFaceCalibration.from_file(run.files["calibration.json"])
-        assert saved.extra["validation"]["guard"] == guard
-    assert any(r.startswith("FAIL: FMR 1e-03") for r in harmful_run.validation["guard"]["reasons"])
+        assert saved.extra["validation"]["guard"] == guard.to_dict()
+        assert saved.extra["validation"]["guard"]["passed"] is expected  # the JSON form
+        assert Validation.from_dict(saved.extra["validation"]) == run.validation  # read back
+    assert any(r.startswith("FAIL: FMR 1e-03") for r in harmful_run.validation.guard.reasons)
     assert "guard (QMagFace not worse than cosine): FAILED" in harmful_run.summary()
     assert harmful_run.tracking_metrics()["guard_passed"] == 0.0
 
 
 def test_check_guard_tolerances() -> None:
-    def rows(c: float | None, q: float | None) -> list[dict]:
-        return [{"fmr": 1e-3, "target": True, "cosine_fnmr": c, "qmagface_fnmr": q}]
+    def rows(c: float | None, q: float | None) -> list[FmrRow]:
+        return [FmrRow(fmr=1e-3, target=True, cosine_fnmr=c, qmagface_fnmr=q)]
 
     kw = {"tolerance": 0.1, "abs_tolerance": 0.001}
-    assert check_guard(rows(0.20, 0.22), 10_000, **kw)["passed"] is True  # 0.02 = 10 % of 0.2
-    assert check_guard(rows(0.20, 0.2201), 10_000, **kw)["passed"] is False
-    assert check_guard(rows(0.005, 0.006), 10_000, **kw)["passed"] is True  # absolute 0.001
-    assert check_guard(rows(0.005, 0.0061), 10_000, **kw)["passed"] is False
+    assert check_guard(rows(0.20, 0.22), 10_000, **kw).passed is True  # 0.02 = 10 % of 0.2
+    assert check_guard(rows(0.20, 0.2201), 10_000, **kw).passed is False
+    assert check_guard(rows(0.005, 0.006), 10_000, **kw).passed is True  # absolute 0.001
+    assert check_guard(rows(0.005, 0.0061), 10_000, **kw).passed is False
     undecided = check_guard(rows(None, None), 100, **kw)
-    assert undecided["passed"] is None and "cannot be measured" in undecided["reasons"][0]
+    assert undecided.passed is None and "cannot be measured" in undecided.reasons[0]
     # 5,000 impostors allow 5 false matches at FMR 1e-3: too few to judge (default 10)
     noisy = check_guard(rows(0.20, 0.50), 5_000, **kw)
-    assert noisy["passed"] is None and "not judged" in noisy["reasons"][0]
-    assert check_guard(rows(0.20, 0.50), 5_000, min_false_matches=5, **kw)["passed"] is False
+    assert noisy.passed is None and "not judged" in noisy.reasons[0]
+    assert check_guard(rows(0.20, 0.50), 5_000, min_false_matches=5, **kw).passed is False
 
 
 def test_target_fmrs() -> None:
@@ -188,7 +191,7 @@ def test_listed_pairs_split_leaves_cross_pairs_out(helpful: str, tmp_path: Path)
     ).to_csv(listing, index=False)
     cfg = calibrate_config(helpful, tmp_path / "out", pairs=str(listing), on_duplicate="skip")
     out = run_calibration(cfg, use_ray=False)
-    fit, held = out.validation["fit_side"], out.validation["held_out_side"]
+    fit, held = out.validation.fit_side, out.validation.held_out_side
     cross = fit["cross_pairs_left_out"]
     assert cross > 0 and fit["protocol"] == "generic"
     # impostor partners are drawn with replacement: repeats are skipped and counted
@@ -208,7 +211,7 @@ def test_exhaustive_mode_measures_metrics_on_a_sample(tmp_path: Path) -> None:
     # 75 fit identities x 4 images: every pair of the 300 images
     assert out.calibration.n_genuine == 75 * 6
     assert out.calibration.n_impostor == 300 * 299 // 2 - 75 * 6
-    sample = out.validation["fit_side"]["metrics_sample"]
+    sample = out.validation.fit_side["metrics_sample"]
     assert out.in_sample["n_impostor"] == sample["n_impostor"] < out.calibration.n_impostor
     assert any("not materialised" in n for n in out.notes)
     assert out.params["exhaustive_metrics"] == "sample of generated pairs"
@@ -230,8 +233,8 @@ def test_validation_with_a_given_pair_list(helpful: str, tmp_path: Path) -> None
     frame.to_csv(listing, index=False)
     cfg = calibrate_config(helpful, tmp_path / "out", **{"validation.pairs": str(listing)})
     out = run_calibration(cfg, use_ray=False)
-    assert out.validation["mode"] == "pairs"
-    assert out.validation["held_out_side"]["n_impostor"] == int((frame["label"] == 0).sum())
+    assert out.validation.mode == "pairs"
+    assert out.validation.held_out_side["n_impostor"] == int((frame["label"] == 0).sum())
     assert out.calibration.n_genuine == 300 * 15  # no split: every identity is fitted on
     assert any("not identity-disjoint" in n for n in out.notes)  # the list reuses identities
 
@@ -398,5 +401,5 @@ def test_ray_calibration_equals_the_in_process_one(
         helpful_run.calibration.alpha,
         helpful_run.calibration.beta,
     )
-    assert out.validation["rows"] == helpful_run.validation["rows"]
+    assert out.validation.rows == helpful_run.validation.rows
     assert out.in_sample == helpful_run.in_sample

@@ -35,10 +35,13 @@ from qmag_ray.calibration.search import weighted_logits
 from qmag_ray.pairs.source import PairBlock
 from qmag_ray.scores import qmagface_score
 
-#: Histogram counts held per pass (int64: 32 MB).
-HIST_CELLS = 1 << 22
-#: Collected score values held per pass (float64: 32 MB).
-COLLECT_VALUES = 1 << 22
+#: Histogram counts held per pass (int64: 8 MB). Each pass result exists in a few copies at
+#: once (the shard's, its serialised copy in the object store, the driver's sum), so this
+#: bounds the job's memory; 4x larger budgets gave the same number of passes at 1e7 and 1e8 pairs
+#: and ~100 MB more peak memory (tests/benchmarks/bench_scale.py).
+HIST_CELLS = 1 << 20
+#: Collected score values held per pass (float64: 8 MB).
+COLLECT_VALUES = 1 << 20
 #: Bins of a row in the first pass, at most / at least.
 FIRST_BINS_MAX = 1 << 17
 MIN_BITS, MAX_BITS = 4, 16

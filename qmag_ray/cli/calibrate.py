@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -11,6 +11,9 @@ from qmag_ray.cli import options as opts
 from qmag_ray.cli.app import app
 from qmag_ray.cli.settings_command import GivenSettings, settings_command
 from qmag_ray.workflows.config import CalibrateConfig, PairMode
+
+if TYPE_CHECKING:
+    from qmag_ray.workflows.calibrate import CalibrationOutcome
 
 logger = logging.getLogger(__name__)
 
@@ -64,27 +67,27 @@ def calibrate(
         _record(outcome, cfg, address)
 
 
-def _record(outcome: Any, cfg: Any, address: str) -> None:
+def _record(outcome: CalibrationOutcome, cfg: CalibrateConfig, address: str) -> None:
     """Log the run (params, metrics, artifacts, tags) and register the scorer if allowed."""
     from qmag_ray.cli._support import log_files
     from qmag_ray.tracking import policy
     from qmag_ray.tracking.runs import tracked_run
 
     cal = outcome.calibration
-    guard = outcome.validation["guard"]
+    validation = outcome.validation
     tags = {
         "qmag_ray.guard": policy.guard_verdict(outcome.guard_passed),
-        "qmag_ray.guard_reasons": "\n".join(guard["reasons"]),
-        "qmag_ray.validation": outcome.validation["mode"],
+        "qmag_ray.guard_reasons": "\n".join(validation.guard.reasons),
+        "qmag_ray.validation": validation.mode,
         "qmag_ray.data_fingerprint": cal.fingerprint,
         "qmag_ray.method": cal.method,
     }
     if cal.extra.get("grid_note"):  # the raised grid floor (also in calibration.json)
         tags["qmag_ray.grid_note"] = cal.extra["grid_note"]
-    compared = outcome.validation.get("methods")
-    if compared and compared.get("guard"):
+    compared = validation.methods
+    if compared is not None and compared.guard:
         tags["qmag_ray.methods_guard"] = ", ".join(
-            f"{m}: {policy.guard_verdict(compared['guard'][m])}" for m in compared["methods"]
+            f"{m}: {policy.guard_verdict(compared.guard[m])}" for m in compared.methods
         )
     with tracked_run(
         kind="calibrate", experiment=cfg.tracking.experiment, ray_address=address, tags=tags
@@ -110,7 +113,7 @@ def _record(outcome: Any, cfg: Any, address: str) -> None:
         for line in registration.lines():
             typer.echo(line)
         if not registration.registered and outcome.guard_passed is False:
-            passing = [m for m, ok in (compared or {}).get("guard", {}).items() if ok]
+            passing = [] if compared is None else compared.passing
             if passing:
                 typer.echo(f"registry: method(s) passing the guard here: {', '.join(passing)}")
         run.set_tags(

@@ -139,7 +139,7 @@ def demo(
     """Run the demo end to end: synth, embed, calibrate + held-out evaluation, register."""
     from qmag_ray.cli.console import verbose
     from qmag_ray.runtime import connect_ray
-    from qmag_ray.workflows.validation import format_held_out
+    from qmag_ray.validation import Validation
 
     out = Path(output).resolve()
     earlier = sorted((out / "calibration").glob("run-*")) if out.exists() else []
@@ -234,9 +234,9 @@ def demo(
         f"alpha = {cal['alpha']:.6f}   beta = {cal['beta']:.6f}   ({cal['n_genuine']} genuine / "
         f"{cal['n_impostor']} impostor calibration pairs)"
     )
-    validation = cal["extra"]["validation"]
-    typer.echo(format_held_out(validation))
-    for note in validation.get("notes", []):
+    validation = Validation.from_dict(cal["extra"]["validation"])
+    typer.echo(validation.table())
+    for note in validation.notes:
         typer.echo(f"note: {note}")
 
     _step(4, "champion alias")

@@ -3,7 +3,8 @@
 ``@settings_command(app, CalibrateConfig)`` gives the decorated function one option per leaf
 setting of the model (flag, type, choices and help text from the model; the help states the
 model's default and marks required settings), plus ``--config`` (a YAML file of the same
-settings). The function receives a ``GivenSettings`` as its first argument and declares any
+settings) and ``--set KEY=VALUE`` (any setting by its dotted YAML key, what the job scripts
+pass on). The function receives a ``GivenSettings`` as its first argument and declares any
 options of its own (``--ray-address``...) as ordinary typer parameters after it::
 
     @settings_command(app, EvaluateConfig)
@@ -30,6 +31,10 @@ REQUIRED_MARK = "[required: here or in --config]"
 CONFIG_HELP = (
     "YAML file of these settings (nested sections as mappings, e.g. grid: {{n_fmr: 30}}; see "
     "{model}); options given here override it."
+)
+SET_HELP = (
+    "Override one setting of the configuration by its YAML key, dotted for nested sections "
+    "(grid.n_fmr=30); the value is YAML; repeatable; an option given by its own flag wins."
 )
 
 
@@ -76,6 +81,22 @@ def _mapping(spec: OptionSpec, items: list[str]) -> dict[str, Any]:
     return out
 
 
+def _overrides(items: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` items as dotted key -> value, or exit 2 naming the bad one."""
+    from qmag_ray.config import ConfigError, parse_override
+
+    out: dict[str, Any] = {}
+    for item in items:
+        try:
+            key, value = parse_override(item)
+        except ConfigError as exc:
+            from qmag_ray.cli._support import fail
+
+            fail(f"configuration: {exc}")
+        out[key] = value
+    return out
+
+
 def setting_option(model: type, key: str) -> Any:
     """The option of one setting of ``model`` (flag, type, help from the model), for a command
     that takes a few settings without a whole model (``tracking_uri: TrackingUri = None``)."""
@@ -114,7 +135,7 @@ def settings_command(
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         own = list(inspect.signature(fn, eval_str=True).parameters.values())[1:]
-        taken = {s.param for s in specs} | {"config"}
+        taken = {s.param for s in specs} | {"config", "overrides"}
         clash = [p.name for p in own if p.name in taken]
         if clash:
             raise TypeError(f"{fn.__name__}: options {clash} are already settings of {model}")
@@ -134,12 +155,23 @@ def settings_command(
                 annotation=Annotated[str | None, typer.Option("--config", help=config_help)],
             )
         )
+        params.append(
+            inspect.Parameter(
+                "overrides",
+                inspect.Parameter.KEYWORD_ONLY,
+                default=None,
+                annotation=Annotated[
+                    list[str] | None,
+                    typer.Option("--set", help=SET_HELP, metavar="KEY=VALUE"),
+                ],
+            )
+        )
         params += [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
 
         @functools.wraps(fn)
         def command(**kwargs: Any) -> Any:
             config = kwargs.pop("config", None)
-            values: dict[str, Any] = {}
+            values = _overrides(kwargs.pop("overrides", None) or [])
             for spec in specs:
                 value = kwargs.pop(spec.param, None)
                 if value is None or ((spec.is_mapping or spec.is_sequence) and not value):

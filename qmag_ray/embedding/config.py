@@ -214,6 +214,11 @@ class EmbedConfig(EmbedResources):
             raise ValueError(f"quality must be norm or serfiq, got {self.quality!r}")
         if self.quality == "serfiq":
             self.serfiq_settings  # noqa: B018 - validates the dropout type
+        if self.flip and self.quality == "serfiq":
+            raise ValueError(
+                "--flip cannot be combined with --quality serfiq (SER-FIQ's dropout passes "
+                "score one image, not the mean of a face and its mirror): drop one of the two"
+            )
         if bool(self.images) == bool(self.manifest):
             raise ValueError("give exactly one of `images` (a folder tree) or `manifest` (a table)")
         if self.images_root and not self.manifest:

@@ -170,7 +170,11 @@ def build_dataset(  # noqa: ANN201 - a ray Dataset
 ):
     """Ray Data over the shards' todo tables: read+decode tasks, then the part-writing actors."""
     import ray
+    import ray.data
 
+    from qmag_ray.cli.console import quiet_ray_data
+
+    quiet_ray_data()  # Ray Data's progress bars and INFO lines only with --verbose
     ds = ray.data.from_arrow_refs(todo_refs)
     extra = {"resources": dict(config.resources)} if config.resources else {}
     ds = ds.map_batches(

@@ -82,6 +82,38 @@ def is_onnx(uri: str) -> bool:
     return uri.lower().endswith(".onnx")
 
 
+CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
+
+
+def select_providers(available: list[str], use_gpu: bool) -> list[str]:
+    """onnxruntime execution providers for a session, in order of preference.
+
+    On a GPU actor (``use_gpu``): CUDA first, the CPU after it for the operators CUDA lacks.
+    A GPU actor whose onnxruntime has no CUDA provider (the CPU-only ``onnxruntime`` wheel
+    instead of ``onnxruntime-gpu``) is an error rather than a silent CPU run holding a GPU.
+    """
+    if not use_gpu:
+        return [CPU]
+    if CUDA not in available:
+        raise ValueError(
+            f"the actor has a GPU but onnxruntime offers no {CUDA} (available: "
+            f"{', '.join(available) or 'none'}); install onnxruntime-gpu on the workers or "
+            "run the ONNX model with --gpus-per-actor 0"
+        )
+    return [CUDA, CPU]
+
+
+def check_session_providers(requested: list[str], got: list[str]) -> None:
+    """Refuse a session that dropped CUDA although it was requested (onnxruntime-gpu falls
+    back to the CPU with a warning only, e.g. when the CUDA or cuDNN libraries do not load)."""
+    if requested[0] == CUDA and (not got or got[0] != CUDA):
+        raise ValueError(
+            f"onnxruntime could not start {CUDA} (the session runs on {', '.join(got) or '-'}): "
+            "check the CUDA and cuDNN libraries onnxruntime-gpu needs on the workers, or run "
+            "with --gpus-per-actor 0"
+        )
+
+
 class OnnxBackbone:
     """An ONNX embedding network on onnxruntime (CUDA provider when asked and available)."""
 
@@ -92,10 +124,7 @@ class OnnxBackbone:
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = max(1, threads)
-        available = ort.get_available_providers()
-        providers = ["CPUExecutionProvider"]
-        if use_gpu and "CUDAExecutionProvider" in available:
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        providers = select_providers(ort.get_available_providers(), use_gpu)
         try:
             self.session = ort.InferenceSession(
                 storage.read_bytes(uri), sess_options=options, providers=providers
@@ -108,6 +137,7 @@ class OnnxBackbone:
                 f"{(str(exc).splitlines() or [''])[0]}"
             ) from None
         self.providers = self.session.get_providers()
+        check_session_providers(providers, self.providers)
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
             raise ValueError(f"{storage.redact(uri)}: expected one input, found {len(inputs)}")

@@ -13,13 +13,14 @@ import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from qmag_ray import storage
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 class PairFileError(ValueError):
@@ -238,6 +239,10 @@ def parse_csv(text: str, source: str = "<text>", delimiter: str = ",") -> PairLi
 
 def read_parquet_pairs(uri: str) -> PairList:
     """A Parquet pair list with columns ``a``, ``b``, ``label``; ``line`` holds 1-based rows."""
+    import pyarrow as pa  # here, not at import: the command line loads this module
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
     source = storage.redact(uri)
     fs, path = storage.filesystem(uri)
     try:

@@ -8,9 +8,28 @@ from enum import Enum
 from qmag_ray.config import Settings, option, section, settings
 from qmag_ray.pairs.protocols import PairProtocol
 from qmag_ray.pairs.resolve import Match, Policy
-from qmag_ray.pairs.templates import Pooling
 
 _POLICY = "error or skip (skipped items are counted and reported)"
+
+
+class Pooling(str, Enum):
+    """How image features are pooled into media and templates."""
+
+    QUALITY = "quality"
+    MEAN = "mean"
+
+
+class ValidationMode(str, Enum):
+    """How the held-out side is formed.
+
+    ``auto``: ``pairs`` when a validation pair list is given, else ``split`` when every
+    embedding has an identity label, else ``none`` (with a warning in the outcome).
+    """
+
+    AUTO = "auto"
+    SPLIT = "split"
+    PAIRS = "pairs"
+    NONE = "none"
 
 
 class PairMode(str, Enum):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import io
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 
 from qmag_ray import storage
 from qmag_ray.embeddings import SHOW, EmbeddingTable, _part_files
+from qmag_ray.errors import WorkflowError
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +39,16 @@ NORM = "quality"
 RESERVED = ("path", "identity", "embedding")
 
 
-class QualityColumnError(ValueError):
+class QualityColumnError(WorkflowError):
     """A quality or group column that cannot be used; the message names flag, file and fix."""
+
+
+class QualityChoiceLike(Protocol):
+    """The quality settings of a command (``workflows.config.QualityChoice``)."""
+
+    column: str
+    file: str | None
+    allow_norm: bool
 
 
 @dataclass(frozen=True)
@@ -240,3 +249,13 @@ def with_quality(
     if info.n_missing:
         logger.warning("%s", info.note())
     return out, info
+
+
+def with_chosen_quality(
+    table: EmbeddingTable, embeddings_uri: str, choice: QualityChoiceLike
+) -> tuple[EmbeddingTable, QualityInfo]:
+    """``with_quality`` with a command's quality settings (column, file, ``--norm-quality``):
+    the one way calibrate, evaluate and a validation side attach the chosen quality."""
+    return with_quality(
+        table, embeddings_uri, choice.column, choice.file, allow_norm=choice.allow_norm
+    )

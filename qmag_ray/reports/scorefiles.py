@@ -54,7 +54,7 @@ def _subjects(
     return sa, sb
 
 
-def score_frame(
+def score_file_frame(
     *,
     path_a: np.ndarray,
     id_a: np.ndarray,

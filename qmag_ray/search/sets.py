@@ -25,11 +25,14 @@ import posixpath
 import re
 from dataclasses import dataclass
 from enum import Enum
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from qmag_ray import storage
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 class SetError(ValueError):
@@ -74,6 +77,8 @@ def _none(v: object) -> str | None:
 def read_set(uri: str, what: str) -> SearchSet:
     """A CSV/TSV/Parquet list with ``path`` and ``identity`` (optional ``subset``, ``template``,
     ``media``); IJB's 1:N lists (``TEMPLATE_ID, SUBJECT_ID, FILENAME``) are read as templates."""
+    import pandas as pd  # here, not at import: the command line loads this module
+
     where = storage.redact(uri)
     try:
         if uri.lower().endswith((".parquet", ".pq")):
@@ -137,6 +142,8 @@ def scface_sets(
     paths: np.ndarray, cameras: tuple[int, ...] = (1, 2, 3, 4, 5)
 ) -> tuple[SearchSet, SearchSet]:
     """SCface's mugshot gallery and its surveillance probes by distance (subsets d1, d2, d3)."""
+    import pandas as pd  # here, not at import: the command line loads this module
+
     gallery, probes = [], []
     for p in map(str, paths):
         m = _SCFACE_MUG.search(p)
@@ -165,6 +172,8 @@ def _tinyface_identity(path: str) -> str:
 
 def tinyface_sets(paths: np.ndarray) -> tuple[SearchSet, SearchSet]:
     """TinyFace's gallery (matches + distractors, subset None) and probes."""
+    import pandas as pd  # here, not at import: the command line loads this module
+
     gallery, probes = [], []
     for p in map(str, paths):
         parts = p.split("/")

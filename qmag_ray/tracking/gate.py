@@ -79,6 +79,9 @@ class GateDecision:
     promote: bool
     reasons: list[str]
 
+    def to_dict(self) -> dict[str, object]:
+        return {"promote": self.promote, "reasons": list(self.reasons)}
+
     def summary(self) -> str:
         verdict = "promote" if self.promote else "keep champion"
         return f"{verdict}: " + "; ".join(self.reasons)

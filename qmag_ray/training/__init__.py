@@ -1,23 +1,30 @@
-"""MagFace training on Ray Train: the loss, the data, the worker loop and the driver."""
+"""MagFace training on Ray Train: the loss, the data, the worker loop and the driver.
 
-from qmag_ray.training.config import TrainConfig
-from qmag_ray.training.magface import (
-    MagFaceHead,
-    MagFaceParams,
-    magface_logits,
-    magface_loss,
-    magnitude,
-    margin,
-    regulariser,
-)
+Public names resolve on first use: importing this package (for ``TrainConfig``, say, from the
+command line) does not import torch.
+"""
 
-__all__ = [
-    "MagFaceHead",
-    "MagFaceParams",
-    "TrainConfig",
-    "magface_logits",
-    "magface_loss",
-    "magnitude",
-    "margin",
-    "regulariser",
-]
+from __future__ import annotations
+
+from typing import Any
+
+_LAZY = {
+    "TrainConfig": "qmag_ray.training.config",
+    "MagFaceHead": "qmag_ray.training.magface",
+    "MagFaceParams": "qmag_ray.training.magface",
+    "magface_logits": "qmag_ray.training.magface",
+    "magface_loss": "qmag_ray.training.magface",
+    "magnitude": "qmag_ray.training.magface",
+    "margin": "qmag_ray.training.magface",
+    "regulariser": "qmag_ray.training.magface",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'qmag_ray.training' has no attribute {name!r}")

@@ -29,19 +29,21 @@ from qmag_ray.calibration.result import QMagFaceCalibration
 from qmag_ray.config import to_plain
 from qmag_ray.embeddings import load_embeddings
 from qmag_ray.errors import WorkflowError
-from qmag_ray.pairs.templates import Pooling
-from qmag_ray.quality.columns import QualityColumnError, with_quality
-from qmag_ray.workflows import reporting
-from qmag_ray.workflows.config import CalibrateConfig, PairMode
-from qmag_ray.workflows.provenance import check_embedding_input, embedding_provenance
-from qmag_ray.workflows.sides import PairSide, Sides, build_sides, templates_table
-from qmag_ray.workflows.validation import (
-    format_held_out,
-    format_methods,
+from qmag_ray.pairs.scoring import pair_arrays, shuffled_for_folds
+from qmag_ray.pairs.settings import Pooling
+from qmag_ray.pairs.sides import PairSide, Sides, build_sides, templates_table
+from qmag_ray.quality.columns import with_chosen_quality
+from qmag_ray.validation import (
+    HeldOutComparison,
+    MethodComparison,
+    Validation,
     held_out_comparison,
     method_comparison,
     not_evaluated,
 )
+from qmag_ray.workflows import reporting
+from qmag_ray.workflows.config import CalibrateConfig, PairMode
+from qmag_ray.workflows.provenance import check_embedding_input, embedding_provenance
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +57,7 @@ class CalibrationOutcome:
     files: dict[str, str]
     in_sample: dict[str, Any]
     held_out: dict[str, Any] | None
-    validation: dict[str, Any]
+    validation: Validation
     params: dict[str, Any]
     notes: list[str] = field(default_factory=list)
     fit_identities: frozenset[str] = frozenset()
@@ -64,7 +66,21 @@ class CalibrationOutcome:
     @property
     def guard_passed(self) -> bool | None:
         """True/False: the held-out guard's verdict; None: not evaluated."""
-        return self.validation["guard"]["passed"]
+        return self.validation.passed
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: what ``metrics.json`` holds, with the output, files, params and notes."""
+        cal = self.calibration
+        return {
+            "calibration": {"alpha": cal.alpha, "beta": cal.beta, "method": cal.method},
+            "in_sample": self.in_sample,
+            "held_out": self.held_out,
+            "validation": self.validation.to_dict(),
+            "output": storage.redact(self.output),
+            "files": {k: storage.redact(v) for k, v in self.files.items()},
+            "params": self.params,
+            "notes": list(self.notes),
+        }
 
     def tracking_metrics(self) -> dict[str, float]:
         """Flat numeric metrics for MLflow: alpha, beta, counts, in-sample and held-out."""
@@ -75,7 +91,7 @@ class CalibrationOutcome:
             "n_genuine": float(cal.n_genuine),
             "n_impostor": float(cal.n_impostor),
             **reporting.flat_metrics(self.in_sample, "in_sample"),
-            **reporting.validation_metrics(self.validation),
+            **self.validation.tracking_metrics(),
         }
         if self.held_out is not None:
             out.update(reporting.flat_metrics(self.held_out, "held_out"))
@@ -93,10 +109,8 @@ class CalibrationOutcome:
             else "in-sample (the calibration pairs):",
             metrics.format_table(self.in_sample),
             "",
-            format_held_out(self.validation),
+            self.validation.table(),
         ]
-        if "methods" in self.validation:
-            lines += ["", format_methods(self.validation["methods"])]
         if self.notes:
             lines += ["", *[f"note: {n}" for n in self.notes]]
         lines += ["", f"results in {storage.redact(self.output)}"]
@@ -130,17 +144,28 @@ def _fit(
 
 
 def _metric_arrays(side: PairSide, cfg: CalibrateConfig, use_ray: bool):
-    arrays = reporting.pair_arrays(side.listed, use_ray=use_ray)
+    arrays = pair_arrays(side.listed, use_ray=use_ray)
     if side.info.get("pairs") != "listed":  # generated (or a generated sample): genuine first
-        arrays = reporting.shuffled_for_folds(arrays, cfg.generate.seed)
+        arrays = shuffled_for_folds(arrays, cfg.generate.seed)
     return arrays
+
+
+@dataclass(frozen=True, eq=False)
+class _Validated:
+    """The held-out comparison (None without a held-out side), its side description and the
+    figures and arrays the report files need."""
+
+    comparison: HeldOutComparison | None
+    fields: dict[str, Any]
+    report: dict[str, Any] | None = None
+    arrays: tuple | None = None
 
 
 def _validate(
     sides: Sides, cal: QMagFaceCalibration, cfg: CalibrateConfig, use_ray: bool
-) -> tuple[dict[str, Any], dict[str, Any] | None, tuple | None]:
-    """The held-out comparison and report (or the 'not evaluated' record)."""
-    info: dict[str, Any] = {
+) -> _Validated:
+    """The held-out comparison and report (or why there is none)."""
+    fields: dict[str, Any] = {
         "mode": sides.validation_mode.value,
         "fit_side": sides.fit.info,
         "n_identities_fit": len(sides.fit.identities),
@@ -148,7 +173,7 @@ def _validate(
     held = sides.held_out
     if held is None:
         reason = next((n for n in sides.notes if "validation" in n), "no held-out side")
-        return {**not_evaluated(reason), **info}, None, None
+        return _Validated(None, {**fields, "guard": not_evaluated(reason)})
     genuine, impostor = held.listed.counts()
     if not genuine or not impostor:
         raise WorkflowError(
@@ -164,12 +189,13 @@ def _validate(
         abs_tolerance=cfg.validation.abs_tolerance,
         min_false_matches=cfg.validation.min_false_matches,
     )
-    info.update(
+    fields.update(
+        guard=comparison.guard,
         held_out_side=held.info,
         n_identities_held_out=len(held.identities),
         identity_disjoint=not (sides.fit.identities & held.identities),
     )
-    return {**comparison, **info}, reporting.report(*arrays, cal), arrays
+    return _Validated(comparison, fields, reporting.report(*arrays, cal), arrays)
 
 
 def _compare_methods(
@@ -178,7 +204,7 @@ def _compare_methods(
     cfg: CalibrateConfig,
     use_ray: bool,
     held_arrays: tuple | None,
-) -> dict[str, Any]:
+) -> MethodComparison:
     """Fit every method on the fit side and measure each on the held-out pairs."""
     fits: dict[str, QMagFaceCalibration] = {}
     for method in METHODS:
@@ -187,7 +213,7 @@ def _compare_methods(
         else:
             logger.info("compare methods: fitting %s on the fit side", method)
             fits[method] = _fit(sides.fit, cfg, use_ray, method)
-    comparisons: dict[str, dict[str, Any]] = {}
+    comparisons: dict[str, HeldOutComparison] = {}
     if held_arrays is not None:
         v = cfg.validation
         for method, fitted in fits.items():
@@ -224,16 +250,7 @@ def run_calibration(config: CalibrateConfig, *, use_ray: bool = True) -> Calibra
     cfg = config
     checked = check_embedding_input(cfg.embeddings, allow_incomplete=cfg.allow_incomplete)
     table = load_embeddings(cfg.embeddings)
-    try:
-        table, qinfo = with_quality(
-            table,
-            cfg.embeddings,
-            cfg.quality.column,
-            cfg.quality.file,
-            allow_norm=cfg.quality.allow_norm,
-        )
-    except QualityColumnError as exc:
-        raise WorkflowError(str(exc)) from None
+    table, qinfo = with_chosen_quality(table, cfg.embeddings, cfg.quality)
     table, pooled = templates_table(table, cfg)
     shards = _shards(cfg, use_ray)
     sides = build_sides(table, cfg, shards)
@@ -255,7 +272,7 @@ def run_calibration(config: CalibrateConfig, *, use_ray: bool = True) -> Calibra
     logger.info(
         "calibrating (%s pairs, method %s) on %d genuine / %d impostor pairs in %d shard(s)",
         cfg.resolved_pair_mode.value,
-        cfg.method,
+        getattr(cfg.method, "value", cfg.method),
         n_gen,
         n_imp,
         sides.fit.source.num_shards(),
@@ -266,12 +283,16 @@ def run_calibration(config: CalibrateConfig, *, use_ray: bool = True) -> Calibra
     logger.info("fitted alpha=%.6f beta=%.6f; measuring in-sample metrics", cal.alpha, cal.beta)
     fit_arrays = _metric_arrays(sides.fit, cfg, use_ray)
     in_sample = reporting.report(*fit_arrays, cal)
-    validation, held_report, held_arrays = _validate(sides, cal, cfg, use_ray)
+    validated = _validate(sides, cal, cfg, use_ray)
+    held_report, held_arrays = validated.report, validated.arrays
+    methods = None
     if cfg.compare_methods:
-        validation["methods"] = _compare_methods(sides, cal, cfg, use_ray, held_arrays)
+        methods = _compare_methods(sides, cal, cfg, use_ray, held_arrays)
         if held_arrays is None:
             notes.append("compare_methods: no held-out side, so the methods are only fitted")
-    validation["notes"] = notes
+    validation = Validation(
+        **validated.fields, comparison=validated.comparison, methods=methods, notes=tuple(notes)
+    )
     provenance = {**embedding_provenance(cfg.embeddings), **checked.to_dict()}
     cal = dataclasses.replace(
         cal,
@@ -282,7 +303,7 @@ def run_calibration(config: CalibrateConfig, *, use_ray: bool = True) -> Calibra
             "quality": qinfo.to_dict(),
             "embeddings": {**sides.table_info, **provenance},
             "pairs": sides.fit.info,
-            "validation": validation,
+            "validation": validation.to_dict(),
         },
     )
     files = _write(cfg.output, cal, in_sample, held_report, validation, fit_arrays, held_arrays)
@@ -311,7 +332,7 @@ def _write(
     cal: QMagFaceCalibration,
     in_sample: dict[str, Any],
     held_report: dict[str, Any] | None,
-    validation: dict[str, Any],
+    validation: Validation,
     fit_arrays: tuple,
     held_arrays: tuple | None,
 ) -> dict[str, str]:
@@ -326,20 +347,21 @@ def _write(
         "calibration": {"alpha": cal.alpha, "beta": cal.beta, "method": cal.method},
         "in_sample": in_sample,
         "held_out": held_report,
-        "validation": validation,
+        "validation": validation.to_dict(),
     }
     files["metrics.json"] = reporting.write_json(storage.join(output, "metrics.json"), metrics_doc)
     files["grid_table.csv"] = reporting.write_csv(
         storage.join(output, "grid_table.csv"), grid_table(cal)
     )
-    if validation.get("rows"):
+    if validation.rows:
         files["held_out.csv"] = reporting.write_csv(
-            storage.join(output, "held_out.csv"), pd.DataFrame(validation["rows"])
+            storage.join(output, "held_out.csv"),
+            pd.DataFrame([r.to_dict() for r in validation.rows]),
         )
-    if validation.get("methods", {}).get("rows"):
+    if validation.methods is not None and validation.methods.rows:
         files["held_out_methods.csv"] = reporting.write_csv(
             storage.join(output, "held_out_methods.csv"),
-            pd.DataFrame(validation["methods"]["rows"]),
+            pd.DataFrame(validation.methods.to_dict()["rows"]),
         )
     plots_dir = storage.join(output, "plots")
     written = reporting.write_figures(

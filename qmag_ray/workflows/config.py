@@ -22,8 +22,6 @@ validation and evaluation settings, ``tracking.settings``) and composed here by 
 
 from __future__ import annotations
 
-from enum import Enum
-
 from qmag_ray.calibration.direct import DirectSearch
 from qmag_ray.calibration.fit import METHODS, CalibrationMethod
 from qmag_ray.calibration.result import CalibrationGrid
@@ -39,6 +37,7 @@ from qmag_ray.pairs.settings import (
     PairMode,
     PathMatching,
     TemplatePooling,
+    ValidationMode,
 )
 from qmag_ray.search.sets import Layout
 from qmag_ray.tracking.settings import CalibrateTrackingConfig, TrackingConfig
@@ -66,19 +65,6 @@ __all__ = [
     "ValidationConfig",
     "ValidationMode",
 ]
-
-
-class ValidationMode(str, Enum):
-    """How the held-out side is formed.
-
-    ``auto``: ``pairs`` when a validation pair list is given, else ``split`` when every
-    embedding has an identity label, else ``none`` (with a warning in the outcome).
-    """
-
-    AUTO = "auto"
-    SPLIT = "split"
-    PAIRS = "pairs"
-    NONE = "none"
 
 
 @settings
@@ -361,6 +347,10 @@ class IdentifyConfig(EmbeddingsInput, PathMatching, ScorerSettings, TemplatePool
     on_unlabelled: Policy = option(
         Policy.ERROR, "Probes without an identity: error or skip (counted)."
     )
+    quality: QualityChoice = section(
+        QualityChoice, "The per-image quality the QMagFace ranking uses.", prefix="quality-"
+    )
+    tracking: TrackingConfig = section(TrackingConfig, "MLflow tracking.")
 
     def check(self) -> None:
         if self.layout is not None:

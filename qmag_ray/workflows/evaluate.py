@@ -30,8 +30,10 @@ from qmag_ray.embeddings import load_embeddings
 from qmag_ray.errors import WorkflowError
 from qmag_ray.fmr import measurable
 from qmag_ray.pairs.listed import ListedPairSource
-from qmag_ray.pairs.templates import Pooling
-from qmag_ray.quality.columns import QualityColumnError, with_quality
+from qmag_ray.pairs.scoring import pair_arrays
+from qmag_ray.pairs.settings import Pooling
+from qmag_ray.pairs.sides import read_listed, templates_table
+from qmag_ray.quality.columns import with_chosen_quality
 from qmag_ray.workflows import reporting
 from qmag_ray.workflows.config import EvaluateConfig, ScorerSettings
 from qmag_ray.workflows.extra_reports import ExtraReports, write_extra_reports
@@ -40,7 +42,6 @@ from qmag_ray.workflows.provenance import (
     check_embedding_input,
     embedding_provenance,
 )
-from qmag_ray.workflows.sides import read_listed, templates_table
 
 logger = logging.getLogger(__name__)
 
@@ -178,16 +179,7 @@ def run_evaluation(config: EvaluateConfig, *, use_ray: bool = True) -> Evaluatio
     checked = check_embedding_input(cfg.embeddings, allow_incomplete=cfg.allow_incomplete)
     model_note = check_calibration_model(cal, checked, cfg)
     base_table = load_embeddings(cfg.embeddings)
-    try:
-        table, qinfo = with_quality(
-            base_table,
-            cfg.embeddings,
-            cfg.quality.column,
-            cfg.quality.file,
-            allow_norm=cfg.quality.allow_norm,
-        )
-    except QualityColumnError as exc:
-        raise WorkflowError(str(exc)) from None
+    table, qinfo = with_chosen_quality(base_table, cfg.embeddings, cfg.quality)
     expected_quality = cal.extra.get("quality_column", "quality")
     if cfg.calibration and expected_quality != cfg.quality.column:
         raise WorkflowError(
@@ -220,7 +212,7 @@ def run_evaluation(config: EvaluateConfig, *, use_ray: bool = True) -> Evaluatio
     shards = max(1, min(64, len(resolved) // 250_000)) if use_ray else 1
     source = ListedPairSource(table, resolved, shards=shards)
     logger.info("scoring %d pairs in %d shard(s)", len(resolved), shards)
-    cos, q, y = reporting.pair_arrays(source, use_ray=use_ray)
+    cos, q, y = pair_arrays(source, use_ray=use_ray)
     sorted_note = sorted_by_label_note(y, protocol)
     if sorted_note:
         notes.append(sorted_note)
@@ -272,20 +264,17 @@ def run_evaluation(config: EvaluateConfig, *, use_ray: bool = True) -> Evaluatio
     )
     for uri in figures:
         files[storage.join("plots", uri[len(plots_dir.rstrip("/")) + 1 :])] = uri
-    try:
-        extra = write_extra_reports(
-            cfg,
-            table=table,
-            base_table=base_table,
-            idx_a=resolved.idx_a,
-            idx_b=resolved.idx_b,
-            cosine=cos,
-            qmagface=qmag,
-            labels=y,
-            fmrs=tuple(f for f in metrics.REPORT_FMRS if measurable(f, int((y == 0).sum()))),
-        )
-    except QualityColumnError as exc:
-        raise WorkflowError(str(exc)) from None
+    extra = write_extra_reports(  # a QualityColumnError is a WorkflowError (a user error)
+        cfg,
+        table=table,
+        base_table=base_table,
+        idx_a=resolved.idx_a,
+        idx_b=resolved.idx_b,
+        cosine=cos,
+        qmagface=qmag,
+        labels=y,
+        fmrs=tuple(f for f in metrics.REPORT_FMRS if measurable(f, int((y == 0).sum()))),
+    )
     files.update(extra.files)
     notes += extra.notes
     doc.update(extra.doc)

@@ -9,6 +9,12 @@ searches every probe exactly against the whole gallery by cosine and by the QMag
                         (open set, non-mated searches = probes whose identity is not enrolled),
                         for cosine and QMagFace, overall and per probe subset; counts and skips
     candidates.parquet  the top-20 candidates of every probe under both scores
+    cmc.png             CMC curves (rank 1..20) of the mated searches, cosine and QMagFace
+    dir_fpir.png        DIR against FPIR of the open-set searches (when some are non-mated)
+
+The QMagFace score uses the per-image quality ``config.quality`` names (the MagFace norm by
+default, or ``--quality-column``/``--quality-file``, read as calibrate and evaluate read it);
+template entries carry the quality pooled from it.
 
 Listed images missing from the embeddings and probes without an identity fail, listing them,
 unless the matching ``on_*`` policy is ``skip``; skips are counted in the outcome.
@@ -25,10 +31,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from qmag_ray import identification, storage
+from qmag_ray import identification, plots, storage
 from qmag_ray.embeddings import SHOW, EmbeddingTable, load_embeddings
+from qmag_ray.errors import WorkflowError
 from qmag_ray.pairs.resolve import Match, Policy, ResolveError, lookup_names
 from qmag_ray.pairs.templates import TemplateTable, pool_templates
+from qmag_ray.quality.columns import QualityInfo, with_chosen_quality
 from qmag_ray.search.distributed import search_sharded
 from qmag_ray.search.sets import SearchSet, layout_sets, read_set
 from qmag_ray.search.topk import METHODS, TopK
@@ -61,11 +69,32 @@ class IdentificationOutcome:
     alpha: float
     beta: float
     notes: list[str] = field(default_factory=list)
+    quality: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def tracking_metrics(self) -> dict[str, float]:
+        """Flat metrics for MLflow: ``<subset>.<score>.rank_<k>`` and
+        ``<subset>.<score>.dir_at_fpir_<f>`` (subset ``overall`` or a probe subset), counts."""
+        out: dict[str, float] = {"alpha": self.alpha, "beta": self.beta}
+        for subset, reports in self.reports.items():
+            for method, rep in reports.items():
+                for k, v in rep["cmc"].items():
+                    if v is not None:
+                        out[f"{subset}.{method}.rank_{k}"] = float(v)
+                for f, d in rep["dir_at_fpir"].items():
+                    if d["dir"] is not None:
+                        out[f"{subset}.{method}.dir_at_fpir_{f}"] = float(d["dir"])
+        for key in ("gallery_entries", "probes", "distractors"):
+            out[key] = float(self.counts[key])
+        for key, v in self.counts["skipped"].items():
+            out[f"skipped.{key}"] = float(v)
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "counts": self.counts,
             "scorer": {"alpha": self.alpha, "beta": self.beta},
+            "quality": self.quality,
             "results": self.reports,
             "notes": self.notes,
             "definitions": {
@@ -203,7 +232,14 @@ def run_identification(
     """
     cfg = config
     scorer = load_calibration(cfg)
-    table = load_embeddings(cfg.embeddings)
+    expected_quality = scorer.extra.get("quality_column", "quality")
+    if cfg.calibration and expected_quality != cfg.quality.column:
+        raise WorkflowError(
+            f"the calibration was fitted with quality {expected_quality!r} but --quality-column "
+            f"is {cfg.quality.column!r}: alpha and beta are on that quality's scale; identify "
+            f"with --quality-column {expected_quality} or calibrate on {cfg.quality.column!r}"
+        )
+    table, qinfo = with_chosen_quality(load_embeddings(cfg.embeddings), cfg.embeddings, cfg.quality)
     gset, pset = _sets(table, cfg)
     gallery = build_entries(table, gset, cfg, "gallery")
     probes, n_unlabelled = _drop_unlabelled(build_entries(table, pset, cfg, "probe"), cfg)
@@ -224,6 +260,8 @@ def run_identification(
         scorer.alpha,
         scorer.beta,
         shards=shards,
+        q_probes=probes.table.quality,
+        q_gallery=gallery.table.quality,
         use_ray=use_ray,
     )
     reports: dict[str, dict[str, dict[str, Any]]] = {}
@@ -257,13 +295,24 @@ def run_identification(
         },
         "shards": shards,
     }
-    notes = []
+    notes = [n for n in (qinfo.note(),) if n]
     skipped = counts["skipped"]
     if any(skipped.values()):
         notes.append(
             "skipped: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in skipped.items() if v)
         )
-    outcome = IdentificationOutcome(reports, counts, {}, scorer.alpha, scorer.beta, notes)
+    quality = qinfo.to_dict()
+    params = _params(cfg, qinfo, shards)
+    outcome = IdentificationOutcome(
+        reports, counts, {}, scorer.alpha, scorer.beta, notes, quality, params
+    )
+    mated = _mated(gallery, probes)
+    ranks = {
+        m: identification.mate_ranks(
+            results[m].index[mated], gallery.identity, probes.identity[mated]
+        )
+        for m in METHODS
+    }
     files = {
         "metrics.json": reporting.write_json(
             storage.join(cfg.output, "metrics.json"), outcome.to_dict()
@@ -273,7 +322,44 @@ def run_identification(
             candidates_frame(results, gallery, probes),
         ),
     }
-    return IdentificationOutcome(reports, counts, files, scorer.alpha, scorer.beta, notes)
+    if mated.any():
+        files["cmc.png"] = plots.cmc_curves(storage.join(cfg.output, "cmc.png"), ranks, CANDIDATES)
+    if (~mated).any() and mated.any():
+        top1 = {m: results[m].score[:, 0].astype(np.float64) for m in METHODS}
+        files["dir_fpir.png"] = plots.dir_fpir_curves(
+            storage.join(cfg.output, "dir_fpir.png"),
+            {m: top1[m][mated] for m in METHODS},
+            {m: ranks[m] == 1 for m in METHODS},
+            {m: top1[m][~mated] for m in METHODS},
+        )
+    return IdentificationOutcome(
+        reports, counts, files, scorer.alpha, scorer.beta, notes, quality, params
+    )
+
+
+def _mated(gallery: Entries, probes: Entries) -> np.ndarray:
+    enrolled = {str(x) for x in gallery.identity if x is not None}
+    return np.array([str(x) in enrolled for x in probes.identity], dtype=bool)
+
+
+def _params(cfg: IdentifyConfig, qinfo: QualityInfo, shards: int) -> dict[str, Any]:
+    """The run's settings for MLflow (URIs redacted)."""
+    return {
+        "embeddings": storage.redact(cfg.embeddings),
+        "gallery": storage.redact(cfg.gallery) if cfg.gallery else "",
+        "probes": storage.redact(cfg.probes) if cfg.probes else "",
+        "layout": cfg.layout.value if cfg.layout else "",
+        "calibration": storage.redact(cfg.calibration) if cfg.calibration else "",
+        "quality_column": qinfo.column,
+        "quality_source": qinfo.source,
+        "pooling": str(getattr(cfg.pooling, "value", cfg.pooling)),
+        "match": str(getattr(cfg.match, "value", cfg.match)),
+        "prefix": cfg.prefix,
+        "on_missing": str(getattr(cfg.on_missing, "value", cfg.on_missing)),
+        "on_unlabelled": str(getattr(cfg.on_unlabelled, "value", cfg.on_unlabelled)),
+        "shards": shards,
+        "candidates": CANDIDATES,
+    }
 
 
 def _write_parquet(uri: str, frame: pd.DataFrame) -> str:

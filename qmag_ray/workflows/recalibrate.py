@@ -50,6 +50,7 @@ from qmag_ray.workflows.recalibrate_inputs import (
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
 
+    from qmag_ray.embedding.output import EmbedSummary
     from qmag_ray.workflows.evaluate import EvaluationOutcome
 
 logger = logging.getLogger(__name__)
@@ -65,18 +66,33 @@ class RecalibrationOutcome:
     fingerprint: str
     run_id: str
     output: str
-    embed: dict[str, Any]
+    embed: EmbedSummary
     version: str | None = None
     existing_version: str | None = None
     promotion: Promotion | None = None
     challenger_metrics: dict[str, float] = field(default_factory=dict)
     reason: str = ""
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the status, the embedding counts, the version and the gate's decision."""
+        return {
+            "status": self.status,
+            "fingerprint": self.fingerprint,
+            "run_id": self.run_id,
+            "output": storage.redact(self.output),
+            "embed": self.embed.to_dict()["counts"],
+            "version": self.version,
+            "existing_version": self.existing_version,
+            "promotion": None if self.promotion is None else self.promotion.to_dict(),
+            "challenger_metrics": dict(self.challenger_metrics),
+            "reason": self.reason,
+        }
+
     def summary(self) -> str:
         e = self.embed
         lines = [
-            f"embeddings: {e.get('embedded_this_run', 0)} new image(s) embedded, "
-            f"{e.get('skipped_existing', 0)} reused, {e.get('failed', 0)} failed",
+            f"embeddings: {e.embedded_this_run} new image(s) embedded, "
+            f"{e.skipped_existing} reused, {e.failed} failed",
             f"inputs fingerprint {self.fingerprint}",
         ]
         if self.status == "unchanged":
@@ -155,8 +171,8 @@ def run_recalibration(
     ) as run:
         run.log_params(_params(cfg))
         summary = embed_new_images(cfg)
-        embed = summary.to_dict()["counts"]
-        run.log_metrics({f"embed.{k}": v for k, v in embed.items()})
+        embed = summary
+        run.log_metrics({f"embed.{k}": v for k, v in summary.to_dict()["counts"].items()})
         run.log_params({"embedding_model_sha256": summary.model_sha256})
         check_holdout_model(cfg, summary.model_sha256)
         # The parts folder itself: an output folder that is named "embeddings" (as in the job
@@ -286,14 +302,4 @@ def _record_decision(run: TrackedRun, promotion: Promotion, metrics: dict[str, f
         }
     )
     run.log_metrics({"gate.promoted": float(promotion.promoted)})
-    run.log_json(
-        "decision.json",
-        {
-            "promoted": promotion.promoted,
-            "reasons": d.reasons,
-            "champion_before": promotion.previous_champion,
-            "champion_after": promotion.champion_version,
-            "challenger_metrics": metrics,
-            "champion_metrics": promotion.champion_metrics,
-        },
-    )
+    run.log_json("decision.json", {**promotion.to_dict(), "challenger_metrics": metrics})

@@ -104,6 +104,27 @@ def _pss_mb(pid: int) -> float:
     return int(text.split("Pss:")[1].split()[0]) / 1024
 
 
+def _role(pid: int) -> str:
+    """``driver`` (this process), ``worker`` (a Ray worker: ``ray::`` and not an agent) or
+    ``ray`` (the cluster's own processes: GCS, raylet with the object store, agents, ...)."""
+    if pid == os.getpid():
+        return "driver"
+    try:
+        cmd = (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")[0].decode()
+    except OSError:
+        return "ray"
+    return "worker" if cmd.startswith("ray::") and not cmd.endswith("Agent") else "ray"
+
+
+def _by_role(sizes: dict[int, float]) -> dict[str, int]:
+    """Summed PSS (MB) per role of the processes in ``sizes`` (pid -> MB)."""
+    parts: dict[str, float] = {}
+    for pid, mb in sizes.items():
+        role = _role(pid)
+        parts[role] = parts.get(role, 0.0) + mb
+    return {k: round(v) for k, v in sorted(parts.items())}
+
+
 class PssSampler:
     """Samples the summed proportional set size (PSS: shared pages such as the object store
     split among the processes that map them, so nothing is counted twice) of the cluster's
@@ -113,6 +134,7 @@ class PssSampler:
         import threading
 
         self.interval, self.peak_mb = interval, 0.0
+        self.peak_parts: dict[str, int] = {}  # the peak's MB by role (``_by_role``)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -121,7 +143,11 @@ class PssSampler:
         while not self._stop.is_set():
             if time.monotonic() - last_scan > 2.0:  # pick up newly started workers
                 pids, last_scan = _cluster_pids(), time.monotonic()
-            self.peak_mb = max(self.peak_mb, sum(_pss_mb(p) for p in pids))
+            sizes = {p: _pss_mb(p) for p in pids}
+            total = sum(sizes.values())
+            if total > self.peak_mb:
+                self.peak_mb = total
+                self.peak_parts = _by_role(sizes)
             self._stop.wait(self.interval)
 
     def __enter__(self) -> PssSampler:

@@ -52,7 +52,10 @@ def one(args: argparse.Namespace) -> dict[str, object]:
     sys.path.insert(0, str(HERE))
     from bench_calibrate import identity_table
 
-    from qmag_ray.calibration.fit import fit_pairs
+    try:
+        from qmag_ray.calibration.fit import fit_pairs
+    except ImportError:  # the --tail-tree checkout (ea5090a) named it calibrate
+        from qmag_ray.calibration.fit import calibrate as fit_pairs
     from qmag_ray.pairs.exhaustive import ExhaustiveSource
 
     table = identity_table(args.one, args.dim, args.seed)
@@ -67,10 +70,16 @@ def one(args: argparse.Namespace) -> dict[str, object]:
         from bench_calibrate import PssSampler, _cluster_pids
 
         from qmag_ray.calibration.distributed import RayExecutor
-        from qmag_ray.calibration.fit import fit_pairs
         from qmag_ray.runtime import connect_ray
 
-        connect_ray(None)
+        for attempt in range(5):  # a loaded machine can miss Ray's 30 s raylet start-up window
+            try:
+                connect_ray(None)
+                break
+            except Exception:
+                if attempt == 4:
+                    raise
+                ray.shutdown()
         cpu: dict[int, float] = {}
         stop = threading.Event()
 
@@ -88,9 +97,11 @@ def one(args: argparse.Namespace) -> dict[str, object]:
                         cpu[pid] = c
                 stop.wait(1.0)
 
-        from bench_calibrate import _pss_mb
+        from bench_calibrate import _by_role, _pss_mb
 
-        out["idle_cluster_mb"] = round(sum(_pss_mb(p) for p in _cluster_pids()))
+        idle = {p: _pss_mb(p) for p in _cluster_pids()}
+        out["idle_cluster_mb"] = round(sum(idle.values()))
+        out["idle_by_role_mb"] = _by_role(idle)
         before = {pid: _cpu_seconds(pid) for pid in _cluster_pids()}
         thread = threading.Thread(target=sample_cpu, daemon=True)
         thread.start()
@@ -106,6 +117,7 @@ def one(args: argparse.Namespace) -> dict[str, object]:
         out["cpu_seconds"] = round(cluster + driver, 1)
         out["driver_cpu_seconds"] = round(driver, 1)
         out["peak_mb"] = round(sampler.peak_mb)
+        out["peak_by_role_mb"] = sampler.peak_parts
         out["memory"] = "peak summed PSS, driver + every Ray process"
         ray.shutdown()
     else:

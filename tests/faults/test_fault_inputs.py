@@ -68,7 +68,7 @@ def test_interrupted_output_is_refused_unless_allowed(tmp_path: Path) -> None:
     outcome = run_calibration(allowed, use_ray=False)
     recorded = outcome.calibration.extra["embeddings"]
     assert recorded["embed_complete"] is False and recorded["embed_status"] == "interrupted"
-    assert any("used anyway (--allow-incomplete)" in n for n in outcome.validation["notes"])
+    assert any("used anyway (--allow-incomplete)" in n for n in outcome.validation.notes)
 
 
 def test_failed_run_is_incomplete_and_a_succeeded_one_is_used(tmp_path: Path) -> None:
@@ -102,8 +102,8 @@ def test_parts_of_two_models_are_refused_even_when_allowed(tmp_path: Path) -> No
 
 
 def test_evaluate_refuses_a_calibration_of_another_model(tmp_path: Path) -> None:
+    from qmag_ray.errors import WorkflowError
     from qmag_ray.workflows.evaluate import run_evaluation
-    from qmag_ray.workflows.sides import WorkflowError
 
     table = synthetic_table(30, 4, dim=16, lfw_paths=True, root="")
     table = EmbeddingTable(

@@ -221,7 +221,7 @@ def test_bogus_3gb_checkpoint_is_refused_without_reading_it(tmp_path: Path) -> N
         str(tmp_path / "emb-out"),
         cwd=tmp_path,
     )
-    assert embed.returncode != 0, embed.stderr  # the embed command's own exit code (1 today)
+    assert embed.returncode == 2, embed.stderr  # a bogus checkpoint is a user error
     assert embed.stderr.strip().splitlines()[-1].startswith("error: checkpoint ")
     assert "is not a torch checkpoint" in embed.stderr and "Traceback" not in embed.stderr
 

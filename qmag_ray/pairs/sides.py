@@ -1,4 +1,4 @@
-"""The two sides of a calibration: the pairs alpha and beta are fitted on, and held-out pairs.
+"""Pair assembly for a calibration: the pairs alpha and beta are fitted on, and held-out pairs.
 
 ``build_sides`` turns the embeddings and a ``CalibrateConfig`` into a fit side (a
 ``PairSource`` for the fit, plus listed pairs for in-sample metrics) and an optional held-out
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,6 +24,7 @@ from qmag_ray.pairs.generated import GeneratedPairSource
 from qmag_ray.pairs.listed import ListedPairSource
 from qmag_ray.pairs.protocols import PairProtocol, read_pairs
 from qmag_ray.pairs.resolve import Match, Policy, ResolvedPairs, resolve_pairs
+from qmag_ray.pairs.settings import PairMode, ValidationMode
 from qmag_ray.pairs.source import PairSource
 from qmag_ray.pairs.templates import (
     PoolReport,
@@ -32,7 +33,9 @@ from qmag_ray.pairs.templates import (
     read_template_table,
     resolve_template_pairs,
 )
-from qmag_ray.workflows.config import CalibrateConfig, PairMode, ValidationMode
+
+if TYPE_CHECKING:  # the calibrate command's settings; this module only reads them
+    from qmag_ray.workflows.config import CalibrateConfig
 
 logger = logging.getLogger(__name__)
 
@@ -285,10 +288,10 @@ def _pairs_held_out(
     assert val.pairs is not None
     val_table = table
     if val.embeddings:
-        from qmag_ray.quality.columns import with_quality
+        from qmag_ray.quality.columns import with_chosen_quality
 
-        val_table, _ = with_quality(
-            load_embeddings(val.embeddings), val.embeddings, cfg.quality.column, cfg.quality.file
+        val_table, _ = with_chosen_quality(
+            load_embeddings(val.embeddings), val.embeddings, cfg.quality
         )
     resolved, protocol = read_listed(val_table, val.pairs, val.protocol, cfg)
     listed = ListedPairSource(val_table, resolved, shards=shards)
