@@ -53,7 +53,8 @@ mutants: install
 	PATH="$(abspath $(BIN)):$$PATH" RAY_USAGE_STATS_ENABLED=0 MPLBACKEND=Agg $(BIN)/mutmut run --max-children 2
 	$(BIN)/python tests/mutation/report.py
 
-# The three-node cluster end-to-end cases (tests/e2e/test_multinode_embed.py: ray start head +
-# two workers, embed/calibrate jobs, node loss, S3 outage, concurrent writers); a few minutes.
+# The three-node cluster end-to-end cases alone (tests/e2e/test_multinode_embed.py: ray start
+# head + two workers, embed/calibrate jobs, node loss, S3 outage, concurrent writers); they are
+# also part of `make test`. A few minutes on an idle machine (README "Reliability").
 multinode: install
-	PATH="$(abspath $(BIN)):$$PATH" RAY_USAGE_STATS_ENABLED=0 QMAG_MULTINODE=1 $(BIN)/python -m pytest tests/e2e/test_multinode_embed.py $(PYTEST_ARGS)
+	PATH="$(abspath $(BIN)):$$PATH" RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest tests/e2e/test_multinode_embed.py $(PYTEST_ARGS)

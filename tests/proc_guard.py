@@ -100,6 +100,11 @@ def _signal(pids: set[int], sig: signal.Signals) -> None:
             os.kill(pid, sig)
 
 
+def kill_tree(root: int, marker: str | None = None) -> None:
+    """SIGKILL ``root``'s tree (see :func:`tree`) at once: a machine that is lost."""
+    _signal(tree(root, marker), signal.SIGKILL)
+
+
 def stop_tree(root: int, marker: str | None = None, grace: float = STOP_GRACE) -> None:
     """SIGTERM ``root``'s tree (see :func:`tree`), a grace period, then SIGKILL what is left."""
     pids = tree(root, marker)
@@ -165,12 +170,14 @@ def spawn(args: list[str], *, name: str, log: Path, env: dict[str, str] | None =
     return proc
 
 
-def stop(proc: subprocess.Popen, marker: str | None = None) -> None:
+def stop(proc: subprocess.Popen, marker: str | None = None, grace: float = STOP_GRACE) -> None:
     """Stop a process started by :func:`spawn` (and its tree), reap it, drop its record."""
-    stop_tree(proc.pid, marker)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=10)
-    unregister(proc.pid)
+    try:
+        stop_tree(proc.pid, marker, grace)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+    finally:
+        unregister(proc.pid)
 
 
 def _records() -> list[dict]:

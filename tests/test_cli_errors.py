@@ -233,6 +233,8 @@ def test_safe_stream_redacts_split_writes_drops_ray_noise_and_masks_env_secrets(
     quiet.write("ss-word@127.0.0.1:5000/#/runs/1\n")
     quiet.write("2026 WARNING authentication_token_setup.py:85 -- Token authentication is ")
     quiet.write("enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out.\n")
+    quiet.write("Registered model 'qmagface' already exists. Creating a new version of this ")
+    quiet.write("model...\n")
     quiet.write("header: tok-0123456789abcdef\nno newline yet")
     assert sink.getvalue() == "View run x at: http://127.0.0.1:5000/#/runs/1\nheader: ***\n"
     quiet.flush()
@@ -241,6 +243,47 @@ def test_safe_stream_redacts_split_writes_drops_ray_noise_and_masks_env_secrets(
     loud = SafeStream(loud_sink, quiet=False)
     loud.write("Token authentication is enabled for this Ray cluster.\n")
     assert "Token authentication" in loud_sink.getvalue()
+
+
+NATIVE_SCRIPT = """
+import os, sys
+from qmag_ray.cli.errors import native_stderr
+with native_stderr(quiet=sys.argv[1] == "quiet"):
+    # what Ray's C++ core worker does: write to file descriptor 2 itself, below Python
+    os.write(2, b"[2026-12-01 22:45:06,033 E 12888 12888] core_worker.cc:2465: Actor with class "
+                b"name: 'MapWorker(X)' and ID: '18' has constructor arguments in the object store "
+                b"and max_restarts > 0. If the arguments ... See https://github.com/ray-project/ray"
+                b"/issues/53727 for more details.\\n")
+    os.write(2, b"[2026-12-01 22:45:07,000 E 12888 12890] core_worker.cc:999: a real failure at ")
+    os.write(2, b"s3://AKIAEXAMPLE:" + os.environ["SPLIT_SECRET"].encode() + b"@bucket/x\\n")
+    print("python line", file=sys.stderr)
+os.write(2, b"after the block\\n")
+"""
+
+
+@pytest.mark.parametrize("mode", ["quiet", "verbose"])
+def test_native_stderr_drops_rays_core_worker_noise_keeps_real_errors_and_redacts(
+    mode: str, tmp_path: Path
+) -> None:
+    """Lines written to fd 2 below Python (Ray's C++ core) pass the same filter and redaction
+    as Python's: the known ``core_worker.cc`` actor-constructor line only with --verbose, a
+    real ``E`` line always, a credential in neither."""
+    env = {**os.environ, "SPLIT_SECRET": SECRET}
+    result = subprocess.run(
+        [sys.executable, "-c", NATIVE_SCRIPT, mode],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
+        check=True,
+    )
+    lines = result.stderr.splitlines()
+    real = [ln for ln in lines if "core_worker.cc:999: a real failure at" in ln]
+    assert len(real) == 1 and SECRET not in result.stderr, result.stderr
+    noise = [ln for ln in lines if "has constructor arguments in the object store" in ln]
+    assert len(noise) == (0 if mode == "quiet" else 1), result.stderr
+    assert lines[-2:] == ["python line", "after the block"], result.stderr
 
 
 @pytest.mark.ray

@@ -79,8 +79,10 @@ def test_second_writer_is_refused_naming_the_holder(tmp_path: Path) -> None:
         assert out in message
         holder = lease.read_holder(out)
         assert holder is not None and holder.token == held.record.token
-    assert lease.read_holder(out) is None  # released: removed
-    lease.acquire(out, purpose="again").release()
+    assert lease.read_holder(out) is None  # released: free (the record keeps its generation)
+    again = lease.acquire(out, purpose="again")
+    assert (held.generation, again.generation) == (1, 2)
+    again.release()
 
 
 def test_heartbeat_renews_and_a_takeover_is_noticed(tmp_path: Path) -> None:
@@ -102,7 +104,8 @@ def test_heartbeat_renews_and_a_takeover_is_noticed(tmp_path: Path) -> None:
     with pytest.raises(lease.LeaseLostError, match="taken over"):
         held.check()
     held.release()
-    assert json.loads(path.read_bytes())["token"] == "someone-else"  # not removed: not ours
+    stored = json.loads(path.read_bytes())
+    assert stored["token"] == "someone-else" and stored["released_utc"] is None  # not ours
 
 
 def test_dead_holder_is_taken_over(tmp_path: Path) -> None:
@@ -196,3 +199,119 @@ def test_s3_refuse_takeover_and_lost(s3_bucket: str) -> None:
     assert lease.read_holder(uri).token == taker.record.token
     taker.release()
     assert lease.read_holder(uri) is None
+
+
+# ----------------------------------------------------------------------------- fencing
+
+STALLED = r"""
+import sys, time
+from pathlib import Path
+from qmag_ray import lease
+uri, go, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+held = lease.acquire(uri, purpose="stalled", ttl_s=2, heartbeat_s=0.5)
+print(held.generation, flush=True)
+while not go.exists():  # the test stops this process (SIGSTOP) while it waits here
+    time.sleep(0.05)
+try:
+    held.fence()  # the commit point
+except lease.LeaseLostError as exc:
+    print("refused:", exc, flush=True)
+    sys.exit(3)
+out.write_text("late write")  # what a commit would write
+print("committed", flush=True)
+"""
+
+
+@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.s3)])
+def test_a_stalled_holder_taken_over_is_fenced_off_at_commit(
+    where: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A real process holds the lease, is frozen (SIGSTOP: its heartbeat thread too) past its
+    ttl, is taken over, then resumes and reaches its commit point: refused, nothing written."""
+    uri = (
+        str(tmp_path / "out")
+        if where == "local"
+        else f"{request.getfixturevalue('s3_bucket')}/fenced/out"
+    )
+    go, late = tmp_path / "go", tmp_path / "late.txt"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STALLED, uri, str(go), str(late)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
+    try:
+        assert proc.stdout.readline().strip() == "1"  # the first holder: generation 1
+        proc.send_signal(signal.SIGSTOP)
+        taker = None
+        deadline = time.monotonic() + 120
+        while taker is None:  # refused while its last heartbeat is younger than the ttl
+            try:
+                taker = lease.acquire(uri, purpose="taker", ttl_s=60)
+            except lease.LeaseHeldError:
+                assert time.monotonic() < deadline, "the frozen holder's lease never went stale"
+                time.sleep(0.2)
+        assert taker.generation == 2
+        go.touch()
+        proc.send_signal(signal.SIGCONT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 3, out
+    assert out.startswith("refused:") and "taken over" in out, out
+    assert not late.exists()
+    # the late holder left the taker's lease alone; the taker commits, then releases
+    assert lease.read_holder(uri).token == taker.record.token
+    assert taker.fence() == 2
+    taker.release()
+    assert lease.acquire(uri, purpose="next").generation == 3
+
+
+def test_a_fence_handed_to_workers_refuses_after_a_takeover(tmp_path: Path) -> None:
+    out = str(tmp_path / "out")
+    held = lease.acquire(out, purpose="embed", ttl_s=1, heartbeat_s=3600)  # beats stalled
+    fence = held.fence_token()
+    fence.check()  # held: workers may write
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            taker = lease.acquire(out, purpose="embed")
+            break
+        except lease.LeaseHeldError:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    held.check()  # its own heartbeat never ran, so it does not know ...
+    with pytest.raises(lease.LeaseLostError, match="generation 2 now, this writer holds 1"):
+        fence.check()  # ... but a worker's commit asks the store
+    with pytest.raises(lease.LeaseLostError, match="taken over"):
+        held.fence()
+    held.release()
+    assert lease.read_holder(out).token == taker.record.token  # untouched by the late release
+    taker.fence_token().check()
+    taker.release()
+    with pytest.raises(lease.LeaseLostError, match="released"):
+        taker.fence_token().check()
+
+
+def test_a_record_of_an_older_version_reads_as_generation_one(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    old = time.time() - 500
+    record = {
+        "token": "t-old",
+        "purpose": "embed",
+        "user": "x",
+        "host": "some-other-host",
+        "pid": 1,
+        "pid_start": "1",
+        "created_utc": old,
+        "heartbeat_utc": old,
+        "ttl_s": 120.0,
+    }  # no generation: written before fencing existed
+    (out / lease.LEASE_NAME).write_text(json.dumps(record))
+    assert lease.read_holder(str(out)).generation == 1
+    with lease.acquire(str(out), purpose="calibrate") as held:
+        assert held.generation == 2

@@ -304,6 +304,12 @@ def test_models_serve_answers_with_the_same_scores(
                 },
                 "unknown column(s) 'note'",
             ),
+            # MLflow drops params the signature does not declare before predict sees them;
+            # the scorer notices (scorer._UnknownParamsFilter) and refuses the request.
+            (
+                {**embeddings, "params": {"fmr": 1e-2, "threshold": 0.1}},
+                "unknown parameter(s) 'threshold'; the scorer takes fmr, quality",
+            ),
         ]
         for body, message in bad:
             with pytest.raises(urllib.error.HTTPError) as err:
@@ -311,6 +317,8 @@ def test_models_serve_answers_with_the_same_scores(
             text = err.value.read().decode()
             assert err.value.code == 400 and message in text, text
             assert repr(float(a[0, 0]))[:10] not in text  # no vector echoed
+        rows = _post(f"{url}/invocations", embeddings)["predictions"]  # the server still serves
+        np.testing.assert_allclose([r["score"] for r in rows], want, rtol=0, atol=1e-12)
 
 
 def _post(url: str, body: dict) -> dict:

@@ -189,6 +189,12 @@ def test_logged_model_is_json_and_code_and_predicts_with_params(
     with pytest.raises(MlflowException, match="unknown column.*'extra'") as err:
         model.predict(embedding_frame(a, b).assign(extra=1.0))
     assert str(a[0, 0])[:8] not in str(err.value)  # names the column, echoes no vector
+    # Issue 12: MLflow drops undeclared params before predict (a warning only); the scorer
+    # refuses them, and the next request in the same process is not affected.
+    with pytest.raises(MlflowException, match=r"unknown parameter\(s\) 'threshold'"):
+        model.predict(embedding_frame(a, b), params={"fmr": 1e-4, "threshold": 0.1})
+    out = model.predict(embedding_frame(a, b), params={"fmr": 1e-4})
+    assert list(out["match"]) == list(expected(a, b, cal) >= cal.thresholds["1e-04"])
 
 
 def test_params_and_messages_do_not_echo_data() -> None:

@@ -224,7 +224,7 @@ def still_held(held: Any) -> None:
 
     try:
         if held is not None:
-            held.check()
+            held.fence()  # asks the store: a holder that stalled and was taken over is refused
     except lease.LeaseLostError as exc:
         fail(f"output: {exc}", code=1)
 

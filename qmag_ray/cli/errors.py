@@ -10,7 +10,9 @@ Every ``qmag-ray`` command runs inside ``handled``:
   workers) passes through ``redact_console``: ``user:password@`` of URIs, signed-URL query values
   and the values of credential environment variables never reach the terminal;
 * Ray's known messages that tell a user nothing (``QUIET_PATTERNS``) are dropped unless
-  ``--verbose``.
+  ``--verbose``; this holds for what Ray's C++ core writes to the process's stderr below
+  Python, too (``native_stderr``: file descriptor 2 is relayed line by line through the same
+  filter and redaction while a command runs).
 
 Messages are written by the code that raises: name the flag or YAML key, the URI (redacted)
 and the fix. This module only shortens, redacts and prints them.
@@ -22,6 +24,7 @@ import io
 import os
 import re
 import sys
+import threading
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -40,6 +43,10 @@ MASK = "***"
 #: Lines Ray prints on every command that say nothing a user can act on.
 QUIET_PATTERNS = (
     re.compile(r"Token authentication is enabled for this Ray cluster"),
+    # Ray's core worker (core_worker.cc, level E) on every Ray Data actor pool: Ray Data itself
+    # passes its context and transform as object refs to actors it restarts (max_restarts=-1);
+    # ray-project/ray#53727. Nothing the user or qmag-ray can change (max_restarts=0 would give
+    # up restarting the embedding actors after a node loss).
     re.compile(r"has constructor arguments in the object store and max_restarts > 0"),
     re.compile(r"Progress will be logged because stdout is a non-interactive terminal"),
     re.compile(r"Progress bars disabled\. To enable, set"),  # we disabled them (--verbose)
@@ -48,6 +55,7 @@ QUIET_PATTERNS = (
     re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d INFO mlflow\."),
     re.compile(r"^Successfully registered model '"),
     re.compile(r"^Created version '\d+' of model '"),
+    re.compile(r"^Registered model '.+' already exists\. Creating a new version of this model"),
 )
 
 
@@ -130,6 +138,83 @@ class SafeStream(io.TextIOBase):
         return getattr(self._inner, name)
 
 
+_native = {"active": False}
+
+
+def _relay(read_fd: int, out_fd: int, quiet: bool) -> None:
+    """Copy lines from ``read_fd`` to ``out_fd`` (filtered, redacted) until end of file."""
+    pending = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(read_fd, 65536)
+            except InterruptedError:  # pragma: no cover - retried by Python itself
+                continue
+            if chunk:
+                pending += chunk
+                if b"\n" not in pending:
+                    continue
+                chunk, _, pending = pending.rpartition(b"\n")
+                chunk += b"\n"
+            elif pending:
+                chunk, pending = pending, b""
+            else:
+                break
+            lines = chunk.decode("utf-8", errors="replace").splitlines(keepends=True)
+            if quiet:
+                lines = [ln for ln in lines if not any(p.search(ln) for p in QUIET_PATTERNS)]
+            text = redact_console("".join(lines)) if lines else ""
+            if text:
+                with suppress(OSError):
+                    os.write(out_fd, text.encode("utf-8", errors="replace"))
+    finally:
+        os.close(read_fd)
+        os.close(out_fd)
+
+
+@contextmanager
+def native_stderr(*, quiet: bool = True) -> Iterator[None]:
+    """File descriptor 2 through ``QUIET_PATTERNS`` and ``redact_text`` for the block.
+
+    Ray's C++ core worker writes its error lines to the process's stderr itself (not through
+    ``sys.stderr``), e.g. the ``core_worker.cc`` line on every Ray Data actor pool. For the
+    block, fd 2 is a pipe that a thread copies to the real stderr line by line, dropping the
+    known noise unless ``quiet`` is false and redacting everything; every other line, Ray's
+    real errors included, passes. Afterwards fd 2 is the real stderr again; the thread ends
+    when nothing holds the pipe any more (a child started meanwhile may keep it open, and is
+    then still relayed). Nested blocks (the demo runs commands in-process) use the outer one.
+    """
+    if _native["active"] or os.name != "posix":
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no usable fd 2 (a daemon, a closed stream)
+        yield
+        return
+    from qmag_ray.tracking import sanitize  # noqa: F401 - imported here, not in the thread
+
+    out = os.dup(saved)
+    read_fd, write_fd = os.pipe()
+    os.dup2(write_fd, 2)
+    os.close(write_fd)
+    relay = threading.Thread(
+        target=_relay, args=(read_fd, out, quiet), name="qmag-ray-stderr", daemon=True
+    )
+    relay.start()
+    _native["active"] = True
+    try:
+        yield
+    finally:
+        _native["active"] = False
+        with suppress(OSError, ValueError):
+            sys.stderr.flush()
+        os.dup2(saved, 2)  # the pipe's last write end here: the relay sees end of file
+        os.close(saved)
+        relay.join(timeout=5)
+
+
 @contextmanager
 def safe_output(*, quiet: bool = True) -> Iterator[None]:
     """Route ``sys.stdout``/``sys.stderr`` through ``SafeStream`` for the block."""
@@ -210,7 +295,7 @@ _PASS_THROUGH = (typer.Exit, typer.Abort, ClickException, KeyboardInterrupt)
 @contextmanager
 def handled(*, debug: bool = False, quiet: bool = True) -> Iterator[None]:
     """Run a command: safe output, and any exception turned into ``report`` and an exit code."""
-    with safe_output(quiet=quiet):
+    with native_stderr(quiet=quiet), safe_output(quiet=quiet):
         try:
             yield
         except (*_PASS_THROUGH, SystemExit):

@@ -143,7 +143,8 @@ def run_embed(config: EmbedConfig, *, connect: Callable[[], Any] | None = None) 
             config.actors,
         )
         extra_columns = ("serfiq",) if config.serfiq_settings is not None else ()
-        spec = PartSpec(layout.root, run_id, model_sha, arch, dim, extra_columns)
+        fence = held.fence_token() if held is not None else None
+        spec = PartSpec(layout.root, run_id, model_sha, arch, dim, extra_columns, fence)
         monitor = ray.remote(num_cpus=0)(StoreMonitor).remote()
         progress = Progress(todo, config.progress_seconds, monitor)
         progress.connect_seconds = connect_seconds
@@ -175,12 +176,14 @@ def run_embed(config: EmbedConfig, *, connect: Callable[[], Any] | None = None) 
         )
         _verify(summary, checks)
         if held is not None:
-            held.check()
+            held.fence()  # re-read from the store: a stalled run taken over is refused here
         write_summary(layout, summary)
     finally:
         if held is not None:
             held.release()
-    logger.info("%s", summary.line())
+    # the summary is what the caller prints (the CLI's one result line): logged again only
+    # when the run failed (before the error) or with --verbose
+    logger.log(logging.INFO if summary.status == "failed" else logging.DEBUG, "%s", summary.line())
     if summary.status == "failed":
         listed = "; ".join(f"{e['path']}: {e['error']}" for e in summary.failure_examples[:5])
         fraction = summary.failed / max(summary.inputs, 1)

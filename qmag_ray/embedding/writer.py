@@ -11,7 +11,8 @@ failures part named after the input range it covers::
 The name depends only on the shard, the first and last input position of the rows and the
 run, so a block that Ray retries (a lost actor or node) rewrites the same part instead of
 adding a second one. Each part's Parquet metadata records the model's sha256, the
-architecture, the shard, the range, the run and the Ray node that wrote it.
+architecture, the shard, the range, the run and the Ray node that wrote it (and the writer's
+lease generation: a run whose lease was taken over is fenced off before each batch's parts).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class PartSpec:
     arch: str
     dim: int
     extra: tuple[str, ...] = ()
+    fence: Any = None  # lease.Fence of the run: checked before every batch's parts are written
 
 
 def part_name(start: int, end: int, run_id: str) -> str:
@@ -69,6 +71,11 @@ def part_metadata(spec: PartSpec, shard: int, start: int, end: int, node_id: str
         f"{META_PREFIX}range": f"{start}-{end}",
         f"{META_PREFIX}run_id": spec.run_id,
         f"{META_PREFIX}node_id": node_id,
+        **(
+            {f"{META_PREFIX}lease_generation": str(spec.fence.generation)}
+            if spec.fence is not None
+            else {}
+        ),
     }
 
 
@@ -124,6 +131,8 @@ def write_parts(
             "examples",
         )
     }
+    if spec.fence is not None:  # a run that was taken over writes no more parts
+        with_retries(spec.fence.check, what="checking the output lease", monitor=monitor)
     for j in np.unique(shard):
         sel = np.flatnonzero(shard == j)
         sel = sel[np.argsort(pos[sel], kind="stable")]

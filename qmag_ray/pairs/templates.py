@@ -180,7 +180,11 @@ def _check_identities(table: TemplateTable) -> None:
 
 
 def pool_groups(
-    vectors: np.ndarray, quality: np.ndarray, groups: np.ndarray, pooling: Pooling | str
+    vectors: np.ndarray,
+    quality: np.ndarray,
+    groups: np.ndarray,
+    pooling: Pooling | str,
+    chunk_rows: int = 16_384,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pool rows of ``vectors`` by integer group ``0..G-1``: (G, D) features, (G,) qualities.
 
@@ -191,15 +195,28 @@ def pool_groups(
     pooling = Pooling(pooling)
     groups = np.asarray(groups, dtype=np.int64)
     n_groups = int(groups.max()) + 1 if len(groups) else 0
-    x = np.asarray(vectors, dtype=np.float64)
     q = np.asarray(quality, dtype=np.float64)
     order = np.argsort(groups, kind="stable")
     sorted_groups = groups[order]
     starts = np.flatnonzero(np.r_[True, sorted_groups[1:] != sorted_groups[:-1]])
     if len(starts) != n_groups:
         raise ValueError("every group 0..G-1 needs at least one row")
+    # whole groups at a time, about ``chunk_rows`` rows each: no float64 copy of all the
+    # vectors (sums run row by row within a group, so the chunking changes no bit)
+    sums = np.empty((n_groups, np.shape(vectors)[1] if n_groups else 0), np.float64)
+    cuts = np.unique(
+        np.r_[np.searchsorted(starts, np.arange(0, len(groups), chunk_rows)), n_groups]
+    )
+    for g0, g1 in zip(cuts[:-1], cuts[1:], strict=True):
+        r0 = starts[g0]
+        r1 = starts[g1] if g1 < n_groups else len(groups)
+        rows = order[r0:r1]
+        x = np.asarray(vectors[rows], dtype=np.float64)
+        if pooling is Pooling.QUALITY:
+            x *= q[rows, None]
+        sums[g0:g1] = np.add.reduceat(x, starts[g0:g1] - r0, axis=0)
     if pooling is Pooling.QUALITY:
-        f = np.add.reduceat(x[order] * q[order, None], starts, axis=0)
+        f = sums
         q_sum = np.add.reduceat(q[order], starts)
         q_sq = np.add.reduceat(q[order] ** 2, starts)
         q_pool = np.divide(q_sq, q_sum, out=np.zeros_like(q_sum), where=q_sum > 0)
@@ -208,7 +225,7 @@ def pool_groups(
         feats = f * scale[:, None]
     else:
         counts = np.diff(np.r_[starts, len(groups)])
-        feats = np.add.reduceat(x[order], starts, axis=0) / counts[:, None]
+        feats = sums / counts[:, None]
     return feats, np.linalg.norm(feats, axis=1)
 
 

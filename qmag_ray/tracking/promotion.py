@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from qmag_ray.tracking import lock as registry_lock
 from qmag_ray.tracking.gate import GateConfig, GateDecision, decide
-from qmag_ray.tracking.registry import CHAMPION, alias_version, move_alias, tag_version
+from qmag_ray.tracking.registry import CHAMPION, alias_version, client, move_alias, tag_version
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
@@ -112,8 +112,9 @@ def move_gated(
                 return Promotion(
                     decision, False, current_version, current_version, champion_metrics
                 )
-            try:
-                held.check()
+            try:  # fenced: the lock re-read now, and no younger holder moved the alias
+                held.fence()
+                registry_lock.check_generation(client(), model_name, held)
             except registry_lock.RegistryLockLostError as exc:
                 decision = GateDecision(False, [*decision.reasons, f"FAIL: {exc}"])
                 return Promotion(
@@ -121,6 +122,7 @@ def move_gated(
                 )
             # The expected-holder check also catches a writer that bypassed the lock.
             if move_alias(model_name, alias, version, expected=current_version):
+                registry_lock.record_generation(client(), model_name, held)
                 return Promotion(decision, True, version, current_version, champion_metrics)
             logger.warning("%s moved outside the lock (attempt %d); deciding again", alias, attempt)
     raise RuntimeError(

@@ -8,7 +8,10 @@ pyfunc, the service helper in ``consumer`` and tests.
 
 from __future__ import annotations
 
+import ast
+import logging
 import math
+import re
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -259,6 +262,51 @@ def _input_error(text: str) -> Exception:
     return InputError(text, error_code=INVALID_PARAMETER_VALUE)
 
 
+# MLflow's pyfunc wrapper (``PyFuncModel._predict`` -> ``mlflow.models.utils.
+# _enforce_params_schema``) drops params that the signature does not declare, with only a
+# warning on this logger, before ``predict`` is called: ``predict`` never sees them. That
+# warning is emitted in the same prediction context (``mlflow.pyfunc.context``, one per
+# ``PyFuncModel.predict`` call) as the ``predict`` call that follows, so a filter on the logger
+# marks the context and ``predict`` refuses the request. tests/test_mlflow_server.py proves it
+# against ``mlflow models serve`` (and fails if MLflow changes the warning).
+ENFORCE_LOGGER = "mlflow.models.utils"
+_IGNORED_PARAMS = re.compile(r"Unrecognized params (\[.*?\]) are ignored")
+_CONTEXT_MARK = "_qmag_unknown_params"
+
+
+class _UnknownParamsFilter(logging.Filter):
+    """Marks the current prediction context with the params MLflow is about to ignore."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from mlflow.pyfunc.context import get_prediction_context
+
+        found = _IGNORED_PARAMS.search(record.getMessage())
+        context = get_prediction_context()
+        if found and context is not None:
+            try:
+                keys = [str(k) for k in ast.literal_eval(found.group(1))]
+            except (ValueError, SyntaxError):
+                keys = ["(unreadable)"]
+            setattr(context, _CONTEXT_MARK, sorted(keys))
+        return True  # MLflow's own warning is still logged
+
+
+def _watch_ignored_params() -> None:
+    """Install the filter once per process (a model loaded twice shares it)."""
+    enforce = logging.getLogger(ENFORCE_LOGGER)
+    if not any(isinstance(f, _UnknownParamsFilter) for f in enforce.filters):
+        enforce.addFilter(_UnknownParamsFilter())
+    if not enforce.isEnabledFor(logging.WARNING):  # the filter only runs for emitted records
+        enforce.setLevel(logging.WARNING)
+
+
+def _ignored_params() -> list[str]:
+    """Params of the current request that MLflow dropped before ``predict`` (see above)."""
+    from mlflow.pyfunc.context import get_prediction_context
+
+    return list(getattr(get_prediction_context(), _CONTEXT_MARK, None) or [])
+
+
 class QMagFaceScorerModel(mlflow.pyfunc.PythonModel):
     """The pyfunc model: reads the calibration JSON in ``load_context``, scores in ``predict``."""
 
@@ -266,6 +314,7 @@ class QMagFaceScorerModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context: Any) -> None:
         self.calibration = QMagFaceCalibration.from_file(context.artifacts[CALIBRATION_ARTIFACT])
+        _watch_ignored_params()
 
     # pd.DataFrame is a hint MLflow accepts without deriving a signature from it.
     def predict(
@@ -275,6 +324,12 @@ class QMagFaceScorerModel(mlflow.pyfunc.PythonModel):
 
         if self.calibration is None:
             raise MlflowException("the scorer's calibration was not loaded (load_context)")
+        dropped = _ignored_params()
+        if dropped:
+            try:
+                check_params(dict.fromkeys(dropped))
+            except ScoringError as exc:
+                raise _input_error(str(exc)) from None
         asked = (params or {}).get("quality")
         if asked is not None and str(asked) != expected_quality(self.calibration):
             raise _input_error(

@@ -272,7 +272,7 @@ def run_calibration(config: CalibrateConfig, *, use_ray: bool = True) -> Calibra
     logger.info(
         "calibrating (%s pairs, method %s) on %d genuine / %d impostor pairs in %d shard(s)",
         cfg.resolved_pair_mode.value,
-        cfg.method,
+        getattr(cfg.method, "value", cfg.method),
         n_gen,
         n_imp,
         sides.fit.source.num_shards(),

@@ -19,12 +19,13 @@ from qmag_ray.quality.columns import image_values, with_quality
 from qmag_ray.quality.edc import QualityEvaluation, evaluate_quality
 from qmag_ray.reports.bootstrap import BootstrapReport, distribution_stats, identity_bootstrap
 from qmag_ray.reports.groups import GroupReport, group_report
-from qmag_ray.reports.scorefiles import score_file_frame, write_score_file
+from qmag_ray.reports.scorefiles import score_file_frame
 from qmag_ray.workflows.config import EvaluateConfig
 
 logger = logging.getLogger(__name__)
 
 SYSTEMS = {"cosine": "cosine", "qmagface": "QMagFace"}
+SCORE_CHUNK = 1_000_000
 
 
 @dataclass
@@ -81,20 +82,25 @@ def write_extra_reports(
     id_a, id_b = table.identity[idx_a], table.identity[idx_b]
     if rep.score_files:
         for system in systems:
-            frame = score_file_frame(
-                path_a=table.path[idx_a],
-                id_a=id_a,
-                path_b=table.path[idx_b],
-                id_b=id_b,
-                label=labels,
-                cosine=cosine,
-                qmagface=qmagface,
-                quality_a=table.quality[idx_a],
-                quality_b=table.quality[idx_b],
-                system=system,
-            )
+            # written SCORE_CHUNK pairs at a time: bounded memory for IJB-C's 15.6M pairs
             uri = storage.join(cfg.output, "scores", f"{system}.csv")
-            out.files[f"scores/{system}.csv"] = write_score_file(uri, frame)
+            with storage.atomic_open(uri) as f:
+                for s in range(0, max(1, len(labels)), SCORE_CHUNK):
+                    r = slice(s, s + SCORE_CHUNK)
+                    frame = score_file_frame(
+                        path_a=table.path[idx_a[r]],
+                        id_a=id_a[r],
+                        path_b=table.path[idx_b[r]],
+                        id_b=id_b[r],
+                        label=labels[r],
+                        cosine=cosine[r],
+                        qmagface=qmagface[r],
+                        quality_a=table.quality[idx_a[r]],
+                        quality_b=table.quality[idx_b[r]],
+                        system=system,
+                    )
+                    f.write(frame.to_csv(index=False, header=s == 0, float_format="%.9g").encode())
+            out.files[f"scores/{system}.csv"] = uri
     out.doc["distributions"] = {s: distribution_stats(v, labels) for s, v in systems.items()}
     if rep.bootstrap:
         for system, values in systems.items():

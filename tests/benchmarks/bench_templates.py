@@ -8,6 +8,10 @@ library call on a local Ray cluster, and prints the wall time of each stage and 
 memory (summed PSS of this process tree: the driver and every Ray process).
 
     .venv/bin/python tests/benchmarks/bench_templates.py --pairs 15658489
+    # untimed generation, then the timed evaluation alone:
+    .venv/bin/python tests/benchmarks/bench_templates.py --workdir /tmp/ijb --generate-only
+    nice -n 10 flock /tmp/qmag-bench.lock \
+        .venv/bin/python -u tests/benchmarks/bench_templates.py --workdir /tmp/ijb --reuse
     .venv/bin/python tests/benchmarks/bench_templates.py --pairs 1000000 --workdir /tmp/ijb
 """
 
@@ -39,6 +43,11 @@ def main() -> None:
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--reuse", action="store_true", help="Reuse the files already in --workdir.")
+    ap.add_argument(
+        "--generate-only", action="store_true", help="Write the data set and stop (untimed)."
+    )
+    ap.add_argument("--bootstrap", type=int, default=1000, help="evaluate's --bootstrap.")
+    ap.add_argument("--no-score-files", action="store_true", help="evaluate --no-score-files.")
     args = ap.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -77,6 +86,8 @@ def main() -> None:
         f"{t_gen:.0f} s under {work}"
     )
     del data, probe
+    if args.generate_only:
+        return
     evaluate(args, files, work, peak_memory)
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
@@ -104,6 +115,7 @@ def evaluate(args: argparse.Namespace, files: dict, work: Path, peak_memory: typ
         alpha=0.08,
         beta=0.12,
         output=str(work / "eval"),
+        report={"bootstrap": args.bootstrap, "score_files": not args.no_score_files},
     )
     with peak_memory(interval=1.0) as mem:
         t0 = time.perf_counter()

@@ -26,19 +26,6 @@ from e2e_support import (
 )
 from mlflow_fixtures import MlflowServer
 
-MULTINODE = "test_multinode_embed.py"
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The three-node cluster module runs with ``make multinode`` (QMAG_MULTINODE=1) only: on
-    a loaded shared machine its extra raylets can miss Ray's 30 s start-up window."""
-    if os.environ.get("QMAG_MULTINODE") == "1":
-        return
-    dropped = [item for item in items if Path(str(item.fspath)).name == MULTINODE]
-    if dropped:
-        config.hook.pytest_deselected(items=dropped)
-        items[:] = [item for item in items if Path(str(item.fspath)).name != MULTINODE]
-
 
 class Services(NamedTuple):
     s3: Service

@@ -14,7 +14,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -68,96 +67,17 @@ def base_env(**extra: str) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- process clean-up
-
-
-def _proc_ids() -> list[int]:
-    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
-
-
-def _parent(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[1])
-
-
-def _mentions(pid: int, marker: str) -> bool:
-    """Whether ``pid``'s command line or working directory names ``marker``."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-        if marker in cmdline.decode(errors="replace"):
-            return True
-        return os.readlink(f"/proc/{pid}/cwd").startswith(marker)
-    except OSError:
-        return False
-
-
-def related_processes(root_pid: int, marker: str | None = None) -> set[int]:
-    """Descendants of ``root_pid`` and every process naming ``marker`` (our temp dir).
-
-    Ray job entrypoints run in sessions of their own, so killing the head's process group
-    alone would miss them; their working directory lies under the head's temp dir.
-    """
-    me = os.getpid()
-    pids = _proc_ids()
-    parents = {pid: _parent(pid) for pid in pids}
-    found = {root_pid} if root_pid in parents else set()
-    changed = True
-    while changed:
-        changed = False
-        for pid, parent in parents.items():
-            if parent in found and pid not in found:
-                found.add(pid)
-                changed = True
-    if marker:
-        found |= {pid for pid in pids if _mentions(pid, marker)}
-    found.discard(me)
-    return found
-
-
-def _signal_all(pids: set[int], sig: signal.Signals) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, sig)
-
-
-def _alive(pids: set[int]) -> set[int]:
-    alive = set()
-    for pid in pids:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z":
-            alive.add(pid)
-    return alive
+# The /proc work (a process tree, the temp-dir marker, stopping) is tests/proc_guard.py's.
 
 
 def stop_tree(proc: subprocess.Popen, marker: str | None = None) -> None:
     """Stop ``proc``, its descendants and every process naming ``marker`` (if given):
-    SIGTERM, a short grace, then SIGKILL; reaps ``proc`` and drops its clean-up record."""
-    try:
-        _stop_tree(proc, marker)
-    finally:
-        proc_guard.unregister(proc.pid)
+    SIGTERM, a short grace, then SIGKILL; reaps ``proc`` and drops its clean-up record.
 
-
-def _stop_tree(proc: subprocess.Popen, marker: str | None) -> None:
-    pids = related_processes(proc.pid, marker)
-    _signal_all(pids, signal.SIGTERM)
-    deadline = time.monotonic() + STOP_GRACE
-    while _alive(pids) and time.monotonic() < deadline:
-        proc.poll()
-        time.sleep(0.2)
-    for _ in range(3):  # anything that was being spawned while we looked
-        pids = _alive(pids | related_processes(proc.pid, marker))
-        if not pids:
-            break
-        _signal_all(pids, signal.SIGKILL)
-        time.sleep(0.5)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=10)
+    Ray job entrypoints run in sessions of their own, so killing the head's process group
+    alone would miss them; their working directory lies under the head's temp dir (the
+    marker)."""
+    proc_guard.stop(proc, marker, grace=STOP_GRACE)
 
 
 # ----------------------------------------------------------------------------- services
@@ -345,8 +265,7 @@ def launch_ray_worker(
 
 def kill_node(service: Service) -> None:
     """SIGKILL a node at once (its raylet, its workers): a machine that is lost."""
-    pids = related_processes(service.proc.pid, service.marker)
-    _signal_all(pids, signal.SIGKILL)
+    proc_guard.kill_tree(service.proc.pid, service.marker)
     with contextlib.suppress(subprocess.TimeoutExpired):
         service.proc.wait(timeout=10)
 

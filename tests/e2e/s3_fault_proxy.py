@@ -5,6 +5,8 @@
 answer back. While ``block(prefix, ...)`` is in force, requests whose path starts with one of
 the prefixes (``/bucket/key-prefix``) are cut: the connection is closed without an answer, as
 an unreachable store node does. ``unblock()`` ends the outage; ``cut`` counts the requests cut.
+While ``hold(prefix, ...)`` is in force, such requests wait (a stalled store) until
+``release()``; ``held`` counts the requests that waited.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ class FaultProxy:
         self.target = (parts.hostname or "127.0.0.1", parts.port or 80)
         self.prefixes: tuple[str, ...] = ()
         self.cut = 0
+        self.held = 0
+        self._holding: tuple[str, ...] = ()
+        self._go = threading.Event()
+        self._go.set()
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
 
@@ -39,6 +45,23 @@ class FaultProxy:
 
     def unblock(self) -> None:
         self.block()
+
+    def hold(self, *prefixes: str) -> None:
+        with self._lock:
+            self._holding = tuple(prefixes)
+            self._go.clear()
+
+    def release(self) -> None:
+        with self._lock:
+            self._holding = ()
+            self._go.set()
+
+    def _wait_if_held(self, path: str) -> None:
+        with self._lock:
+            hit = any(path.startswith(p) for p in self._holding)
+            self.held += hit
+        if hit:
+            self._go.wait(timeout=600)  # bounded: a forgotten hold cannot hang the suite
 
     def _blocked(self, path: str) -> bool:
         with self._lock:
@@ -61,6 +84,7 @@ class FaultProxy:
                     with contextlib.suppress(OSError):
                         self.connection.shutdown(socket.SHUT_RDWR)
                     return
+                proxy._wait_if_held(self.path)
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
@@ -90,6 +114,7 @@ class FaultProxy:
         return self
 
     def stop(self) -> None:
+        self.release()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

@@ -97,7 +97,7 @@ def test_a_second_run_on_the_same_output_is_refused_naming_the_holder(
     assert "summary" in result, result
     paths = rows(out)
     assert len(paths) == N_IMAGES and len(set(paths)) == N_IMAGES  # one row per image
-    assert not (out / lease.LEASE_NAME).exists()
+    assert lease.read_holder(str(out)) is None  # released
     # and once it is complete, a further run is refused as finished, not as leased
     with pytest.raises(EmbedError, match="already holds a finished embedding run"):
         run_embed(cfg, connect=Never())
@@ -143,4 +143,5 @@ def test_the_lease_of_a_dead_writer_is_taken_over(
     assert "took over the stale lease" in caplog.text
     assert (summary.inputs, summary.embedded) == (N_IMAGES, N_IMAGES)
     assert sorted(rows(out)) == sorted(f"id{i % 4}/{i:03d}.jpg" for i in range(N_IMAGES))
-    assert not (out / lease.LEASE_NAME).exists()
+    assert lease.read_holder(str(out)) is None  # released
+    assert json.loads((out / lease.LEASE_NAME).read_text())["generation"] == 2  # after the dead
