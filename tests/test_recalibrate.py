@@ -5,8 +5,7 @@ everything and becomes champion, the second (through the CLI and a YAML config) 
 data and registers nothing, the third embeds only the new identities and passes a gate that
 allows any FNMR rise, the fourth fits the same data again (only a setting that does not touch
 the fit changed) and must fail a gate that requires an improvement. Each gate outcome follows
-from the construction, not from the figures. Another test runs a recalibration whose held-out
-guard fails by construction: nothing is registered.
+from the construction, not from the figures.
 """
 
 from __future__ import annotations

@@ -163,7 +163,7 @@ def _relay(read_fd: int, out_fd: int, quiet: bool) -> None:
             lines = chunk.decode("utf-8", errors="replace").splitlines(keepends=True)
             if quiet:
                 lines = [ln for ln in lines if not any(p.search(ln) for p in QUIET_PATTERNS)]
-            text = redact_text("".join(lines)) if lines else ""
+            text = redact_console("".join(lines)) if lines else ""
             if text:
                 with suppress(OSError):
                     os.write(out_fd, text.encode("utf-8", errors="replace"))
