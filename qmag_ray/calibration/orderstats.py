@@ -169,7 +169,13 @@ class PassPlan:
     def collect_counts(self) -> np.ndarray:
         """How many values each collected interval holds over all shards (its slot's
         capacity); ``count`` holds every interval's, from the previous pass."""
-        return np.asarray(self.count, np.int64)[np.asarray(self.shift) < 0]
+        collect = np.asarray(self.shift) < 0
+        count = np.asarray(self.count, np.int64)
+        if len(count) != len(collect):
+            if collect.any():
+                raise ValueError("a pass plan with collected intervals needs their counts (count)")
+            return np.empty(0, np.int64)
+        return count[collect]
 
 
 @dataclass
@@ -217,8 +223,6 @@ class Collector:
 
     def __init__(self, plan: PassPlan) -> None:
         self.capacity = plan.collect_counts()
-        if len(self.capacity) != plan.n_collect():
-            raise ValueError("a pass plan with collected intervals needs their counts (count)")
         self.start = np.cumsum(self.capacity) - self.capacity
         self.fill = np.zeros(len(self.capacity), np.int64)
         self.values = np.empty(int(self.capacity.sum()), np.float64)
