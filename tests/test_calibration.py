@@ -216,6 +216,19 @@ def test_order_statistics_refuse_scores_that_change_between_passes() -> None:
         order_statistics(run_pass, rows, np.array([1, 50]), len(cos))
 
 
+def test_order_statistics_stop_at_the_pass_limit() -> None:
+    """With one-cell histograms and nothing collected, each pass narrows an interval by the
+    minimum of 4 bits: 64-bit float keys then need 1 + 64 / 4 = 17 passes. A limit of 17 is
+    enough; 16 stops with an error instead of running on."""
+    x = np.array([5e-324, 1.7e308, -1.7e308, 0.0, 1.0, -5e-324, 2.0**-1000])
+    ranks = np.arange(1, 8)
+    got = _ranked(x, ranks, hist_cells=1, collect_values=0, max_passes=17)
+    np.testing.assert_array_equal(got.values[0], np.sort(x)[::-1])
+    assert got.passes == 17
+    with pytest.raises(RuntimeError, match="not resolved after 16 passes .*limit is 16"):
+        _ranked(x, ranks, hist_cells=1, collect_values=0, max_passes=16)
+
+
 def test_sigmoid_is_one_formula() -> None:
     x = np.linspace(-3, 3, 7)
     np.testing.assert_array_equal(sigmoid(x), 1.0 / (1.0 + np.exp(-x)))
