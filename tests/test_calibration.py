@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import struct
 
 import numpy as np
 import pytest
@@ -442,3 +443,80 @@ def test_float32_inputs_are_computed_in_float64() -> None:
     buf = np.empty(1)
     assert qmagface_score(np.array([0.75]), np.array([20.0]), 0.25, 0.5, out=buf) is buf
     assert buf[0] == 0.75
+
+
+def test_a_single_threshold_and_a_non_finite_line_are_errors() -> None:
+    from qmag_ray.calibration.search import fit_line
+
+    with pytest.raises(ValueError, match=r"^cannot fit the line: all 1 optimal thresholds are "
+                       r"equal \(0\.5\);"):  # fmt: skip
+        fit_line(np.array([0.5]), np.array([-0.01]))
+    # Slope -2e308 overflows to -inf while the intercept (1e308, alpha -1e308 up to the
+    # solver's rounding) stays finite: either one non-finite parameter is an error.
+    message = r"^the line fit gave non-finite parameters \(alpha=-[0-9.]+e\+30[78], beta=-inf\)$"
+    with np.errstate(all="ignore"), pytest.raises(ValueError, match=message):
+        fit_line(np.array([0.0, 1.0]), np.array([1e308, -1e308]))
+
+
+def _key(x: float) -> int:
+    """Oracle: the order-preserving integer key of a float64 (sign-magnitude bits flipped to
+    two's-complement order for negative values), from the IEEE 754 bit pattern."""
+    (bits,) = struct.unpack("<q", struct.pack("<d", x))
+    return bits if bits >= 0 else bits ^ 0x7FFFFFFFFFFFFFFF
+
+
+def test_float_keys_order_the_floats_and_key_floats_inverts_them() -> None:
+    from qmag_ray.calibration.orderstats import float_keys, key_floats
+
+    x = [-math.inf, -1.5, -5e-324, -0.0, 0.0, 5e-324, 1.0, math.inf]
+    # By hand: +0.0 is key 0, the smallest subnormal 1; -0.0 is -1, -5e-324 is -2.
+    want = [_key(v) for v in x]
+    assert want[2:6] == [-2, -1, 0, 1] and want == sorted(want)
+    assert float_keys(np.array(x)).tolist() == want
+    assert float_keys(np.array(x, np.float32)).tolist() == [
+        _key(float(v)) for v in np.array(x, np.float32)
+    ]
+    assert float_keys([0, 1]).tolist() == [0, _key(1.0)]  # integers are keyed as floats
+    back = key_floats(np.array(want))
+    assert back.dtype == np.float64 and back.tolist() == x
+    assert np.signbit(back).tolist() == [True] * 4 + [False] * 4  # -0.0 stays -0.0
+    assert key_floats(np.array([1, 0], np.uint64)).tolist() == [5e-324, 0.0]
+
+
+def test_first_bin_edges_are_the_smallest_floats_of_each_bin() -> None:
+    """Oracle: the pass-1 bin ``floor(clip((x - lo) * scale, 0, B - 1))`` (module docstring)
+    evaluated here; each edge ``E_b`` must be in bin >= b while the float just below it is not."""
+    from qmag_ray.calibration.orderstats import first_bin_edges, key_floats
+
+    rows = ScoreRows("logit", np.array([-0.2, 0.0, 0.3]), 2.0)
+    plan = first_plan(rows, genuine=False, hist_cells=3 * 64)
+    bins = plan.bins
+    assert bins == 64
+
+    def bin_of(x: float, r: int) -> int:
+        with np.errstate(all="ignore"):
+            v = (np.float64(x) - plan.lo[r]) * plan.scale[r]
+        return int(min(max(v, 0.0), bins - 1))
+
+    row = np.repeat(np.arange(3), bins + 1)
+    b = np.tile(np.arange(bins + 1), 3)
+    edges = first_bin_edges(plan, row, b)
+    assert edges[b == 0].tolist() == [_key(-math.inf)] * 3
+    assert edges[b == bins].tolist() == [_key(math.inf) + 1] * 3
+    inner = (b > 0) & (b < bins)
+    x = key_floats(edges[inner])
+    for r, bb, e in zip(row[inner], b[inner], x, strict=True):
+        below = np.nextafter(e, -np.inf)
+        assert bin_of(e, r) >= bb > bin_of(below, r), (r, bb, e)
+
+
+def test_cosine_floor_is_the_bound_less_a_small_margin() -> None:
+    # Logit rows: a score is at most s + max(0, w) * max_quality; the floor takes that lift off
+    # ``lowest`` and a margin of 1e-9 x (|lowest| + |lift| + 1).
+    rows = ScoreRows("logit", np.array([-0.5, 0.25]), 2.0)
+    assert rows.cosine_floor(0, 0.3) == pytest.approx(0.3 - 1e-9 * 1.3, abs=1e-15)
+    assert rows.cosine_floor(1, 0.3) == pytest.approx(0.3 - 0.5 - 1e-9 * 1.8, abs=1e-15)
+    assert rows.cosine_floor(1, -2.0) == pytest.approx(-2.0 - 0.5 - 1e-9 * 3.5, abs=1e-15)
+    # QMagFace rows: the score is at most the cosine (omega <= 0): no lift.
+    qrows = ScoreRows("qmagface", np.array([[0.08, 0.13]]), 30.0)
+    assert qrows.cosine_floor(0, 0.4) == pytest.approx(0.4 - 1e-9 * 1.4, abs=1e-15)
