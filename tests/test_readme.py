@@ -244,8 +244,13 @@ SERVE_PORT = re.compile(r"\b5001\b")
 #: Ray's C++ core worker's own lines (``[date time,ms E pid tid] core_worker.cc:N: ...``).
 PROGRESS_LINE = re.compile(r"^\d\d:\d\d:\d\d embedded \d+, failed \d+, \d+/\d+ done")
 CORE_WORKER_LINE = re.compile(r"\] core_worker\.cc:\d+:")
-#: qmag-ray's own line(s) saying that a command attached to Ray.
-CONNECTED_LINE = re.compile(r"\bconnected to (Ray\b|\d)")
+#: What a command says once (a log line and a report line saying it again is noise): that it
+#: attached to Ray, the version it registered, an alias it moved.
+SAID_ONCE = {
+    "connected": re.compile(r"\bconnected to (Ray\b|\d)"),
+    "registered": re.compile(r"\bqmagface version \d+$"),
+    "alias": re.compile(r"\bqmagface@\w+ -> version \d+$"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -447,10 +452,11 @@ def test_run_blocks_work_as_written(workdir: Path, readme_head: RayHead) -> None
             + "\n".join(actual[-40:])
         )
 
-    # every command says once that it connected to Ray (not once per layer)
+    # every command says each of these once (not once per layer)
     for ran in shell.ran:
-        said = [ln for ln in ran.output.splitlines() if CONNECTED_LINE.search(ln)]
-        assert len(said) <= 1, f"{ran.cmd.where()} printed:\n" + "\n".join(said)
+        for what, pattern in SAID_ONCE.items():
+            said = [ln for ln in ran.output.splitlines() if pattern.search(ln.strip())]
+            assert len(said) <= 1, f"{ran.cmd.where()} says {what} twice:\n" + "\n".join(said)
 
     # embed: a short default output, none of Ray's core_worker lines (README "Output")
     embed = shell.output_of("qmag-ray", "embed")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from enum import Enum
 from typing import Annotated
 
@@ -51,8 +52,11 @@ def synth(
         image_format=image_format.value,
     )
     n_workers = workers or min(os.cpu_count() or 1, 8)
+    started = time.perf_counter()
     manifest = write_dataset(output, spec, workers=n_workers)
+    elapsed = time.perf_counter() - started
     typer.echo(
         f"wrote {len(manifest)} images of {identities} identities and "
-        f"{storage.join(storage.redact(output), 'manifest.parquet')}"
+        f"{storage.join(storage.redact(output), 'manifest.parquet')} in {elapsed:.1f} s "
+        f"({len(manifest) / max(elapsed, 1e-9):.0f} images/s)"
     )
