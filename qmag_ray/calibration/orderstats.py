@@ -45,6 +45,11 @@ COLLECT_VALUES = 1 << 20
 #: Bins of a row in the first pass, at most / at least.
 FIRST_BINS_MAX = 1 << 17
 MIN_BITS, MAX_BITS = 4, 16
+#: Passes after which ``order_statistics`` stops with an error. Each refinement pass narrows
+#: every open interval of 64-bit float keys by at least ``MIN_BITS`` bits (or collects it), so
+#: ``1 + 64 // MIN_BITS`` = 17 passes always suffice (and are reached with one-cell histograms);
+#: more can only be a bug, which then fails at once instead of looping.
+MAX_PASSES = 2 * (1 + 64 // MIN_BITS)
 #: Pairs processed at a time inside a block (bounds the float64 temporaries).
 CHUNK = 1 << 18
 #: Cosines are assumed within this bound for the first pass's value range (a resolution hint
@@ -370,8 +375,12 @@ def order_statistics(
     genuine: bool = True,
     hist_cells: int = HIST_CELLS,
     collect_values: int = COLLECT_VALUES,
+    max_passes: int = MAX_PASSES,
 ) -> OrderStatistics:
-    """The ``ranks``-th highest impostor scores (1-based, each <= ``n_impostor``) of every row."""
+    """The ``ranks``-th highest impostor scores (1-based, each <= ``n_impostor``) of every row.
+
+    Raises RuntimeError when the ranks are not resolved within ``max_passes`` passes.
+    """
     ranks = np.asarray(ranks, np.int64)
     if len(ranks) and (ranks.min() < 1 or ranks.max() > n_impostor):
         raise ValueError(f"ranks must lie in 1..{n_impostor}, got {ranks.min()}..{ranks.max()}")
@@ -415,6 +424,11 @@ def order_statistics(
                 open_.append(iv)
         if not open_:
             break
+        if passes >= max_passes:
+            raise RuntimeError(
+                f"order statistics not resolved after {passes} passes over the pairs (the limit "
+                f"is {max_passes}; each pass narrows every interval by {MIN_BITS}+ of 64 bits)"
+            )
         open_.sort(key=lambda iv: (iv.row, iv.klo))
         by_count = sorted(range(len(open_)), key=lambda j: open_[j].count)
         collect = np.zeros(len(open_), bool)
