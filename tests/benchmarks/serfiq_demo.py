@@ -50,21 +50,21 @@ def finetune(args: argparse.Namespace, target: Path) -> None:
     cfg = TrainConfig(
         data=args.train,
         output=str(target.parent),
-        init_checkpoint=DEMO,
+        init_checkpoint=args.init,
         lr=args.lr,
         dropout=args.dropout,
-        seed=0,
+        seed=args.seed,
         batch_size=64,
     )
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     images = list_labelled_images(cfg.data)
     loader = torch.utils.data.DataLoader(
-        FaceDataset(images, seed=0),
+        FaceDataset(images, flip=args.flip, seed=args.seed),
         batch_size=64,
         shuffle=True,
         drop_last=True,
         collate_fn=collate,
-        generator=torch.Generator().manual_seed(0),
+        generator=torch.Generator().manual_seed(args.seed),
     )
     net = build_net(cfg, images.num_classes)
     opt = make_optimizer(cfg, net.parameters())
@@ -177,6 +177,9 @@ def main() -> None:
         "--finetuned",
         help="evaluate this checkpoint (e.g. from qmag-ray train --dropout) instead of training",
     )
+    p.add_argument("--init", default=DEMO, help="checkpoint the whole-network fine-tune begins at")
+    p.add_argument("--flip", action="store_true", help="random horizontal flips in the fine-tune")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fine-tune's shuffling")
     p.add_argument("--name", default="finetuned", help="folder of the fine-tuned model in OUT")
     p.add_argument("--serfiq-dropout-type", default="element", choices=["element", "channel"])
     args = p.parse_args()
