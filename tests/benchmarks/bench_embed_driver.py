@@ -12,6 +12,10 @@ For each size N it builds a tree ``id<k>/<n>.bmp`` of N hard links to ten small 
 local Ray (2 CPUs). The figure is that driver's peak resident memory (``VmHWM``: torch, Ray's
 core worker and everything the job holds), compared as the ratio of the largest to the
 smallest size; the job's images/s and wall time are printed next to it with the load average.
+Next to the peak each run reports the driver's resident memory before Ray started, once
+connected, and at 25/50/75/100 % of the job (sampled every 2 s), so growth during the run shows,
+and the pipeline's timings; ``--log`` prints each run's log (phases and progress lines, with
+times) as it goes.
 """
 
 from __future__ import annotations
