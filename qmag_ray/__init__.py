@@ -6,7 +6,7 @@ are resolved on first use.
 
 from __future__ import annotations
 
-from typing import Any
+from qmag_ray._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -18,10 +18,4 @@ _LAZY = {
 
 __all__ = ["__version__", *_LAZY]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'qmag_ray' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)

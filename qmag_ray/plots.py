@@ -76,11 +76,11 @@ def det_curves(
             e = boot["eer"]
             if e.get("low") is not None:
                 label += (
-                    f" (EER {100 * e['value']:.2f}% [{100 * e['low']:.2f}, "
-                    f"{100 * e['high']:.2f}])"
+                    f" (EER {100 * e['value']:.2f}% [{100 * e['low']:.2f}, {100 * e['high']:.2f}])"
                 )
-        ax.plot(norm.ppf(fpr[ok]), norm.ppf(fnr[ok]), color=f"C{i}", label=label,
-                drawstyle="steps-post")
+        ax.plot(
+            norm.ppf(fpr[ok]), norm.ppf(fnr[ok]), color=f"C{i}", label=label, drawstyle="steps-post"
+        )
         for key, iv in (boot or {}).get("fnmr_at_fmr", {}).items():
             if iv.get("low") is None or not 0 < iv["value"] < 1:
                 continue
@@ -88,8 +88,9 @@ def det_curves(
             lo = norm.ppf(min(max(iv["low"], 1e-9), 1 - 1e-9))
             hi = norm.ppf(min(max(iv["high"], 1e-9), 1 - 1e-9))
             yv = norm.ppf(iv["value"])
-            ax.errorbar([x], [yv], yerr=[[yv - lo], [hi - yv]], color=f"C{i}", fmt="o",
-                        ms=3, capsize=3)
+            ax.errorbar(
+                [x], [yv], yerr=[[yv - lo], [hi - yv]], color=f"C{i}", fmt="o", ms=3, capsize=3
+            )
     ticks = [t for t in DET_TICKS if t >= lo_rate / 2]
     ax.set_xticks(norm.ppf(ticks), [_tick_label(t) for t in ticks], fontsize="small")
     ax.set_yticks(norm.ppf(DET_TICKS), [_tick_label(t) for t in DET_TICKS], fontsize="small")
@@ -249,16 +250,18 @@ def quality_edc(uri: str, evaluation: Mapping[str, Any]) -> str:
     for i, c in enumerate(curves):
         x = 100.0 * np.asarray(c["discard"], np.float64)
         y = 100.0 * np.asarray([np.nan if v is None else v for v in c["fnmr_fixed"]])
-        ax.step(x, y, where="post", color=f"C{i}", label=f"{c['name']} (pAUC@{lim:.0%} "
-                f"{c['pauc']:.4f})")
+        ax.step(
+            x, y, where="post", color=f"C{i}", label=f"{c['name']} (pAUC@{lim:.0%} {c['pauc']:.4f})"
+        )
         xr = 100.0 * np.asarray(c["rederived_discard"], np.float64)
         yr = 100.0 * np.asarray([np.nan if v is None else v for v in c["fnmr_rederived"]])
         ax.plot(xr, yr, ":", color=f"C{i}", lw=1)
     for c, style in ((evaluation["random"], "--"), (evaluation["oracle"], "-.")):
         x = 100.0 * np.asarray(c["discard"], np.float64)
         y = 100.0 * np.asarray(c["fnmr_fixed"], np.float64)
-        ax.step(x, y, style, where="post", color="grey",
-                label=f"{c['name']} (pAUC {c['pauc']:.4f})")
+        ax.step(
+            x, y, style, where="post", color="grey", label=f"{c['name']} (pAUC {c['pauc']:.4f})"
+        )
     ax.axvline(100 * lim, color="black", lw=0.6, alpha=0.4)
     ax.set_xlabel("genuine pairs discarded, lowest pair quality first (%)")
     ax.set_ylabel(f"FNMR (%) at FMR {evaluation['fmr']:g}")
@@ -280,8 +283,9 @@ def group_quality(uri: str, quality: Mapping[str, np.ndarray], measure: str, col
     ax = fig.add_subplot()
     names = list(quality)
     ax.boxplot([np.asarray(quality[n], np.float64) for n in names], showfliers=False)
-    ax.set_xticks(range(1, len(names) + 1), [f"{n}\n({len(quality[n])})" for n in names],
-                  fontsize="small")
+    ax.set_xticks(
+        range(1, len(names) + 1), [f"{n}\n({len(quality[n])})" for n in names], fontsize="small"
+    )
     ax.set_xlabel(f"group ({column})")
     ax.set_ylabel(f"image quality ({measure})")
     ax.set_title(f"Quality by {column}", fontsize="medium")

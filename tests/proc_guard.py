@@ -153,8 +153,15 @@ def unregister(pid: int) -> None:
         _record_path(pid).unlink()
 
 
-def spawn(args: list[str], *, name: str, log: Path, env: dict[str, str] | None = None,
-          marker: str | None = None, cwd: str | Path | None = None) -> subprocess.Popen:
+def spawn(
+    args: list[str],
+    *,
+    name: str,
+    log: Path,
+    env: dict[str, str] | None = None,
+    marker: str | None = None,
+    cwd: str | Path | None = None,
+) -> subprocess.Popen:
     """Start ``args`` in a session of its own, output to ``log``, registered for clean-up."""
     with log.open("ab") as out:
         proc = subprocess.Popen(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import struct
+import warnings
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from oracle import oracle_fit
 from qmag_ray import fit_qmagface
 from qmag_ray.calibration.fit import fit_pairs
 from qmag_ray.calibration.orderstats import (
+    Collector,
     PassPlan,
     PassResult,
     ScoreRows,
@@ -216,6 +219,19 @@ def test_order_statistics_refuse_scores_that_change_between_passes() -> None:
         order_statistics(run_pass, rows, np.array([1, 50]), len(cos))
 
 
+def test_order_statistics_stop_at_the_pass_limit() -> None:
+    """With one-cell histograms and nothing collected, each pass narrows an interval by the
+    minimum of 4 bits: 64-bit float keys then need 1 + 64 / 4 = 17 passes. A limit of 17 is
+    enough; 16 stops with an error instead of running on."""
+    x = np.array([5e-324, 1.7e308, -1.7e308, 0.0, 1.0, -5e-324, 2.0**-1000])
+    ranks = np.arange(1, 8)
+    got = _ranked(x, ranks, hist_cells=1, collect_values=0, max_passes=17)
+    np.testing.assert_array_equal(got.values[0], np.sort(x)[::-1])
+    assert got.passes == 17
+    with pytest.raises(RuntimeError, match="not resolved after 16 passes .*limit is 16"):
+        _ranked(x, ranks, hist_cells=1, collect_values=0, max_passes=16)
+
+
 def test_sigmoid_is_one_formula() -> None:
     x = np.linspace(-3, 3, 7)
     np.testing.assert_array_equal(sigmoid(x), 1.0 / (1.0 + np.exp(-x)))
@@ -363,6 +379,24 @@ def test_pass_results_add_counts_and_join_values_of_one_plan_only() -> None:
             merge_into(a, other)
 
 
+def test_collector_fills_each_interval_within_its_count_in_arrival_order() -> None:
+    # Four intervals, the second histogrammed (shift 3): three collect slots of 2, 0 and 3.
+    rows = ScoreRows("logit", np.zeros(1), 1.0)
+    plan = PassPlan(
+        rows, first=False, shift=np.array([-1, 3, -1, -1]), count=np.array([2, 9, 0, 3])
+    )
+    got = Collector(plan)
+    got.add(np.array([0.5, 0.1]), np.array([2, 0]))  # one block's values
+    got.add(np.array([], float), np.array([], np.int64))  # a block with none
+    got.add(np.array([0.7, 0.3, 0.2]), np.array([2, 0, 2]))
+    slots = got.finish()
+    assert [s.tolist() for s in slots] == [[0.1, 0.3], [], [0.5, 0.7, 0.2]]
+    with pytest.raises(RuntimeError, match="scores changed between passes"):
+        got.add(np.array([0.9]), np.array([0]))  # slot 0 held 2 values
+    with pytest.raises(ValueError, match="needs their counts"):
+        Collector(PassPlan(rows, first=False, shift=np.array([-1])))
+
+
 # --- the search's steps one by one (values worked by hand) ----------------------------------
 
 
@@ -429,3 +463,207 @@ def test_float32_inputs_are_computed_in_float64() -> None:
     buf = np.empty(1)
     assert qmagface_score(np.array([0.75]), np.array([20.0]), 0.25, 0.5, out=buf) is buf
     assert buf[0] == 0.75
+
+
+def test_a_single_threshold_and_a_non_finite_line_are_errors() -> None:
+    from qmag_ray.calibration.search import fit_line
+
+    with pytest.raises(ValueError, match=r"^cannot fit the line: all 1 optimal thresholds are "
+                       r"equal \(0\.5\);"):  # fmt: skip
+        fit_line(np.array([0.5]), np.array([-0.01]))
+    # Slope -2e308 overflows to -inf while the intercept (1e308, alpha -1e308 up to the
+    # solver's rounding) stays finite: either one non-finite parameter is an error.
+    message = r"^the line fit gave non-finite parameters \(alpha=-[0-9.]+e\+30[78], beta=-inf\)$"
+    with np.errstate(all="ignore"), pytest.raises(ValueError, match=message):
+        fit_line(np.array([0.0, 1.0]), np.array([1e308, -1e308]))
+
+
+def _key(x: float) -> int:
+    """Oracle: the order-preserving integer key of a float64 (sign-magnitude bits flipped to
+    two's-complement order for negative values), from the IEEE 754 bit pattern."""
+    (bits,) = struct.unpack("<q", struct.pack("<d", x))
+    return bits if bits >= 0 else bits ^ 0x7FFFFFFFFFFFFFFF
+
+
+def test_float_keys_order_the_floats_and_key_floats_inverts_them() -> None:
+    from qmag_ray.calibration.orderstats import float_keys, key_floats
+
+    x = [-math.inf, -1.5, -5e-324, -0.0, 0.0, 5e-324, 1.0, math.inf]
+    # By hand: +0.0 is key 0, the smallest subnormal 1; -0.0 is -1, -5e-324 is -2.
+    want = [_key(v) for v in x]
+    assert want[2:6] == [-2, -1, 0, 1] and want == sorted(want)
+    assert float_keys(np.array(x)).tolist() == want
+    assert float_keys(np.array(x, np.float32)).tolist() == [
+        _key(float(v)) for v in np.array(x, np.float32)
+    ]
+    assert float_keys([0, 1]).tolist() == [0, _key(1.0)]  # integers are keyed as floats
+    back = key_floats(np.array(want))
+    assert back.dtype == np.float64 and back.tolist() == x
+    assert np.signbit(back).tolist() == [True] * 4 + [False] * 4  # -0.0 stays -0.0
+    assert key_floats(np.array([1, 0], np.uint64)).tolist() == [5e-324, 0.0]
+
+
+def test_first_bin_edges_are_the_smallest_floats_of_each_bin() -> None:
+    """Oracle: the pass-1 bin ``floor(clip((x - lo) * scale, 0, B - 1))`` (module docstring)
+    evaluated here; each edge ``E_b`` must be in bin >= b while the float just below it is not."""
+    from qmag_ray.calibration.orderstats import first_bin_edges, key_floats
+
+    rows = ScoreRows("logit", np.array([-0.2, 0.0, 0.3]), 2.0)
+    plan = first_plan(rows, genuine=False, hist_cells=3 * 64)
+    bins = plan.bins
+    assert bins == 64
+
+    def bin_of(x: float, r: int) -> int:
+        with np.errstate(all="ignore"):
+            v = (np.float64(x) - plan.lo[r]) * plan.scale[r]
+        return int(min(max(v, 0.0), bins - 1))
+
+    row = np.repeat(np.arange(3), bins + 1)
+    b = np.tile(np.arange(bins + 1), 3)
+    edges = first_bin_edges(plan, row, b)
+    assert edges[b == 0].tolist() == [_key(-math.inf)] * 3
+    assert edges[b == bins].tolist() == [_key(math.inf) + 1] * 3
+    inner = (b > 0) & (b < bins)
+    x = key_floats(edges[inner])
+    for r, bb, e in zip(row[inner], b[inner], x, strict=True):
+        below = np.nextafter(e, -np.inf)
+        assert bin_of(e, r) >= bb > bin_of(below, r), (r, bb, e)
+
+
+def test_cosine_floor_is_the_bound_less_a_small_margin() -> None:
+    # Logit rows: a score is at most s + max(0, w) * max_quality; the floor takes that lift off
+    # ``lowest`` and a margin of 1e-9 x (|lowest| + |lift| + 1).
+    rows = ScoreRows("logit", np.array([-0.5, 0.25]), 2.0)
+    assert rows.cosine_floor(0, 0.3) == pytest.approx(0.3 - 1e-9 * 1.3, abs=1e-15)
+    assert rows.cosine_floor(1, 0.3) == pytest.approx(0.3 - 0.5 - 1e-9 * 1.8, abs=1e-15)
+    assert rows.cosine_floor(1, -2.0) == pytest.approx(-2.0 - 0.5 - 1e-9 * 3.5, abs=1e-15)
+    # QMagFace rows: the score is at most the cosine (omega <= 0): no lift.
+    qrows = ScoreRows("qmagface", np.array([[0.08, 0.13]]), 30.0)
+    assert qrows.cosine_floor(0, 0.4) == pytest.approx(0.4 - 1e-9 * 1.4, abs=1e-15)
+
+
+def _recorded(values: np.ndarray, ranks: list[int], **budget: int) -> tuple[object, list]:
+    """Order statistics of ``values`` (a weight-0 logit row) and the plan of every pass."""
+    cos = np.asarray(values, np.float64)
+    source = ArrayPairSource(cos, np.zeros(len(cos)), np.zeros(len(cos), np.int8))
+    plans: list[PassPlan] = []
+
+    def run_pass(plan: PassPlan) -> PassResult:
+        plans.append(plan)
+        return scan_blocks(source.shard_blocks(0), plan)
+
+    rows = ScoreRows("logit", np.array([0.0]), 1.0)
+    return order_statistics(run_pass, rows, np.array(ranks), len(cos), **budget), plans
+
+
+def test_the_collect_budget_takes_the_smallest_intervals_first() -> None:
+    """Pass 1 (64 bins over [-1, 1]) leaves the wanted ranks 1, 4 and 50 in three bins holding
+    3 (values near 0.5), 3 (near 0.0) and 100 values (near -0.5). Pass 2 collects intervals in
+    increasing count while they fit the budget: with 4 values one interval of 3, with 3 values
+    also one (a count equal to what is left fits), with 6 both of 3; the 100 never."""
+    rng = np.random.default_rng(0)
+    x = np.concatenate(
+        [rng.uniform(-0.5, -0.49, 100), rng.uniform(0.0, 0.01, 3), rng.uniform(0.5, 0.51, 3)]
+    )
+    want = np.sort(x)[::-1][[0, 3, 49]]
+    for collect, n_collect in [(4, 1), (3, 1), (6, 2), (2, 0)]:
+        got, plans = _recorded(x, [1, 4, 50], hist_cells=64, collect_values=collect)
+        assert got.values.dtype == np.float64
+        np.testing.assert_array_equal(got.values[0], want)
+        assert plans[0].bins == 64
+        assert plans[1].n_collect() == n_collect, collect
+        assert sorted(plans[1].shift < 0) == sorted([True] * n_collect + [False] * (3 - n_collect))
+
+
+def test_histogram_passes_use_the_cell_budget_and_no_more() -> None:
+    """Every later pass splits each open interval into ``ceil(width / 2**shift)`` cells laid out
+    one after another from cell 0; one interval alone gets more than half of ``hist_cells``
+    (the largest power of two that fits) and never more."""
+    x = np.random.default_rng(1).normal(size=5_000)
+    got, plans = _recorded(x, [7], hist_cells=1024, collect_values=0)
+    assert got.values[0, 0] == np.sort(x)[::-1][6]
+    assert plans[0].bins <= 1024
+    for plan in plans[1:]:
+        hist = plan.shift >= 0
+        width = plan.khi[hist] - plan.klo[hist]
+        cells = -(-width // (2 ** plan.shift[hist]))  # ceil
+        assert plan.cell[hist].tolist() == np.r_[0, np.cumsum(cells)[:-1]].tolist()
+        assert plan.n_cells == int(cells.sum())
+        if plan.n_cells > 8:  # not the last, narrow interval
+            assert 512 < plan.n_cells <= 1024, plan.n_cells
+
+
+def test_order_statistics_errors_and_empty_requests() -> None:
+    cos = np.linspace(-0.9, 0.9, 50)
+    source = ArrayPairSource(cos, np.zeros(50), np.zeros(50, np.int8))
+    rows = ScoreRows("logit", np.array([0.0]), 1.0)
+
+    def run_pass(plan: PassPlan) -> PassResult:
+        return scan_blocks(source.shard_blocks(0), plan)
+
+    for bad in ([0, 3], [3, 51]):
+        with pytest.raises(ValueError, match=r"^ranks must lie in 1\.\.50, got "):
+            order_statistics(run_pass, rows, np.array(bad), 50)
+    with pytest.raises(RuntimeError, match=r"^a pass over the pairs saw 50 impostors, not 49$"):
+        order_statistics(run_pass, rows, np.array([1]), 49)
+    none = order_statistics(run_pass, rows, np.array([], np.int64), 50)
+    assert none.values.shape == (1, 0) and none.passes == 1 and none.first.n_impostor == 50
+    no_rows = order_statistics(run_pass, ScoreRows("logit", np.array([]), 1.0), np.array([1]), 50)
+    assert no_rows.values.shape == (0, 1) and no_rows.passes == 1
+    with pytest.raises(ValueError, match=r"^unknown score kind 'cosine'$"):
+        ScoreRows("cosine", np.array([0.0]), 1.0)
+
+
+def test_a_score_change_seen_by_a_histogram_pass_is_an_error() -> None:
+    calls = []
+    cos = np.random.default_rng(1).normal(size=10_000)
+    rows = ScoreRows("logit", np.array([0.0]), 1.0)
+
+    def run_pass(plan: PassPlan) -> PassResult:
+        calls.append(plan)
+        shift = 1e-3 * (len(calls) > 1)
+        source = ArrayPairSource(cos + shift, np.zeros(len(cos)), np.zeros(len(cos), np.int8))
+        return scan_blocks(source.shard_blocks(0), plan)
+
+    with pytest.raises(RuntimeError, match=r"^scores changed between passes over the pairs: \d+ "
+                       r"values in an interval that held \d+ \(sources must"):  # fmt: skip
+        order_statistics(run_pass, rows, np.array([1, 50]), len(cos), collect_values=0)
+
+
+def test_value_range_by_hand() -> None:
+    """Scores for cosines in [-1, 1] and qualities in [0, max_quality], padded by 1e-6 of the
+    span plus 1e-12: logit ``w q + s``, QMagFace ``s + min(0, beta s - alpha) q``."""
+    rows = ScoreRows("logit", np.array([-0.2, 0.3]), 0.5)
+    lo, hi = -1 - 0.2 * 0.5, 1.0
+    pad = 1e-6 * (hi - lo) + 1e-12
+    assert rows.value_range(0) == pytest.approx((lo - pad, hi + pad), abs=1e-15)
+    lo, hi = -1.0, 1 + 0.3 * 0.5
+    pad = 1e-6 * (hi - lo) + 1e-12
+    assert rows.value_range(1) == pytest.approx((lo - pad, hi + pad), abs=1e-15)
+    qrows = ScoreRows("qmagface", np.array([[0.08, 0.13]]), 0.5)
+    lo, hi = -1 + (-0.13 - 0.08) * 0.5, 1.0  # the lowest at s = -1 and q = max_quality
+    pad = 1e-6 * (hi - lo) + 1e-12
+    assert qrows.value_range(0) == pytest.approx((lo - pad, hi + pad), abs=1e-15)
+
+
+def test_scores_are_written_into_the_given_buffer() -> None:
+    cos, q = np.array([0.5, -0.25]), np.array([2.0, 4.0])
+    for rows, want in [
+        (ScoreRows("logit", np.array([0.1]), 4.0), [0.5 + 0.2, -0.25 + 0.4]),
+        # omega = min(0, 0.5 s - 0.25): 0 at s = 0.5; -0.375 at s = -0.25
+        (ScoreRows("qmagface", np.array([[0.25, 0.5]]), 4.0), [0.5, -0.25 - 0.375 * 4]),
+    ]:
+        buf = np.empty(2)
+        got = rows.score(0, cos, q, out=buf)
+        assert got is buf
+        np.testing.assert_allclose(buf, want, rtol=0, atol=1e-15)
+
+
+def test_first_bins_send_huge_values_to_the_edge_bins_quietly() -> None:
+    from qmag_ray.calibration.orderstats import _first_bins
+
+    x = np.array([-np.inf, -1.0, 0.0, 0.49, 1.7e308, np.inf])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = _first_bins(x.copy(), -1.0, 8.0, 16)  # floor(clip((x + 1) * 8, 0, 15))
+    assert got.tolist() == [0, 0, 8, 11, 15, 15]

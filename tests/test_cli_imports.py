@@ -7,29 +7,17 @@ MLflow at start-up cost seconds before the first check. Each case runs in a fres
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
+import pytest
 import yaml
+from fresh_interpreter import modules_loaded_after
 
 HEAVY = ("ray", "torch", "mlflow")
 
 
 def _loaded_after(code: str) -> dict[str, bool]:
-    probe = textwrap.dedent(code) + textwrap.dedent(
-        f"""
-        import json, sys
-        print(json.dumps({{m: m in sys.modules for m in {HEAVY!r}}}))
-        """
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False
-    )
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return modules_loaded_after(code, HEAVY)
 
 
 def test_importing_the_app_object_imports_no_ray_torch_or_mlflow() -> None:
@@ -75,3 +63,20 @@ def test_a_bad_recalibration_yaml_is_refused_without_importing_ray_torch_or_mlfl
         """
     )
     assert loaded == dict.fromkeys(HEAVY, False)
+
+
+def test_packages_resolve_their_public_names_on_first_use() -> None:
+    behind = ("qmag_ray.calibration.fit", "qmag_ray.embedding.job", "qmag_ray.training.magface")
+    behind += ("qmag_ray.workflows.calibrate",)
+    code = "import qmag_ray, qmag_ray.embedding, qmag_ray.training, qmag_ray.workflows"
+    assert modules_loaded_after(code, behind) == dict.fromkeys(behind, False)
+    code += "\nfrom qmag_ray.embedding import run_embed"
+    assert modules_loaded_after(code, behind)["qmag_ray.embedding.job"] is True
+
+    import qmag_ray.training
+    import qmag_ray.workflows
+    from qmag_ray.workflows import config
+
+    assert qmag_ray.workflows.CalibrateConfig is config.CalibrateConfig
+    with pytest.raises(AttributeError, match="module 'qmag_ray.training' has no attribute 'x'"):
+        _ = qmag_ray.training.x

@@ -7,9 +7,11 @@ import numpy as np
 from qmag_ray.fmr import (
     allowed_excess,
     fmr_key,
+    impostor_counts,
     measurable,
     operating_points,
     supported_fmrs,
+    thresholds_at_bounds,
 )
 from qmag_ray.tracking.gate import GateConfig, decide
 from qmag_ray.validation import FmrRow, check_guard
@@ -52,3 +54,27 @@ def test_operating_points_by_hand() -> None:
         strict=False,
     )
     assert thr.tolist() == [0.6] and acc.tolist() == [2]
+
+
+def test_measurable_allows_a_rounding_below_the_count() -> None:
+    # f * N that a rounding puts just under the count still measures it (1e-9 of slack), and
+    # one exactly at the slack's edge is in: ``>=``, not ``>``.
+    assert measurable(10 - 1e-9, 1, min_false_matches=10)
+    assert not measurable(10 - 2e-9, 1, min_false_matches=10)
+
+
+def test_impostor_counts_settle_floor_roundings_and_the_ends() -> None:
+    # 0.29 * 100 is 28.999999999999996 in floats, but 29 / 100 == 0.29: at most f passes 29.
+    assert impostor_counts(100, np.array([0.29]), strict=False).tolist() == [29]
+    assert impostor_counts(100, np.array([0.29]), strict=True).tolist() == [28]  # 29/100 !< f
+    # FMR 1 (at most): every impostor may pass, and no more than there are.
+    assert impostor_counts(10, np.array([1.0]), strict=False).tolist() == [10]
+    # FMR 0 (below): no count's rate is below 0; the result stays in 0..N.
+    assert impostor_counts(10, np.array([0.0]), strict=True).tolist() == [0]
+
+
+def test_thresholds_at_bounds_count_accepted_pairs_as_integers() -> None:
+    thr, acc = thresholds_at_bounds(np.array([0.2, 0.5, 0.9]), np.array([0.4, 0.1]), 0.6)
+    # Bound 0.4: 0.5 and 0.9 accepted, the threshold is the smallest of them; bound 0.1: all.
+    assert thr.tolist() == [0.5, 0.2] and acc.tolist() == [2, 3]
+    assert acc.dtype.kind == "i" and thr.dtype == np.float64

@@ -129,8 +129,9 @@ def test_the_crd_check_rejects_a_field_the_server_would_prune(crd_validators) ->
     validator = crd_validators[("ray.io/v1", "RayCluster")]
     broken = copy.deepcopy(cluster)
     broken["spec"]["headGroupSpec"]["authOptions"] = broken["spec"].pop("authOptions")
-    assert _errors(validator, broken) == ["spec.headGroupSpec: Additional properties are not "
-                                          "allowed ('authOptions' was unexpected)"]
+    assert _errors(validator, broken) == [
+        "spec.headGroupSpec: Additional properties are not allowed ('authOptions' was unexpected)"
+    ]
     typo = copy.deepcopy(cluster)
     typo["spec"]["workerGroupSpecs"][0]["minReplica"] = 1
     assert any("minReplica" in e for e in _errors(validator, typo))

@@ -130,7 +130,13 @@ def test_dead_holder_is_taken_over(tmp_path: Path) -> None:
         assert lease.read_holder(out).token == held.record.token
 
 
-def test_expired_lease_of_another_host_is_taken_over(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "stored", [{}, {"generation": 4}], ids=["record-of-an-older-version", "generation-4"]
+)
+def test_expired_lease_of_another_host_is_taken_over(tmp_path: Path, stored: dict) -> None:
+    """An expired lease of another host is taken over with the next fencing generation; a
+    record without one (written before fencing existed) reads as generation 1. A fresh lease
+    of that host is refused."""
     out = tmp_path / "out"
     out.mkdir()
     old = time.time() - 500
@@ -144,8 +150,11 @@ def test_expired_lease_of_another_host_is_taken_over(tmp_path: Path) -> None:
         "created_utc": old,
         "heartbeat_utc": old,
         "ttl_s": 120.0,
+        **stored,
     }
     (out / lease.LEASE_NAME).write_text(json.dumps(record))
+    before = stored.get("generation", 1)
+    assert lease.read_holder(str(out)).generation == before
     fresh = {**record, "heartbeat_utc": time.time()}
     (tmp_path / "fresh").mkdir()
     (tmp_path / "fresh" / lease.LEASE_NAME).write_text(json.dumps(fresh))
@@ -153,6 +162,7 @@ def test_expired_lease_of_another_host_is_taken_over(tmp_path: Path) -> None:
         lease.acquire(str(tmp_path / "fresh"), purpose="calibrate")
     with lease.acquire(str(out), purpose="calibrate") as held:
         assert lease.read_holder(str(out)).token == held.record.token != "t-old"
+        assert held.generation == before + 1
 
 
 @pytest.mark.slow
@@ -294,24 +304,3 @@ def test_a_fence_handed_to_workers_refuses_after_a_takeover(tmp_path: Path) -> N
     taker.release()
     with pytest.raises(lease.LeaseLostError, match="released"):
         taker.fence_token().check()
-
-
-def test_a_record_of_an_older_version_reads_as_generation_one(tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    out.mkdir()
-    old = time.time() - 500
-    record = {
-        "token": "t-old",
-        "purpose": "embed",
-        "user": "x",
-        "host": "some-other-host",
-        "pid": 1,
-        "pid_start": "1",
-        "created_utc": old,
-        "heartbeat_utc": old,
-        "ttl_s": 120.0,
-    }  # no generation: written before fencing existed
-    (out / lease.LEASE_NAME).write_text(json.dumps(record))
-    assert lease.read_holder(str(out)).generation == 1
-    with lease.acquire(str(out), purpose="calibrate") as held:
-        assert held.generation == 2

@@ -95,8 +95,17 @@ def _run_inner(tmp_path: Path, marker: str) -> tuple[subprocess.Popen, int]:
     inner.mkdir()
     (inner / "test_inner.py").write_text(INNER)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-p", "conftest", "-q", "-p", "no:cacheprovider",
-         str(inner / "test_inner.py")],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "conftest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            str(inner / "test_inner.py"),
+        ],
         cwd=inner,
         env=_inner_env(tmp_path, marker),
         stdout=subprocess.DEVNULL,
@@ -169,9 +178,22 @@ def test_the_next_run_reaps_leftovers_it_can_prove_are_its_own(tmp_path: Path, b
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "test_nothing.py").write_text("def test_nothing():\n    pass\n")
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "conftest", "-q", "-p", "no:cacheprovider",
-         "test_nothing.py"],
-        cwd=tmp_path / "empty", env=env, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "conftest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "test_nothing.py",
+        ],
+        cwd=tmp_path / "empty",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "stopped a leftover of an earlier test run" in done.stdout

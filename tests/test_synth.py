@@ -90,8 +90,9 @@ def test_write_dataset_layout_manifest_and_worker_independence(tmp_path) -> None
     assert list(one.columns) == ["path", "identity", "degradation", "pose", "pose_band"]
     # the group attribute: the drawn in-plane rotation and its band (thresholds 0.04, 0.08)
     assert one["pose"].abs().max() <= 0.12
-    bands = np.where(one["pose"].abs() < 0.04, "upright",
-                     np.where(one["pose"].abs() < 0.08, "tilted", "strong"))
+    bands = np.where(
+        one["pose"].abs() < 0.04, "upright", np.where(one["pose"].abs() < 0.08, "tilted", "strong")
+    )
     assert (one["pose_band"] == bands).all()
     assert len(one) == 12 and one["identity"].nunique() == 4
     assert one["degradation"].between(0, 1).all()

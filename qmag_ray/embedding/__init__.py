@@ -7,7 +7,7 @@ library and no Ray.
 
 from __future__ import annotations
 
-from typing import Any
+from qmag_ray._lazy import lazy_exports
 
 _LAZY = {
     "EmbedConfig": "qmag_ray.embedding.config",
@@ -19,10 +19,4 @@ _LAZY = {
 
 __all__ = list(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'qmag_ray.embedding' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)

@@ -108,9 +108,7 @@ class IResNet(nn.Module):
         stages = zip(self.layers, self.widths, strict=True)
         for index, (blocks, width) in enumerate(stages, start=1):
             stage = [IBasicBlock(in_ch, width, stride=2, bn_momentum=bn_momentum)]
-            stage += [
-                IBasicBlock(width, width, bn_momentum=bn_momentum) for _ in range(blocks - 1)
-            ]
+            stage += [IBasicBlock(width, width, bn_momentum=bn_momentum) for _ in range(blocks - 1)]
             setattr(self, f"layer{index}", nn.Sequential(*stage))
             in_ch = width
         spatial = self.input_size // 16

@@ -6,7 +6,7 @@ command line) does not import torch.
 
 from __future__ import annotations
 
-from typing import Any
+from qmag_ray._lazy import lazy_exports
 
 _LAZY = {
     "TrainConfig": "qmag_ray.training.config",
@@ -21,10 +21,4 @@ _LAZY = {
 
 __all__ = list(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'qmag_ray.training' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)

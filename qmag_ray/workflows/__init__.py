@@ -9,7 +9,7 @@ Public names resolve on first use, so importing this package is cheap.
 
 from __future__ import annotations
 
-from typing import Any
+from qmag_ray._lazy import lazy_exports
 
 _LAZY = {
     "CalibrateConfig": "qmag_ray.workflows.config",
@@ -25,10 +25,4 @@ _LAZY = {
 
 __all__ = list(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'qmag_ray.workflows' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)
