@@ -648,3 +648,26 @@ def test_first_bins_send_huge_values_to_the_edge_bins_quietly() -> None:
         warnings.simplefilter("error")
         got = _first_bins(x.copy(), -1.0, 8.0, 16)  # floor(clip((x + 1) * 8, 0, 15))
     assert got.tolist() == [0, 0, 8, 11, 15, 15]
+
+
+def test_several_rows_over_chunks_and_blocks_equal_a_full_sort() -> None:
+    """Three weight rows (scores ``w * q + s``, worked here), more pairs than one scan chunk
+    (2**18) and, in a second source, many small blocks: every row's ranks equal a full sort."""
+    rng = np.random.default_rng(3)
+    n = 300_000
+    cos = np.round(rng.normal(0.0, 0.3, n), 3)  # ties
+    q = rng.uniform(10.0, 30.0, n)
+    weights = np.array([-0.02, 0.0, 0.03])
+    rows = ScoreRows("logit", weights, float(q.max()))
+    ranks = np.array([1, 2, 50, 999, 3_000, n])
+    for block_size in (1 << 20, 7_777):
+        source = ArrayPairSource(cos, q, np.zeros(n, np.int8), block_size=block_size)
+
+        def run_pass(plan: PassPlan, source: ArrayPairSource = source) -> PassResult:
+            return scan_blocks(source.shard_blocks(0), plan)
+
+        got = order_statistics(run_pass, rows, ranks, n, hist_cells=3 * 64, collect_values=64)
+        for r, w in enumerate(weights):
+            desc = np.sort(w * q + cos)[::-1]
+            np.testing.assert_array_equal(got.values[r], desc[ranks - 1])
+        assert got.passes > 2
