@@ -24,7 +24,7 @@ from qmag_ray.calibration.orderstats import (
 )
 from qmag_ray.calibration.result import CalibrationGrid, QMagFaceCalibration
 from qmag_ray.calibration.search import operating_points, sigmoid
-from qmag_ray.pairs.source import ArrayPairSource
+from qmag_ray.pairs.source import ArrayPairSource, PairBlock
 
 
 def synthetic(
@@ -671,3 +671,10 @@ def test_several_rows_over_chunks_and_blocks_equal_a_full_sort() -> None:
             desc = np.sort(w * q + cos)[::-1]
             np.testing.assert_array_equal(got.values[r], desc[ranks - 1])
         assert got.passes > 2
+    # float32 blocks (as the exhaustive source yields) are scored in float64.
+    c32, q32 = cos.astype(np.float32), q.astype(np.float32)
+    block = PairBlock(c32, q32, np.zeros(n, np.int8))
+    got = order_statistics(lambda plan: scan_blocks([block], plan), rows, ranks, n)
+    for r, w in enumerate(weights):
+        desc = np.sort(w * q32.astype(np.float64) + c32.astype(np.float64))[::-1]
+        np.testing.assert_array_equal(got.values[r], desc[ranks - 1])
