@@ -13,6 +13,7 @@ from oracle import oracle_fit
 from qmag_ray import fit_qmagface
 from qmag_ray.calibration.fit import fit_pairs
 from qmag_ray.calibration.orderstats import (
+    Collector,
     PassPlan,
     PassResult,
     ScoreRows,
@@ -376,6 +377,24 @@ def test_pass_results_add_counts_and_join_values_of_one_plan_only() -> None:
     ):
         with pytest.raises(ValueError, match="^cannot merge results of different pass plans$"):
             merge_into(a, other)
+
+
+def test_collector_fills_each_interval_within_its_count_in_arrival_order() -> None:
+    # Four intervals, the second histogrammed (shift 3): three collect slots of 2, 0 and 3.
+    rows = ScoreRows("logit", np.zeros(1), 1.0)
+    plan = PassPlan(
+        rows, first=False, shift=np.array([-1, 3, -1, -1]), count=np.array([2, 9, 0, 3])
+    )
+    got = Collector(plan)
+    got.add(np.array([0.5, 0.1]), np.array([2, 0]))  # one block's values
+    got.add(np.array([], float), np.array([], np.int64))  # a block with none
+    got.add(np.array([0.7, 0.3, 0.2]), np.array([2, 0, 2]))
+    slots = got.finish()
+    assert [s.tolist() for s in slots] == [[0.1, 0.3], [], [0.5, 0.7, 0.2]]
+    with pytest.raises(RuntimeError, match="scores changed between passes"):
+        got.add(np.array([0.9]), np.array([0]))  # slot 0 held 2 values
+    with pytest.raises(ValueError, match="needs their counts"):
+        Collector(PassPlan(rows, first=False, shift=np.array([-1])))
 
 
 # --- the search's steps one by one (values worked by hand) ----------------------------------

@@ -79,7 +79,32 @@ def test_mean_pooling_per_media_then_template_worked_by_hand(hand) -> None:
     # media means (1.5, 3) and (0, -1); their mean (0.75, 1.0), norm 1.25 (a flat mean of the
     # three images would be (1, 5/3): pooling per media first matters)
     np.testing.assert_allclose(pooled.vectors[row], [0.75, 1.0], rtol=1e-6)
-    assert pooled.quality[row] == pytest.approx(1.25, rel=1e-6)
+    # the quality is pooled as under ``quality`` (not the mean feature's norm, 1.25): media 100
+    # (25 + 4) / (5 + 2) = 29/7, media 101 1; template ((29/7)^2 + 1) / (29/7 + 1) = 445/126
+    assert pooled.quality[row] == pytest.approx(445 / 126, rel=1e-6)
+
+
+def test_a_chosen_quality_is_pooled_under_both_rules_worked_by_hand(hand) -> None:
+    """A --quality-column quality (not the norms 5, 2, 1, 1): a 2, b 1, c 4, d 3."""
+    emb, tid = hand
+    chosen = EmbeddingTable(emb.path, None, emb.vectors, np.array([2, 1, 4, 3], np.float32))
+    # media 100 of template 7: q = (4 + 1) / (2 + 1) = 5/3; media 101: q = 16/4 = 4;
+    # template 7: ((5/3)^2 + 4^2) / (5/3 + 4) = (169/9) / (17/3) = 169/51; template 8: 3
+    q_t = 169 / 51
+    mean, _ = pool_templates(chosen, read_template_table(tid), "mean")
+    weighted, _ = pool_templates(chosen, read_template_table(tid), "quality")
+    for pooled in (mean, weighted):
+        rows = [list(pooled.path).index(t) for t in ("7", "8")]
+        np.testing.assert_allclose(pooled.quality[rows], [q_t, 3.0], rtol=1e-6)
+    # mean features ignore the quality: media means (1.5, 3), (0, -1), then (0.75, 1.0)
+    np.testing.assert_allclose(mean.vectors[list(mean.path).index("7")], [0.75, 1.0], rtol=1e-6)
+    # weighted: media 100 f = 2 (3, 4) + 1 (0, 2) = (6, 10), feature (5/3) (6, 10) / ||(6, 10)||;
+    # media 101 f = 4 (0, -1), feature 4 (0, -1); template f = (5/3) m100 + 4 m101
+    m100 = 5 / 3 * np.array([6.0, 10.0]) / math.sqrt(136)
+    f = 5 / 3 * m100 + 4 * np.array([0.0, -4.0])
+    np.testing.assert_allclose(
+        weighted.vectors[list(weighted.path).index("7")], q_t * f / np.linalg.norm(f), rtol=1e-6
+    )
 
 
 def test_csv_template_table_and_identities(tmp_path: Path) -> None:
@@ -292,6 +317,39 @@ def test_cli_evaluate_ijbc_needs_templates_and_names_unknown_templates(
     ]
     res = runner.invoke(app, args)
     assert res.exit_code == 2 and "'999999'" in res.output and "Traceback" not in res.output
+
+
+def test_cli_calibrate_on_template_pairs_passes_the_checks_before_ray(
+    ijb, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README's IJB command: `calibrate --templates T --pairs P --protocol ijbc` is not
+    refused before Ray starts (only a template pair list without --templates is)."""
+    from qmag_ray.cli import _support
+
+    reached = []
+
+    def connect(address: object) -> str:
+        reached.append(address)
+        raise SystemExit(7)  # stop where Ray would start
+
+    monkeypatch.setattr(_support, "connect", connect)
+    args = [
+        "calibrate",
+        "--embeddings",
+        ijb["embeddings"],
+        "--pairs",
+        ijb["pairs"],
+        "--protocol",
+        "ijbc",
+        "--output",
+        str(tmp_path / "cal"),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path / 'm.db'}",
+    ]
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 2 and "--templates" in refused.output and not reached
+    res = CliRunner().invoke(app, [*args, "--templates", ijb["templates"]])
+    assert res.exit_code == 7 and reached, res.output
 
 
 def test_calibrate_fits_on_template_pairs(ijb, tmp_path: Path) -> None:

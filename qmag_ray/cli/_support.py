@@ -1,4 +1,4 @@
-"""Entry-point duties shared by ``qmag-ray calibrate`` and ``qmag-ray evaluate``.
+"""Entry-point duties shared by the `qmag-ray` commands (calibrate, evaluate, identify, ...).
 
 Only entry points read the environment, resolve and check the tracking store, connect Ray and
 record runs: the order is config -> input checks -> tracking reachable -> Ray -> workflow ->
@@ -135,12 +135,11 @@ def prepare_tracking(flag_or_config: str | None) -> str:
 
 
 def connect(ray_address: str | None) -> str:
-    """Connect Ray (``--ray-address``, else RAY_ADDRESS, else a local cluster)."""
+    """Connect Ray (``--ray-address``, else RAY_ADDRESS, else a local cluster). The one line
+    saying so is ``connect_ray``'s log line (``HH:MM:SS connected to Ray at ADDRESS``)."""
     from qmag_ray.runtime import connect_ray
 
-    address = guarded("Ray", lambda: connect_ray(ray_address))
-    typer.echo(f"ray: connected to {address}")
-    return address
+    return guarded("Ray", lambda: connect_ray(ray_address))
 
 
 def log_files(run: Any, files: Mapping[str, str], skip: tuple[str, ...] = ()) -> None:
@@ -152,6 +151,26 @@ def log_files(run: Any, files: Mapping[str, str], skip: tuple[str, ...] = ()) ->
             run.log_json(name, json.loads(storage.read_bytes(uri)))
         else:
             run.log_bytes(name, storage.read_bytes(uri))
+
+
+def record_outcome(
+    kind: str, outcome: Any, cfg: Any, address: str, tracking_uri: str, tags: Mapping[str, str]
+) -> None:
+    """One MLflow run of ``kind`` for a finished workflow: its settings (``outcome.params``),
+    metrics (``outcome.tracking_metrics()``) and result files (``outcome.files``), in
+    ``cfg.tracking.experiment``; a recording failure says the results are safe and exits 1."""
+    from qmag_ray.tracking.runs import tracked_run
+
+    with (
+        tracking_errors(tracking_uri, cfg.output),
+        tracked_run(
+            kind=kind, experiment=cfg.tracking.experiment, ray_address=address, tags=dict(tags)
+        ) as run,
+    ):
+        run.log_params(outcome.params)
+        run.log_metrics(outcome.tracking_metrics())
+        log_files(run, outcome.files)
+        typer.echo(f"mlflow: run {run.run_id} in experiment {cfg.tracking.experiment!r}")
 
 
 _STORAGE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EPERM)

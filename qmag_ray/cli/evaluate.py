@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import typer
 
@@ -37,22 +36,8 @@ def evaluate(given: GivenSettings, ray_address: opts.RayAddress = None) -> None:
     outcome = support.guarded("evaluate", lambda: run_evaluation(cfg))
     typer.echo("")
     typer.echo(outcome.summary())
-    with support.tracking_errors(uri, cfg.output):
-        _record(outcome, cfg, address)
-
-
-def _record(outcome: Any, cfg: Any, address: str) -> None:
-    from qmag_ray.cli._support import log_files
-    from qmag_ray.tracking.runs import tracked_run
-
     tags = {
         "qmag_ray.protocol": outcome.pairs["protocol"],
         "qmag_ray.pairs_skipped": str(outcome.pairs["resolve"]["skipped"]),
     }
-    with tracked_run(
-        kind="evaluate", experiment=cfg.tracking.experiment, ray_address=address, tags=tags
-    ) as run:
-        run.log_params(outcome.params)
-        run.log_metrics(outcome.tracking_metrics())
-        log_files(run, outcome.files)
-        typer.echo(f"mlflow: run {run.run_id} in experiment {cfg.tracking.experiment!r}")
+    support.record_outcome("evaluate", outcome, cfg, address, uri, tags)

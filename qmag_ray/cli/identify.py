@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import typer
 
@@ -37,23 +36,8 @@ def identify(given: GivenSettings, ray_address: opts.RayAddress = None) -> None:
     typer.echo(outcome.summary())
     typer.echo("")
     typer.echo(f"results in {outcome.files['metrics.json']}")
-    with support.tracking_errors(uri, cfg.output):
-        _record(outcome, cfg, address)
-
-
-def _record(outcome: Any, cfg: Any, address: str) -> None:
-    """The identify run in MLflow: settings, rank-k and DIR@FPIR per score, result files."""
-    from qmag_ray.cli._support import log_files
-    from qmag_ray.tracking.runs import tracked_run
-
-    tags = {
+    tags = {  # the rank-k and DIR@FPIR metrics per score come from the outcome
         "qmag_ray.quality_column": outcome.quality.get("column", "quality"),
         "qmag_ray.probes_skipped": str(sum(outcome.counts["skipped"].values())),
     }
-    with tracked_run(
-        kind="identify", experiment=cfg.tracking.experiment, ray_address=address, tags=tags
-    ) as run:
-        run.log_params(outcome.params)
-        run.log_metrics(outcome.tracking_metrics())
-        log_files(run, outcome.files)
-        typer.echo(f"mlflow: run {run.run_id} in experiment {cfg.tracking.experiment!r}")
+    support.record_outcome("identify", outcome, cfg, address, uri, tags)

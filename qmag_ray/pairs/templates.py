@@ -11,7 +11,11 @@ so a template of 40 frames of one video and 2 photos counts as 3 media. Two rule
   pooled feature ``q * f / ||f||``; applied per media, then per template;
 - ``mean``: the mean of the raw features, per media then per template.
 
-The template quality is the pooled feature's norm (``q`` under ``quality``). Template pairs come
+The template quality is the pooled quality ``q = sum(q_i^2) / sum(q_i)`` (per media, then per
+template) under both rules, of whichever quality the table carries (the MagFace norm, or the
+``--quality-column`` chosen): the rule picks how features combine, not the quality's scale, so
+alpha and beta fitted on that quality apply. Under ``quality`` with the norm it is the pooled
+feature's norm; a ``mean`` feature's norm is not the quality. Template pairs come
 from IJB's ``*_template_pair_label.txt`` (``t1 t2 label``) or a CSV/Parquet ``a, b, label``
 naming template ids; they are resolved onto the pooled table vectorised (15.6M IJB-C pairs
 in seconds), with templates that are not in the table an error or a counted skip.
@@ -188,9 +192,10 @@ def pool_groups(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pool rows of ``vectors`` by integer group ``0..G-1``: (G, D) features, (G,) qualities.
 
-    ``quality`` pooling: ``q_g = sum(q_i^2) / sum(q_i)``, feature ``q_g * f / ||f||`` with
-    ``f = sum(q_i f_i)``; ``mean``: the mean feature, quality its norm. Every group must have
-    at least one row. Accumulates in float64.
+    The pooled quality is ``q_g = sum(q_i^2) / sum(q_i)`` under both rules (0 where every
+    ``q_i`` is 0). ``quality`` pooling: feature ``q_g * f / ||f||`` with ``f = sum(q_i f_i)``
+    (the returned quality is that feature's norm, ``q_g`` up to rounding); ``mean``: the mean
+    feature. Every group must have at least one row. Accumulates in float64.
     """
     pooling = Pooling(pooling)
     groups = np.asarray(groups, dtype=np.int64)
@@ -215,18 +220,18 @@ def pool_groups(
         if pooling is Pooling.QUALITY:
             x *= q[rows, None]
         sums[g0:g1] = np.add.reduceat(x, starts[g0:g1] - r0, axis=0)
+    if not n_groups:
+        return sums, np.empty(0, np.float64)
+    q_sum = np.add.reduceat(q[order], starts)
+    q_sq = np.add.reduceat(q[order] ** 2, starts)
+    q_pool = np.divide(q_sq, q_sum, out=np.zeros_like(q_sum), where=q_sum > 0)
     if pooling is Pooling.QUALITY:
-        f = sums
-        q_sum = np.add.reduceat(q[order], starts)
-        q_sq = np.add.reduceat(q[order] ** 2, starts)
-        q_pool = np.divide(q_sq, q_sum, out=np.zeros_like(q_sum), where=q_sum > 0)
-        norm = np.linalg.norm(f, axis=1)
+        norm = np.linalg.norm(sums, axis=1)
         scale = np.divide(q_pool, norm, out=np.zeros_like(norm), where=norm > 0)
-        feats = f * scale[:, None]
-    else:
-        counts = np.diff(np.r_[starts, len(groups)])
-        feats = sums / counts[:, None]
-    return feats, np.linalg.norm(feats, axis=1)
+        feats = sums * scale[:, None]
+        return feats, np.linalg.norm(feats, axis=1)
+    counts = np.diff(np.r_[starts, len(groups)])
+    return sums / counts[:, None], q_pool
 
 
 @dataclass(frozen=True)

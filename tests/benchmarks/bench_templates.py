@@ -66,7 +66,11 @@ def main() -> None:
         return
     t0 = time.perf_counter()
     # IJB-C: 3,531 subjects, 23,124 templates (about 6.5 per subject)
-    probe = ijb_like(args.subjects, (5, 8), (1, 3), (1, 4), 0, seed=0, model=EmbeddingModel(dim=8))
+    # the same draws as below (the model's dim changes how many numbers come before the
+    # template counts), so the genuine count is the data set's and the total is --pairs
+    probe = ijb_like(
+        args.subjects, (5, 8), (1, 3), (1, 4), 0, seed=0, model=EmbeddingModel(dim=args.dim)
+    )
     genuine = int(probe.pairs["label"].sum())
     impostors = max(0, args.pairs - genuine)
     data = ijb_like(
