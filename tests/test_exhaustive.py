@@ -110,6 +110,20 @@ def test_pickles_small_and_whole() -> None:
     assert len(pickle.dumps(source)) < 2 * table.vectors.nbytes + 10_000
 
 
+def test_stream_gives_the_blocks_values_in_reused_buffers() -> None:
+    # Edge tiles (45 = 2 * 16 + 13 rows) and diagonal strips; each streamed block is compared
+    # before the next is requested (it is overwritten then).
+    source = ExhaustiveSource(labelled(45, n_ident=5), block_size=16, shards=2)
+    for s in range(2):
+        blocks = list(source.shard_blocks(s))
+        streamed = 0
+        for want, got in zip(blocks, source.shard_stream(s), strict=True):
+            for field in ("cosine", "quality", "label"):
+                assert getattr(got, field).tobytes() == getattr(want, field).tobytes()
+            streamed += 1
+        assert streamed == len(blocks) > 2
+
+
 def test_bad_input() -> None:
     table = labelled(10, n_ident=3)
     unlabelled = EmbeddingTable(table.path, None, table.vectors, table.quality)

@@ -127,6 +127,13 @@ def test_method_is_a_choice() -> None:
     assert all(m in help_text for m in ("paper", "raw", "direct"))
 
 
+def test_synth_image_format_is_a_choice(tmp_path: Path) -> None:
+    code, text = invoke(["synth", "--output", str(tmp_path / "s"), "--image-format", "gif"])
+    assert code == 2 and "Invalid value for '--image-format'" in text
+    assert not (tmp_path / "s").exists()  # refused before anything is written
+    assert "'gif' is not one of 'jpg', 'png'" in " ".join(text.replace("│", " ").split())
+
+
 def test_version_prints_the_installed_version() -> None:
     from importlib.metadata import version
 

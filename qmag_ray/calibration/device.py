@@ -22,7 +22,14 @@ from typing import Any
 
 import numpy as np
 
-from qmag_ray.calibration.orderstats import CHUNK, PassPlan, PassResult, empty_result, merge_into
+from qmag_ray.calibration.orderstats import (
+    CHUNK,
+    Collector,
+    PassPlan,
+    PassResult,
+    empty_result,
+    merge_into,
+)
 from qmag_ray.pairs.exhaustive import ExhaustiveSource
 
 _MAX = 0x7FFFFFFFFFFFFFFF
@@ -105,7 +112,7 @@ class _TorchScan:
         self.torch, self.plan, self.device = torch, plan, device
         shape = (len(plan.rows), plan.bins) if plan.first else (plan.n_cells,)
         self.hist = torch.zeros(shape, dtype=torch.int64, device=device)
-        self.parts: list[list[np.ndarray]] = [[] for _ in range(plan.n_collect())]
+        self.collector = Collector(plan)
         if not plan.first:
             t = lambda a: torch.as_tensor(np.asarray(a), device=device)  # noqa: E731
             self.klo, self.khi = t(plan.klo), t(plan.khi)
@@ -171,13 +178,12 @@ class _TorchScan:
             kc, slots = k[~hist], self.slot[j[~hist]]
             kc_np, slots_np = kc.cpu().numpy(), slots.cpu().numpy()
             values = np.where(kc_np < 0, kc_np ^ _MAX, kc_np).view(np.float64)
-            for s in np.unique(slots_np):
-                self.parts[int(s)].append(values[slots_np == s])
+            self.collector.add(values, slots_np)
 
     def finish(self) -> PassResult:
         result = empty_result(self.plan)
         result.hist = self.hist.cpu().numpy()
-        result.collected = [np.concatenate(p) if p else np.empty(0) for p in self.parts]
+        result.collected = self.collector.finish()
         return result
 
 

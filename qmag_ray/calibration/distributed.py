@@ -24,6 +24,7 @@ from qmag_ray.calibration.orderstats import (
     empty_result,
     merge_into,
     scan_blocks,
+    shard_stream,
 )
 from qmag_ray.pairs.source import PairSource
 
@@ -32,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 @ray.remote
 def _scan_shard(source: PairSource, index: int, plan: PassPlan) -> PassResult:
-    return scan_blocks(source.shard_blocks(index), plan)
+    return scan_blocks(shard_stream(source, index), plan)
 
 
 def _as_completed(refs: list[ray.ObjectRef], what: str) -> Iterator[tuple[int, Any]]:

@@ -31,6 +31,7 @@ from qmag_ray.calibration.orderstats import (
     ScoreRows,
     order_statistics,
     scan_blocks,
+    shard_stream,
 )
 from qmag_ray.calibration.result import CalibrationGrid, QMagFaceCalibration
 from qmag_ray.calibration.search import (
@@ -92,7 +93,7 @@ class LocalExecutor:
 
         def blocks() -> Iterator[PairBlock]:
             for index in range(total):
-                yield from self.source.shard_blocks(index)
+                yield from shard_stream(self.source, index)
                 logger.debug("calibration: shard %d/%d scanned", index + 1, total)
 
         return scan_blocks(blocks(), plan)

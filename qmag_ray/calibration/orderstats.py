@@ -18,7 +18,8 @@ pairs whose state is a histogram per row (counts add up across shards, in any or
   statistic is a value of the multiset, whichever way ties are broken.
 
 Memory per pass is bounded by ``hist_cells`` counts and ``collect_values`` values; the number
-of passes grows slowly with the pairs (2 measured from 1e6 to 1e9 exhaustive pairs).
+of passes grows slowly with the pairs (2 per order-statistics search from 1e6 to 1e9 exhaustive
+pairs with the default budgets).
 The caller supplies ``run_pass(plan) -> PassResult`` (in process, or Ray tasks merged), and
 ``scan_blocks`` is the per-shard step. Scores must be identical in every pass: a mismatch of
 counts between passes is an error.
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from qmag_ray.calibration.search import weighted_logits
-from qmag_ray.pairs.source import PairBlock
+from qmag_ray.pairs.source import PairBlock, PairSource
 from qmag_ray.scores import qmagface_score
 
 #: Histogram counts held per pass (int64: 8 MB). Each pass result exists in a few copies at
@@ -40,8 +41,11 @@ from qmag_ray.scores import qmagface_score
 #: bounds the job's memory; 4x larger budgets gave the same number of passes at 1e7 and 1e8 pairs
 #: and ~100 MB more peak memory (tests/benchmarks/bench_scale.py).
 HIST_CELLS = 1 << 20
-#: Collected score values held per pass (float64: 8 MB).
-COLLECT_VALUES = 1 << 20
+#: Collected score values held per pass (float64: 32 MB at most, on the driver; each shard holds
+#: its share in one buffer, ``Collector``). Sized so that the second pass collects every wanted
+#: interval up to ~1e9 exhaustive pairs (2.5M values there), saving a third pass over the pairs
+#: (tests/benchmarks/bench_scale.py).
+COLLECT_VALUES = 1 << 22
 #: Bins of a row in the first pass, at most / at least.
 FIRST_BINS_MAX = 1 << 17
 MIN_BITS, MAX_BITS = 4, 16
@@ -162,9 +166,21 @@ class PassPlan:
     cell: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     n_cells: int = 0
     cos_min: np.ndarray = field(default_factory=lambda: np.empty(0))
+    count: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
 
     def n_collect(self) -> int:
         return int((self.shift < 0).sum())
+
+    def collect_counts(self) -> np.ndarray:
+        """How many values each collected interval holds over all shards (its slot's
+        capacity); ``count`` holds every interval's, from the previous pass."""
+        collect = np.asarray(self.shift) < 0
+        count = np.asarray(self.count, np.int64)
+        if len(count) != len(collect):
+            if collect.any():
+                raise ValueError("a pass plan with collected intervals needs their counts (count)")
+            return np.empty(0, np.int64)
+        return count[collect]
 
 
 @dataclass
@@ -192,12 +208,58 @@ def merge_into(a: PassResult, b: PassResult) -> PassResult:
     if a.hist.shape != b.hist.shape or len(a.collected) != len(b.collected):
         raise ValueError("cannot merge results of different pass plans")
     a.hist += b.hist
-    a.collected = [np.concatenate([x, y]) for x, y in zip(a.collected, b.collected, strict=True)]
+    for s, extra in enumerate(b.collected):  # slot by slot: one slot's copy at a time
+        a.collected[s] = np.concatenate([a.collected[s], extra])
     a.n_impostor += b.n_impostor
     if b.n_genuine:
         a.genuine_cosine = np.concatenate([a.genuine_cosine, b.genuine_cosine])
         a.genuine_quality = np.concatenate([a.genuine_quality, b.genuine_quality])
     return a
+
+
+class Collector:
+    """The values of a pass's collected intervals, in one flat buffer per shard.
+
+    Slot ``s`` (the ``s``-th collected interval) owns ``collect_counts()[s]`` places, its
+    count over all shards, so a shard never holds more than the pass's collect budget, however
+    many blocks its values arrive in (a list of per-block pieces would hold one small array per
+    block and slot: millions at 1e9 pairs). Values keep their arrival order within a slot.
+    """
+
+    def __init__(self, plan: PassPlan) -> None:
+        self.capacity = plan.collect_counts()
+        self.start = np.cumsum(self.capacity) - self.capacity
+        self.fill = np.zeros(len(self.capacity), np.int64)
+        self.values = np.empty(int(self.capacity.sum()), np.float64)
+
+    def add(self, values: np.ndarray, slots: np.ndarray) -> None:
+        """Append ``values[i]`` to slot ``slots[i]`` (float64 values, integer slots)."""
+        if not len(values):
+            return
+        order = np.argsort(slots, kind="stable")
+        slots = np.asarray(slots)[order]
+        got = np.bincount(slots, minlength=len(self.capacity))
+        if np.any(self.fill + got > self.capacity):
+            raise RuntimeError(
+                "scores changed between passes over the pairs: more values in an interval "
+                "than it held (sources must score identically)"
+            )
+        first = np.searchsorted(slots, slots, side="left")  # each value's group start
+        dest = self.start[slots] + self.fill[slots] + (np.arange(len(slots)) - first)
+        self.values[dest] = np.asarray(values)[order]
+        self.fill += got
+
+    def finish(self) -> list[np.ndarray]:
+        """Each slot's values (views of the one buffer)."""
+        return [self.values[a : a + n] for a, n in zip(self.start, self.fill, strict=True)]
+
+
+def shard_stream(source: PairSource, index: int) -> Iterator[PairBlock]:
+    """The blocks of a shard for one pass: ``source.shard_stream`` where the source has one
+    (blocks in reused buffers, each consumed before the next, as ``scan_blocks`` does), else
+    ``source.shard_blocks``."""
+    stream = getattr(source, "shard_stream", None)
+    return stream(index) if stream is not None else source.shard_blocks(index)
 
 
 def _chunks(blocks: Iterable[PairBlock]) -> Iterator[PairBlock]:
@@ -207,6 +269,7 @@ def _chunks(blocks: Iterable[PairBlock]) -> Iterator[PairBlock]:
         for a in range(0, n, CHUNK):
             b = min(n, a + CHUNK)
             yield PairBlock(block.cosine[a:b], block.quality[a:b], block.label[a:b])
+        del block  # released before the next block is made
 
 
 class _Scan:
@@ -215,7 +278,7 @@ class _Scan:
     def __init__(self, plan: PassPlan) -> None:
         self.plan = plan
         self.result = empty_result(plan)
-        self.parts: list[list[np.ndarray]] = [[] for _ in range(plan.n_collect())]
+        self.collector = Collector(plan)
         if not plan.first:
             # Per row: its intervals' positions, and the collect slots.
             self.slot = np.cumsum(plan.shift < 0) - 1
@@ -247,16 +310,51 @@ class _Scan:
             c1 = int(cells.max()) + 1
             self.result.hist[c0:c1] += np.bincount(cells - c0, minlength=c1 - c0)
         if not hist.all():
-            kc, slots = k[~hist], self.slot[j[~hist]]
-            order = np.argsort(slots, kind="stable")
-            kc, slots = kc[order], slots[order]
-            cut = np.flatnonzero(np.diff(slots)) + 1
-            for part, s in zip(np.split(kc, cut), slots[np.r_[0, cut]], strict=True):
-                self.parts[int(s)].append(key_floats(part))
+            self.collector.add(key_floats(k[~hist]), self.slot[j[~hist]])
 
     def finish(self) -> PassResult:
-        self.result.collected = [np.concatenate(p) if p else np.empty(0) for p in self.parts]
+        self.result.collected = self.collector.finish()
         return self.result
+
+
+def _scan_chunk(
+    scan: _Scan, block: PairBlock, gen_c: list[np.ndarray], gen_q: list[np.ndarray]
+) -> int:
+    """Add one chunk of pairs to ``scan`` (genuine pairs to ``gen_c``/``gen_q`` in pass 1);
+    returns its number of impostor pairs."""
+    plan = scan.plan
+    imp = np.asarray(block.label) == 0
+    cos = np.asarray(block.cosine, np.float64)
+    q = np.asarray(block.quality, np.float64)
+    if plan.genuine:
+        gen_c.append(cos[~imp])
+        gen_q.append(q[~imp])
+    n_imp = int(imp.sum())
+    if not n_imp:
+        return 0
+    cos_i, q_i = cos[imp], q[imp]
+    if plan.first:
+        buffer = np.empty(len(cos_i))
+        for row in range(len(plan.rows)):
+            scan.add(row, plan.rows.score(row, cos_i, q_i, out=buffer))
+        return n_imp
+    # Later passes: a row's scores at or above its lowest interval need cosines of at
+    # least its cos_min; the pairs above the lowest of them, sorted by cosine, give each
+    # row its candidates as one slice.
+    keep = cos_i >= np.nanmin(plan.cos_min)
+    cos_s, q_s = cos_i[keep], q_i[keep]
+    if len(plan.rows) > 1:
+        order = np.argsort(cos_s, kind="stable")
+        cos_s, q_s = cos_s[order], q_s[order]
+    for row in range(len(plan.rows)):
+        if np.isnan(plan.cos_min[row]):
+            continue  # nothing of this row is wanted
+        start = 0
+        if len(plan.rows) > 1:
+            start = int(np.searchsorted(cos_s, plan.cos_min[row], side="left"))
+        if start < len(cos_s):
+            scan.add(row, plan.rows.score(row, cos_s[start:], q_s[start:]))
+    return n_imp
 
 
 def scan_blocks(blocks: Iterable[PairBlock], plan: PassPlan) -> PassResult:
@@ -266,37 +364,8 @@ def scan_blocks(blocks: Iterable[PairBlock], plan: PassPlan) -> PassResult:
     gen_q: list[np.ndarray] = []
     n_imp = 0
     for block in _chunks(blocks):
-        imp = np.asarray(block.label) == 0
-        cos = np.asarray(block.cosine, np.float64)
-        q = np.asarray(block.quality, np.float64)
-        if plan.genuine:
-            gen_c.append(cos[~imp])
-            gen_q.append(q[~imp])
-        if not imp.any():
-            continue
-        n_imp += int(imp.sum())
-        cos_i, q_i = cos[imp], q[imp]
-        if plan.first:
-            buffer = np.empty(len(cos_i))
-            for row in range(len(plan.rows)):
-                scan.add(row, plan.rows.score(row, cos_i, q_i, out=buffer))
-            continue
-        # Later passes: a row's scores at or above its lowest interval need cosines of at
-        # least its cos_min; the pairs above the lowest of them, sorted by cosine, give each
-        # row its candidates as one slice.
-        keep = cos_i >= np.nanmin(plan.cos_min)
-        cos_s, q_s = cos_i[keep], q_i[keep]
-        if len(plan.rows) > 1:
-            order = np.argsort(cos_s, kind="stable")
-            cos_s, q_s = cos_s[order], q_s[order]
-        for row in range(len(plan.rows)):
-            if np.isnan(plan.cos_min[row]):
-                continue  # nothing of this row is wanted
-            start = 0
-            if len(plan.rows) > 1:
-                start = int(np.searchsorted(cos_s, plan.cos_min[row], side="left"))
-            if start < len(cos_s):
-                scan.add(row, plan.rows.score(row, cos_s[start:], q_s[start:]))
+        n_imp += _scan_chunk(scan, block, gen_c, gen_q)
+        del block  # a view of the source's block: released before the next is made
     result = scan.finish()
     result.n_impostor = n_imp
     if gen_c:
@@ -466,6 +535,7 @@ def order_statistics(
             shift=shift,
             cell=cell,
             n_cells=n_cells,
+            count=np.array([iv.count for iv in open_], np.int64),
         )
         result = run_pass(plan)
         passes += 1

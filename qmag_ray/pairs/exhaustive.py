@@ -102,6 +102,16 @@ class ExhaustiveSource:
             yield from self.score_tile(int(bi), int(bj))
             log.debug("shard %d: tile %d of %d scored", index, k + 1, len(tiles))
 
+    def shard_stream(self, index: int) -> Iterator[PairBlock]:
+        """``shard_blocks`` scored into three buffers reused from tile to tile: a block is
+        valid only until the next one is requested (for consumers that are done with a block
+        by then, as the calibration passes are). Same values as ``shard_blocks``; no fresh
+        16 MB arrays (and their page faults) per tile, and one tile in memory, not two."""
+        cells = self.block_size * self.block_size
+        buffers = (np.empty(cells, np.float32), np.empty(cells, np.float32), np.empty(cells, bool))
+        for bi, bj in self.shard_tiles(index):
+            yield from self.score_tile(int(bi), int(bj), buffers)
+
     def tile_parts(self, bi: int, bj: int) -> list[tuple[int, int, int, int]]:
         """Row and column ranges ``(r0, r1, c0, c1)`` of the blocks of tile (bi, bj).
 
@@ -122,18 +132,41 @@ class ExhaustiveSource:
                 parts.append((a, b, b, r1))
         return parts
 
-    def score_tile(self, bi: int, bj: int) -> Iterator[PairBlock]:
-        """The blocks of tile (bi, bj): cosine, pair quality and label, flattened row-major."""
+    def score_tile(
+        self,
+        bi: int,
+        bj: int,
+        buffers: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    ) -> Iterator[PairBlock]:
+        """The blocks of tile (bi, bj): cosine, pair quality and label, flattened row-major.
+
+        With ``buffers`` (flat float32, float32 and bool arrays of ``block_size ** 2``) the
+        products and outer operations write into them (the same operations, so the same
+        values) and each block is overwritten by the next.
+        """
         for r0, r1, c0, c1 in self.tile_parts(bi, bj):
             a, b = slice(r0, r1), slice(c0, c1)
-            cos = self.unit[a] @ self.unit[b].T
-            qual = np.minimum.outer(self.quality[a], self.quality[b])
-            same = np.equal.outer(self.codes[a], self.codes[b]).view(np.int8)
+            if buffers is None:
+                cos = self.unit[a] @ self.unit[b].T
+                qual = np.minimum.outer(self.quality[a], self.quality[b])
+                same = np.equal.outer(self.codes[a], self.codes[b])
+            else:
+                shape, n = (r1 - r0, c1 - c0), (r1 - r0) * (c1 - c0)
+                cos = np.matmul(self.unit[a], self.unit[b].T, out=buffers[0][:n].reshape(shape))
+                qual = np.minimum.outer(
+                    self.quality[a], self.quality[b], out=buffers[1][:n].reshape(shape)
+                )
+                same = np.equal.outer(
+                    self.codes[a], self.codes[b], out=buffers[2][:n].reshape(shape)
+                )
+            same = same.view(np.int8)
             if r0 == c0:
                 mask = _upper_mask(r1 - r0)
-                yield PairBlock(cos[mask], qual[mask], same[mask])
+                block = PairBlock(cos[mask], qual[mask], same[mask])
             else:
-                yield PairBlock(cos.reshape(-1), qual.reshape(-1), same.reshape(-1))
+                block = PairBlock(cos.reshape(-1), qual.reshape(-1), same.reshape(-1))
+            yield block
+            del block, cos, qual, same  # before the next product: one tile alive, not two
 
     def tile_indices(self, bi: int, bj: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Row indices (i, j) of the pairs of each block of tile (bi, bj), as scored."""
