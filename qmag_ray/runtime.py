@@ -7,6 +7,21 @@ import os
 
 logger = logging.getLogger(__name__)
 
+#: How Ray 2.60 says that a node it started missed its hard-coded 30 s registration window
+#: (``ray/_private/node.py``); on a loaded machine a local ``ray.init`` can end so.
+STARTUP_TIMEOUT = "timed out during startup"
+
+
+class RayStartError(RuntimeError):
+    """A local Ray that did not come up; the message says what to do (a failed run, exit 1)."""
+
+
+def _load() -> str:
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except OSError:
+        return "unknown"
+
 
 def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> str:
     """Connect to the Ray cluster at ``address``, or start a local one when there is none.
@@ -30,7 +45,16 @@ def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> s
         kwargs["include_dashboard"] = False
         if num_cpus is not None:
             kwargs["num_cpus"] = num_cpus
-    ray.init(**kwargs)
+    try:
+        ray.init(**kwargs)
+    except Exception as exc:
+        if kwargs.get("address") != "local" or STARTUP_TIMEOUT not in str(exc):
+            raise
+        raise RayStartError(
+            "the local Ray did not start within Ray's fixed 30 s start-up window (a busy "
+            f"machine: load average {_load()}); run the same command again, or start Ray "
+            "once with `ray start --head` and pass its address (--ray-address or RAY_ADDRESS)"
+        ) from exc
     import sys
 
     if "ray.data" in sys.modules:  # never import it here: it pulls in torch and pandas

@@ -99,6 +99,31 @@ def test_the_margin_head_is_dropped(tmp_path: Path, layout: str, head_key: str) 
     assert info["dropped_keys"] == [head_key] and info["layout"] == layout
 
 
+def test_the_dropped_keys_line_counts_them_in_words(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What a load logs about the keys it leaves out: ``1 ... key``, ``2 ... keys``, none."""
+    model = randomised("iresnet-demo")
+    heads = {
+        "one.pth": {"fc.weight": torch.zeros(2, 2)},
+        "two.pth": {"fc.weight": torch.zeros(2, 2), "optimizer_state": torch.zeros(1)},
+        "none.pth": {},
+    }
+    lines = {}
+    for name, head in heads.items():
+        uri = str(tmp_path / name)
+        save_checkpoint(model, uri, "iresnet-demo", extra_state=head)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="qmag_ray.model.checkpoint"):
+            load_backbone(uri, "iresnet-demo")
+        lines[name] = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert lines["one.pth"] == [f"{tmp_path / 'one.pth'}: left out 1 non-backbone key: fc.weight"]
+    assert lines["two.pth"] == [
+        f"{tmp_path / 'two.pth'}: left out 2 non-backbone keys: fc.weight, optimizer_state"
+    ]
+    assert lines["none.pth"] == []
+
+
 def test_a_bare_state_dict_loads(tmp_path: Path) -> None:
     model = randomised("iresnet-demo")
     for name, state in {

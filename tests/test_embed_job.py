@@ -427,3 +427,42 @@ def test_actor_pool_that_would_starve_decoding_is_refused(
         with pytest.raises(EmbedError, match=message):
             run_embed(config(**base, **extra, output=str(out)))
         assert not (out / "summary.json").exists()
+
+
+@pytest.mark.ray
+def test_decoding_runs_in_read_tasks_not_inside_the_model_actors(
+    ray_cluster: None, tmp_path: Path
+) -> None:
+    """With the CPU defaults (``read_cpus`` = ``cpus_per_actor`` = 1, no GPU) Ray Data would
+    fuse read-and-decode into the actor operator; the optimized physical plan must keep a task
+    operator for decoding in front of the actor pool."""
+    import contextlib
+
+    import ray
+
+    from qmag_ray.embedding.pipeline import build_dataset
+    from qmag_ray.embedding.writer import PartSpec
+
+    todo = pa.table(
+        {
+            "path": ["id/0.jpg"],
+            "identity": ["id"],
+            "listed_error": [None],
+            "shard": pa.array([0], pa.int64()),
+            "pos": pa.array([0], pa.int64()),
+        }
+    )
+    cfg = config(images=str(tmp_path), model=str(tmp_path / "m.pth"), output=str(tmp_path / "o"))
+    assert cfg.read_cpus == cfg.cpus_per_actor and cfg.gpus_per_actor == 0  # the fusing case
+    spec = PartSpec(str(tmp_path / "o"), "run", "sha", "iresnet-demo", 512)
+    ds = build_dataset(cfg, [ray.put(todo)], str(tmp_path), spec, monitor=None)
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        ds.explain()
+    optimized = text.getvalue().split("Physical Plan (Optimized)")[1]
+    operators = [line.strip("+- ").strip() for line in optimized.splitlines() if "[" in line]
+    assert any(
+        op.startswith("ActorPoolMapOperator[") and op.endswith("[MapBatches(PartWritingActor)]")
+        for op in operators
+    ), optimized
+    assert "TaskPoolMapOperator[MapBatches(read_and_decode)]" in operators, optimized

@@ -55,6 +55,53 @@ def test_an_explicit_address_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     assert seen["address"] == "10.0.0.2:6379"
 
 
+RAY_TIMEOUT = (  # Ray 2.60's words (ray/_private/node.py) when its 30 s window passes
+    "The current node timed out during startup. This could happen because some of the raylet "
+    "failed to startup or the GCS has become overloaded."
+)
+
+
+def _failing_init(monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
+    import ray
+
+    def fail(**kwargs: Any) -> None:
+        raise error
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", fail)
+
+
+def test_a_local_ray_that_misses_its_start_up_window_says_what_to_do(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from qmag_ray.runtime import RayStartError, connect_ray
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    _failing_init(monkeypatch, Exception(RAY_TIMEOUT))
+    with pytest.raises(RayStartError) as err:
+        connect_ray(None)
+    text = str(err.value)
+    assert "did not start within Ray's fixed 30 s start-up window" in text
+    assert "run the same command again" in text and "--ray-address" in text
+    assert "load average" in text and "\n" not in text
+
+
+@pytest.mark.parametrize(
+    ("address", "message"), [("10.0.0.2:6379", RAY_TIMEOUT), (None, "something else")]
+)
+def test_other_ray_start_failures_pass_unchanged(
+    monkeypatch: pytest.MonkeyPatch, address: str | None, message: str
+) -> None:
+    from qmag_ray.runtime import connect_ray
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    error = Exception(message)
+    _failing_init(monkeypatch, error)
+    with pytest.raises(Exception) as err:  # noqa: PT011 - exactly the error Ray raised
+        connect_ray(address)
+    assert err.value is error
+
+
 def test_connecting_imports_neither_ray_data_nor_torch() -> None:
     """A calibration driver needs neither: importing ray.data pulls in torch and pandas (~270
     MB PSS measured on the calibration benchmark's driver). Run in a fresh interpreter, since

@@ -319,6 +319,39 @@ def test_cli_evaluate_ijbc_needs_templates_and_names_unknown_templates(
     assert res.exit_code == 2 and "'999999'" in res.output and "Traceback" not in res.output
 
 
+def test_cli_calibrate_on_template_pairs_passes_the_checks_before_ray(
+    ijb, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README's IJB command: `calibrate --templates T --pairs P --protocol ijbc` is not
+    refused before Ray starts (only a template pair list without --templates is)."""
+    from qmag_ray.cli import _support
+
+    reached = []
+
+    def connect(address: object) -> str:
+        reached.append(address)
+        raise SystemExit(7)  # stop where Ray would start
+
+    monkeypatch.setattr(_support, "connect", connect)
+    args = [
+        "calibrate",
+        "--embeddings",
+        ijb["embeddings"],
+        "--pairs",
+        ijb["pairs"],
+        "--protocol",
+        "ijbc",
+        "--output",
+        str(tmp_path / "cal"),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path / 'm.db'}",
+    ]
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 2 and "--templates" in refused.output and not reached
+    res = CliRunner().invoke(app, [*args, "--templates", ijb["templates"]])
+    assert res.exit_code == 7 and reached, res.output
+
+
 def test_calibrate_fits_on_template_pairs(ijb, tmp_path: Path) -> None:
     from qmag_ray.calibration.fit import fit_qmagface
     from qmag_ray.config import load_config

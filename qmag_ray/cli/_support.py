@@ -135,12 +135,11 @@ def prepare_tracking(flag_or_config: str | None) -> str:
 
 
 def connect(ray_address: str | None) -> str:
-    """Connect Ray (``--ray-address``, else RAY_ADDRESS, else a local cluster)."""
+    """Connect Ray (``--ray-address``, else RAY_ADDRESS, else a local cluster). The one line
+    saying so is ``connect_ray``'s log line (``HH:MM:SS connected to Ray at ADDRESS``)."""
     from qmag_ray.runtime import connect_ray
 
-    address = guarded("Ray", lambda: connect_ray(ray_address))
-    typer.echo(f"ray: connected to {address}")
-    return address
+    return guarded("Ray", lambda: connect_ray(ray_address))
 
 
 def log_files(run: Any, files: Mapping[str, str], skip: tuple[str, ...] = ()) -> None:

@@ -52,7 +52,8 @@ def calibrate(
         validation_embeddings=cfg.validation.embeddings,
         **{"--quality-file": cfg.quality.file},
     )
-    support.require_pairs("pairs", cfg.pairs, cfg.protocol)
+    if not cfg.templates:  # template pairs name templates: checked once they are pooled
+        support.require_pairs("pairs", cfg.pairs, cfg.protocol)
     support.require_pairs("validation_pairs", cfg.validation.pairs, cfg.validation.protocol)
     uri = support.prepare_tracking(cfg.tracking.tracking_uri)
     held = support.take_output_lease(cfg.output, "calibrate")

@@ -262,12 +262,13 @@ def demo(
     from qmag_ray.workflows.groups import held_out_group_report
 
     try:
-        groups = held_out_group_report(
-            str(embeddings),
-            str(calibration / "calibration.json"),
-            "pose_band",
-            str(images / "manifest.parquet"),
-        )
+        with _logged(log("calibrate")):  # its loading lines belong to the log, as above
+            groups = held_out_group_report(
+                str(embeddings),
+                str(calibration / "calibration.json"),
+                "pose_band",
+                str(images / "manifest.parquet"),
+            )
     except ValueError as exc:  # e.g. a set made before synth wrote pose_band
         typer.echo(f"per-group report skipped: {exc}")
     else:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from enum import Enum
 from typing import Annotated
 
 import typer
@@ -12,6 +14,11 @@ from qmag_ray import storage
 from qmag_ray.cli.app import app
 
 logger = logging.getLogger(__name__)
+
+
+class ImageFormat(str, Enum):
+    JPG = "jpg"
+    PNG = "png"
 
 
 @app.command()
@@ -26,7 +33,9 @@ def synth(
     max_degradation: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Degradation levels are drawn in [0, this].")
     ] = 1.0,
-    image_format: Annotated[str, typer.Option(help="jpg or png.")] = "jpg",
+    image_format: Annotated[ImageFormat, typer.Option(help="Image files: jpg or png.")] = (
+        ImageFormat.JPG
+    ),
     workers: Annotated[
         int, typer.Option(min=0, help="Generator processes (0: one per CPU core).")
     ] = 0,
@@ -40,11 +49,14 @@ def synth(
         seed=seed,
         first_identity=first_identity,
         max_degradation=max_degradation,
-        image_format=image_format,
+        image_format=image_format.value,
     )
     n_workers = workers or min(os.cpu_count() or 1, 8)
+    started = time.perf_counter()
     manifest = write_dataset(output, spec, workers=n_workers)
+    elapsed = time.perf_counter() - started
     typer.echo(
         f"wrote {len(manifest)} images of {identities} identities and "
-        f"{storage.join(storage.redact(output), 'manifest.parquet')}"
+        f"{storage.join(storage.redact(output), 'manifest.parquet')} in {elapsed:.1f} s "
+        f"({len(manifest) / max(elapsed, 1e-9):.0f} images/s)"
     )

@@ -26,7 +26,10 @@ def train(given: GivenSettings, ray_address: opts.RayAddress = None) -> None:
     config = given.load()
     tracking = config.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     guarded("Ray", lambda: connect_ray(ray_address))
-    result = guarded("train", lambda: run_training(config))
+    from qmag_ray.cli.console import verbose
+
+    level = "INFO" if verbose() else "WARNING"  # Ray Train's own lines: --verbose
+    result = guarded("train", lambda: run_training(config, ray_train_log_level=level))
     final = result.final
     typer.echo(
         f"checkpoint: {storage.redact(result.checkpoint)} (epoch {result.epoch}); "

@@ -39,6 +39,11 @@ from qmag_ray.images import PREPROCESSING
 logger = logging.getLogger(__name__)
 
 
+def _count(n: int, noun: str) -> str:
+    """``1 shard``, ``3 shards``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def check_checkpoint(model: str, arch: str) -> tuple[int, str, str]:
     """Fully validate the checkpoint against ``arch`` on the CPU, before any cluster work.
 
@@ -129,14 +134,14 @@ def run_embed(config: EmbedConfig, *, connect: Callable[[], Any] | None = None) 
         done_embedded = sum(p["done_embedded"] for p in plans)
         retried = sum(p["retried_transient"] for p in plans)
         logger.info(
-            "embedding %d images (%d inputs in %d shards, %d already embedded, %d kept "
-            "failures%s) from %s with %s (%d-d) on %d actor(s)",
-            todo,
-            total,
-            shards,
+            "embedding %s (%s in %s, %d already embedded, %s%s) from %s with %s (%d-d) on "
+            "%d actor(s)",
+            _count(todo, "image"),
+            _count(total, "input"),
+            _count(shards, "shard"),
             done_embedded,
-            sum(p["done_failed"] for p in plans),
-            f", {retried} transient failures retried" if retried else "",
+            _count(sum(p["done_failed"] for p in plans), "kept failure"),
+            f", {_count(retried, 'transient failure')} retried" if retried else "",
             storage.redact(source.root),
             config.arch,
             dim,

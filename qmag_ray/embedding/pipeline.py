@@ -179,6 +179,13 @@ def build_dataset(  # noqa: ANN201 - a ray Dataset
     extra = {"resources": dict(config.resources)} if config.resources else {}
     ds = ds.map_batches(
         read_and_decode,
+        # Ray Data fuses a task map into the actor map after it when their remote arguments
+        # match (``--read-cpus`` equal to ``--cpus-per-actor``, no GPU: the CPU default), and
+        # decoding then runs inside the model actors, one batch after the other, leaving the
+        # CPUs reserved for reading idle. ``max_calls`` is an argument only tasks have: given
+        # explicitly (0, Ray's default: a worker runs any number of tasks) it keeps the two
+        # operators apart, so decoding runs in tasks next to the actors.
+        max_calls=0,
         fn_kwargs={
             "root": root,
             "resize": config.resize,

@@ -150,8 +150,9 @@ def list_shards(
     if ignored:
         examples = [e for m in metas for e in m["ignored_examples"]][:3]
         logger.warning(
-            "%d files under %s are not images and were not taken as inputs (e.g. %s)",
-            ignored,
+            "1 file under %s is not an image and was not taken as an input (%s)"
+            if ignored == 1
+            else f"{ignored} files under %s are not images and were not taken as inputs (e.g. %s)",
             storage.redact(source.root),
             ", ".join(examples),
         )

@@ -50,6 +50,12 @@ def _preview(items: Sequence[str], limit: int = 10) -> str:
     return shown + (f", ... ({len(items)} in total)" if len(items) > limit else "")
 
 
+def _left_out(dropped: Sequence[str]) -> str:
+    """``left out 1 non-backbone key: fc.weight`` (the log line of the keys a load drops)."""
+    noun = "key" if len(dropped) == 1 else "keys"
+    return f"left out {len(dropped)} non-backbone {noun}: {_preview(dropped)}"
+
+
 def _plain(value: object) -> object:
     """``value`` if JSON can hold it, else its short text (odd files store tensors as epoch)."""
     return value if isinstance(value, (str, int, float, type(None))) else repr(value)[:80]
@@ -221,7 +227,8 @@ def backbone_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor
     head ``fc.weight``, for instance) is left out and logged.
     """
     backbone, _, dropped = _split(checkpoint)
-    logger.info("left out %d non-backbone keys: %s", len(dropped), _preview(dropped))
+    if dropped:
+        logger.info("%s", _left_out(dropped))
     return backbone
 
 
@@ -290,7 +297,8 @@ def _build(
         for key, ref in expected.items()
     }
     model.load_state_dict(full, strict=True, assign=True)
-    logger.info("%s: left out %d non-backbone keys: %s", where, len(dropped), _preview(dropped))
+    if dropped:
+        logger.info("%s: %s", where, _left_out(dropped))
     info = {
         "uri": where,
         "arch": arch,

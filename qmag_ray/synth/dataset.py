@@ -201,7 +201,7 @@ def write_dataset(
     elapsed = time.perf_counter() - start
     params = {**asdict(spec), "images": total, "generator": GENERATOR}
     storage.write_bytes(storage.join(output, PARAMS), json.dumps(params, indent=2).encode())
-    logger.info(
+    logger.debug(  # `qmag-ray synth` prints its own summary line
         "synth: wrote %d images and %s under %s in %.1f s (%.0f images/s)",
         total,
         MANIFEST,

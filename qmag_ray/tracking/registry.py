@@ -93,7 +93,8 @@ def register_scorer(
             client().update_model_version(model_name, version, description=description)
         except Exception as exc:  # noqa: BLE001 - cosmetic; the version is complete without it
             logger.warning("could not set the description of %s %s: %s", model_name, version, exc)
-    logger.info("registered %s version %s", model_name, version)
+    # debug: the commands report it (`registry: qmagface version N`); once is enough
+    logger.debug("registered %s version %s", model_name, version)
     return made if not description else client().get_model_version(model_name, version)
 
 
@@ -112,7 +113,7 @@ def alias_version(model_name: str, alias: str) -> ModelVersion | None:
 def set_alias(model_name: str, alias: str, version: str) -> None:
     """Point ``alias`` at ``version`` unconditionally (used for ``challenger``)."""
     client().set_registered_model_alias(model_name, alias, str(version))
-    logger.info("alias %s@%s -> version %s", model_name, alias, version)
+    logger.debug("alias %s@%s -> version %s", model_name, alias, version)  # reported, as above
 
 
 def move_alias(model_name: str, alias: str, version: str, *, expected: str | None) -> bool:

@@ -57,13 +57,24 @@ def _ray_storage(output: str) -> str:
     return storage.absolute(storage.join(output, "_ray"))
 
 
-def train(config: TrainConfig, *, run_name: str | None = None) -> TrainResult:
+def train(
+    config: TrainConfig, *, run_name: str | None = None, ray_train_log_level: str = "INFO"
+) -> TrainResult:
     """Train ``config.arch`` with the MagFace loss on Ray Train; returns the last checkpoint.
+
+    ``ray_train_log_level``: the level of Ray Train's own lines (worker group start-up, one
+    line per reported result); the command line passes WARNING unless ``--verbose``.
 
     Raises:
         TrainingError: the run failed on a worker (the worker's error is chained).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
     from ray.train.torch import TorchTrainer
 
     # Workers run in other working directories: ship absolute local paths.
@@ -98,6 +109,7 @@ def train(config: TrainConfig, *, run_name: str | None = None) -> TrainResult:
             # a lost worker restarts the group from the latest reported training state
             failure_config=FailureConfig(max_failures=config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            logging_config=LoggingConfig(log_level=ray_train_log_level),
         ),
     )
     try:

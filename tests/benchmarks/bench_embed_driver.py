@@ -12,6 +12,10 @@ For each size N it builds a tree ``id<k>/<n>.bmp`` of N hard links to ten small 
 local Ray (2 CPUs). The figure is that driver's peak resident memory (``VmHWM``: torch, Ray's
 core worker and everything the job holds), compared as the ratio of the largest to the
 smallest size; the job's images/s and wall time are printed next to it with the load average.
+Next to the peak each run reports the driver's resident memory before Ray started, once
+connected, and at 25/50/75/100 % of the job (sampled every 2 s), so growth during the run shows,
+and the pipeline's timings; ``--log`` prints each run's log (phases and progress lines, with
+times) as it goes.
 """
 
 from __future__ import annotations
@@ -19,11 +23,13 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -64,6 +70,41 @@ def _init(ray) -> None:  # noqa: ANN001
     )
 
 
+def vm(field: str) -> int:
+    """A ``/proc/self/status`` field in KiB (``VmRSS``, ``VmHWM``)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+class RssTrace:
+    """Samples this process's resident memory every ``interval`` seconds in a daemon thread,
+    so that growth during the run shows (not only the peak)."""
+
+    def __init__(self, interval: float = 2.0) -> None:
+        self.interval = interval
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._began = time.perf_counter()
+
+    def __enter__(self) -> RssTrace:
+        threading.Thread(target=self._run, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.samples.append((time.perf_counter() - self._began, vm("VmRSS")))
+
+    def quartiles(self) -> list[float]:
+        """RSS (MiB) at 25, 50, 75 and 100 % of the sampled time."""
+        if not self.samples:
+            return []
+        n = len(self.samples)
+        return [round(self.samples[min(n - 1, n * q // 4)][1] / 1024, 1) for q in (1, 2, 3, 4)]
+
+
 def child(args: argparse.Namespace) -> None:
     """One driver: run the job, print its figures as JSON."""
     import ray
@@ -74,6 +115,11 @@ def child(args: argparse.Namespace) -> None:
     tiny_backbone.register()
     from qmag_ray.embedding import EmbedConfig, run_embed
 
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr
+    )
+    logging.getLogger("qmag_ray").setLevel(logging.INFO)  # phases and progress, with times
+    before_ray = vm("VmRSS")
     for attempt in range(3):  # a loaded machine can miss Ray's 30 s raylet start-up window
         try:
             _init(ray)
@@ -93,9 +139,10 @@ def child(args: argparse.Namespace) -> None:
         threads_per_actor=1,
         progress_seconds=30,
     )
-    summary = run_embed(cfg)
-    with open("/proc/self/status") as f:
-        hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    connected = vm("VmRSS")
+    with RssTrace() as trace:
+        summary = run_embed(cfg)
+    hwm = vm("VmHWM")
     print(
         "RESULT "
         + json.dumps(
@@ -104,6 +151,10 @@ def child(args: argparse.Namespace) -> None:
                 "embedded": summary.embedded,
                 "shards": summary.shards,
                 "driver_peak_mib": hwm / 1024,
+                "rss_before_ray_mib": round(before_ray / 1024, 1),
+                "rss_connected_mib": round(connected / 1024, 1),
+                "rss_quartiles_mib": trace.quartiles(),
+                "timings": {k: round(v, 1) for k, v in summary.timings.items()},
                 "images_per_second": summary.images_per_second,
                 "wall_seconds": summary.wall_seconds,
                 "load": os.getloadavg()[0],
@@ -118,6 +169,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[20_000, 200_000])
     parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument(
+        "--log", action="store_true", help="print each run's log (phases and progress) as it goes"
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--images", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -155,10 +209,16 @@ def main() -> None:
                 "--batch-size",
                 str(args.batch_size),
             ]
-            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            done = subprocess.run(
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=None if args.log else subprocess.PIPE,
+                text=True,
+                check=False,
+            )
             lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
             if done.returncode != 0 or not lines:
-                print(done.stdout[-3000:], done.stderr[-6000:])
+                print(done.stdout[-3000:], (done.stderr or "")[-6000:])
                 raise SystemExit(f"the run on {n} images failed")
             results[n] = json.loads(lines[-1][len("RESULT ") :])
             print(f"N={n}: {results[n]}", flush=True)
