@@ -53,7 +53,7 @@ MUTMUT_DESELECT := -p no:unraisableexception --deselect "tests/test_calibration.
 mutants: install
 	PATH="$(abspath $(BIN)):$$PATH" RAY_USAGE_STATS_ENABLED=0 $(BIN)/python tests/mutation/review_mutants.py
 	rm -rf mutants
-	PYTEST_ADDOPTS='$(MUTMUT_DESELECT)' PATH="$(abspath $(BIN)):$$PATH" RAY_USAGE_STATS_ENABLED=0 MPLBACKEND=Agg nice -n 10 $(BIN)/mutmut run --max-children 2
+	PYTEST_ADDOPTS='$(MUTMUT_DESELECT)' PATH="$(abspath $(BIN)):$$PATH" RAY_USAGE_STATS_ENABLED=0 MPLBACKEND=Agg nice -n 19 $(BIN)/mutmut run --max-children 1
 	$(BIN)/python tests/mutation/report.py
 
 # The three-node cluster end-to-end cases alone (tests/e2e/test_multinode_embed.py: ray start

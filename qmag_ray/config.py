@@ -170,6 +170,8 @@ class OptionSpec:
     def choices(self) -> list[str] | None:
         if isinstance(self.type, type) and issubclass(self.type, Enum):
             return [str(m.value) for m in self.type]
+        if typing.get_origin(self.type) is typing.Literal:
+            return [str(v) for v in typing.get_args(self.type)]
         return None
 
 

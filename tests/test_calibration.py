@@ -25,7 +25,7 @@ from qmag_ray.calibration.orderstats import (
 )
 from qmag_ray.calibration.result import CalibrationGrid, QMagFaceCalibration
 from qmag_ray.calibration.search import operating_points, sigmoid
-from qmag_ray.pairs.source import ArrayPairSource
+from qmag_ray.pairs.source import ArrayPairSource, PairBlock
 
 
 def synthetic(
@@ -573,6 +573,9 @@ def test_the_collect_budget_takes_the_smallest_intervals_first() -> None:
         assert plans[0].bins == 64
         assert plans[1].n_collect() == n_collect, collect
         assert sorted(plans[1].shift < 0) == sorted([True] * n_collect + [False] * (3 - n_collect))
+    # 16 cells for 4 rows would be 4 bins each: the first pass never goes below 16 bins a row.
+    four = ScoreRows("logit", np.zeros(4), 1.0)
+    assert first_plan(four, genuine=False, hist_cells=16).bins == 16
 
 
 def test_histogram_passes_use_the_cell_budget_and_no_more() -> None:
@@ -644,6 +647,11 @@ def test_value_range_by_hand() -> None:
     lo, hi = -1 + (-0.13 - 0.08) * 0.5, 1.0  # the lowest at s = -1 and q = max_quality
     pad = 1e-6 * (hi - lo) + 1e-12
     assert qrows.value_range(0) == pytest.approx((lo - pad, hi + pad), abs=1e-15)
+    # alpha -2: omega = min(0, beta s + 2) is 0 for every cosine in [-1, 1]: lo is -1
+    lo, hi = -1.0, 1.0
+    pad = 1e-6 * (hi - lo) + 1e-12
+    neg = ScoreRows("qmagface", np.array([[-2.0, 0.13]]), 0.5)
+    assert neg.value_range(0) == pytest.approx((lo - pad, hi + pad), abs=1e-15)
 
 
 def test_scores_are_written_into_the_given_buffer() -> None:
@@ -667,3 +675,54 @@ def test_first_bins_send_huge_values_to_the_edge_bins_quietly() -> None:
         warnings.simplefilter("error")
         got = _first_bins(x.copy(), -1.0, 8.0, 16)  # floor(clip((x + 1) * 8, 0, 15))
     assert got.tolist() == [0, 0, 8, 11, 15, 15]
+
+
+def test_several_rows_over_chunks_and_blocks_equal_a_full_sort() -> None:
+    """Three weight rows (scores ``w * q + s``, worked here), more pairs than one scan chunk
+    (2**18) and, in a second source, many small blocks: every row's ranks equal a full sort."""
+    rng = np.random.default_rng(3)
+    n = 300_000
+    cos = np.round(rng.normal(0.0, 0.3, n), 3)  # ties
+    q = rng.uniform(10.0, 30.0, n)
+    ranks = np.array([1, 2, 50, 999, 3_000, n])
+    for weights, block_size in [
+        (np.array([-0.02, 0.0, 0.03]), 1 << 20),
+        (np.array([-0.02, 0.0, 0.03]), 7_777),
+        (np.array([0.01, -0.01]), 1 << 20),  # two rows
+    ]:
+        rows = ScoreRows("logit", weights, float(q.max()))
+        source = ArrayPairSource(cos, q, np.zeros(n, np.int8), block_size=block_size)
+
+        def run_pass(plan: PassPlan, source: ArrayPairSource = source) -> PassResult:
+            return scan_blocks(source.shard_blocks(0), plan)
+
+        got = order_statistics(run_pass, rows, ranks, n, hist_cells=3 * 64, collect_values=64)
+        for r, w in enumerate(weights):
+            desc = np.sort(w * q + cos)[::-1]
+            np.testing.assert_array_equal(got.values[r], desc[ranks - 1])
+        assert got.passes > 2
+    # A first block of genuine pairs only (no impostor to score) does not end the pass.
+    label = np.r_[np.ones(10, np.int8), np.zeros(n - 10, np.int8)]
+    source = ArrayPairSource(cos, q, label, block_size=10)
+    got = order_statistics(
+        lambda plan: scan_blocks(source.shard_blocks(0), plan), rows, ranks[:-1], n - 10
+    )
+    for r, w in enumerate(weights):
+        desc = np.sort((w * q + cos)[10:])[::-1]
+        np.testing.assert_array_equal(got.values[r], desc[ranks[:-1] - 1])
+    # float32 blocks (as the exhaustive source yields) are scored in float64.
+    c32, q32 = cos.astype(np.float32), q.astype(np.float32)
+    block = PairBlock(c32, q32, np.zeros(n, np.int8))
+    got = order_statistics(lambda plan: scan_blocks([block], plan), rows, ranks, n)
+    for r, w in enumerate(weights):
+        desc = np.sort(w * q32.astype(np.float64) + c32.astype(np.float64))[::-1]
+        np.testing.assert_array_equal(got.values[r], desc[ranks - 1])
+
+
+def test_weighted_logits_of_float32_qualities_are_float64() -> None:
+    from qmag_ray.calibration.search import weighted_logits
+
+    q32, c32 = np.array([17.3], np.float32), np.array([0.1], np.float32)
+    got = weighted_logits(c32, q32, 0.3)
+    assert got.dtype == np.float64
+    assert got[0] == 0.3 * float(q32[0]) + float(c32[0])

@@ -202,6 +202,11 @@ def test_demo_command_end_to_end_on_a_small_set(ray_cluster: None, tmp_path: Pat
     assert cal.n_genuine > 0 and cal.n_impostor > 0
     assert "models:/qmagface@champion -> version 1" in result.output
     assert "quality check: Spearman(embedding norm, degradation) = -" in result.output
+    # ... and the per-group report of the held-out identities (synth writes pose_band).
+    assert "held-out identities, per-pose_band report at the global threshold" in result.output
+    assert "per-group report skipped" not in result.output
+    bands = [ln.split()[0] for ln in result.output.splitlines() if ln.split()[:1]]
+    assert {"upright", "tilted", "strong"} & set(bands) and "max/min" in bands
     assert (out / "mlflow.db").is_file()
     # A second run reuses the images and the embeddings.
     again = CliRunner().invoke(app, args)

@@ -75,7 +75,7 @@ def test_onnx_config_needs_a_convention_and_no_serfiq():
             input_convention="insightface",
             quality="serfiq",
         )
-    with pytest.raises(ValueError, match="unknown input convention"):
+    with pytest.raises(ValueError, match="Input should be 'insightface' or 'magface'"):
         EmbedConfig(images="i", model="m.onnx", arch="onnx", output="o", input_convention="x")
 
 

@@ -136,7 +136,7 @@ def test_serfiq_settings_are_checked():
         SerfiqSettings(passes=1)
     with pytest.raises(ValueError, match="dropout"):
         SerfiqSettings(dropout=1.0)
-    with pytest.raises(ValueError, match="quality must be norm or serfiq"):
+    with pytest.raises(ValueError, match="Input should be 'norm' or 'serfiq'"):
         EmbedConfig(images="i", model="m", arch="a", output="o", quality="ser")
 
 

@@ -134,6 +134,41 @@ def test_synth_image_format_is_a_choice(tmp_path: Path) -> None:
     assert "'gif' is not one of 'jpg', 'png'" in " ".join(text.replace("│", " ").split())
 
 
+@pytest.mark.parametrize(
+    ("argv", "flag", "bad", "allowed"),
+    [
+        (["embed", "--images", "i", "--output", "o"], "--quality", "sharpness", ["norm", "serfiq"]),
+        (
+            ["embed", "--images", "i", "--output", "o"],
+            "--serfiq-dropout-type",
+            "spatial",
+            ["element", "channel"],
+        ),
+        (
+            ["embed", "--images", "i", "--output", "o"],
+            "--input-convention",
+            "bgr",
+            ["insightface", "magface"],
+        ),
+        (
+            ["train", "--data", "d", "--output", "o"],
+            "--dropout-type",
+            "spatial",
+            ["element", "channel"],
+        ),
+    ],
+)
+def test_string_settings_with_a_fixed_set_of_values_are_choices(
+    tmp_path: Path, argv: list[str], flag: str, bad: str, allowed: list[str]
+) -> None:
+    argv = [a if a in argv[:1] or a.startswith("-") else str(tmp_path / a) for a in argv]
+    code, text = invoke([*argv, flag, bad])
+    flat = " ".join(text.replace("│", " ").split())
+    assert code == 2 and f"Invalid value for '{flag}'" in flat
+    assert f"{bad!r} is not one of " + ", ".join(repr(a) for a in allowed) in flat
+    assert not any(tmp_path.iterdir())  # refused by the parser, before anything is written
+
+
 def test_version_prints_the_installed_version() -> None:
     from importlib.metadata import version
 

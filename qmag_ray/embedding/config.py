@@ -7,6 +7,7 @@ recalibration; ``EmbedConfig`` adds the inputs, the model and the output.
 from __future__ import annotations
 
 from enum import Enum
+from typing import Literal
 
 from qmag_ray.config import Settings, option, settings
 
@@ -162,7 +163,7 @@ class EmbedConfig(EmbedResources):
         "Flip test-time augmentation: the embedding is the mean of the embeddings of the face "
         "and its mirror image (the norm stays on the model's quality scale).",
     )
-    quality: str = option(
+    quality: Literal["norm", "serfiq"] = option(
         "norm",
         "norm (the 'quality' column: the MagFace norm) or serfiq (also a 'serfiq' column: "
         "SER-FIQ from dropout passes of the network's head).",
@@ -170,10 +171,10 @@ class EmbedConfig(EmbedResources):
     serfiq_passes: int = option(100, "SER-FIQ stochastic passes per image.", ge=2)
     serfiq_dropout: float = option(0.5, "SER-FIQ dropout rate of the passes.", gt=0, lt=1)
     serfiq_seed: int = option(0, "Seed of the SER-FIQ dropout masks (with each image's path).")
-    serfiq_dropout_type: str = option(
+    serfiq_dropout_type: Literal["element", "channel"] = option(
         "element", "SER-FIQ dropout: element, or channel (Dropout2d, as MagFace's trainer)."
     )
-    input_convention: str | None = option(
+    input_convention: Literal["insightface", "magface"] | None = option(
         None,
         "Input convention of an ONNX model (--model *.onnx, --arch onnx): insightface (RGB, "
         "(x - 127.5) / 127.5) or magface (BGR, x / 255).",
@@ -210,8 +211,6 @@ class EmbedConfig(EmbedResources):
             from qmag_ray.model.onnx import convention
 
             convention(self.input_convention)
-        if self.quality not in ("norm", "serfiq"):
-            raise ValueError(f"quality must be norm or serfiq, got {self.quality!r}")
         if self.quality == "serfiq":
             self.serfiq_settings  # noqa: B018 - validates the dropout type
         if self.flip and self.quality == "serfiq":

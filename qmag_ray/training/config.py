@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from enum import Enum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import TypeAdapter
 
@@ -78,7 +78,7 @@ class TrainConfig(Settings):
     dropout: float | None = option(
         None, "Override of the backbone's dropout rate (shapes are unaffected).", ge=0, lt=1
     )
-    dropout_type: str = option(
+    dropout_type: Literal["element", "channel"] = option(
         "element",
         "Head dropout: element (nn.Dropout, the demo model's) or channel (Dropout2d, MagFace's).",
     )
@@ -117,8 +117,6 @@ class TrainConfig(Settings):
 
 def backbone_kwargs(cfg: TrainConfig) -> dict[str, object]:
     """Keyword arguments of the backbone factory that training settings choose."""
-    if cfg.dropout_type not in ("element", "channel"):
-        raise ValueError(f"`dropout_type` must be element or channel, got {cfg.dropout_type!r}")
     kwargs: dict[str, object] = {"dropout_type": cfg.dropout_type, "bn_momentum": cfg.bn_momentum}
     if cfg.dropout is not None:
         kwargs["dropout"] = cfg.dropout

@@ -19,12 +19,12 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from serfiq_eval import timed_alternation
 
 from qmag_ray.embedding.actor import EmbedActor
 from qmag_ray.model import create_backbone, save_checkpoint
@@ -54,14 +54,7 @@ def actor_ratio(ckpt: str, arch: str, args: argparse.Namespace) -> dict[str, flo
     ser = EmbedActor(ckpt, arch, threads=args.threads, serfiq=settings)
     data = batches(args.images, args.batch_size)
     plain(data[0]), ser(data[0])  # warm-up
-    wall = {"plain": 0.0, "serfiq": 0.0}
-    cpu = {"plain": 0.0, "serfiq": 0.0}
-    for b in data:
-        for name, actor in (("plain", plain), ("serfiq", ser)):
-            w, c = time.perf_counter(), time.process_time()
-            actor(b)
-            wall[name] += time.perf_counter() - w
-            cpu[name] += time.process_time() - c
+    wall, cpu = timed_alternation({"plain": plain, "serfiq": ser}, data)
     return {
         "plain_images_per_s": args.images / wall["plain"],
         "serfiq_images_per_s": args.images / wall["serfiq"],

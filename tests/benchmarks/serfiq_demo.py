@@ -17,6 +17,11 @@ start)::
 3. prints Spearman(norm, degradation) and Spearman(serfiq, degradation) per model and runs the
    evaluation (generated pairs, QMagFace at ``--alpha``/``--beta``, EDC of ``quality`` and
    ``serfiq``, bootstrap intervals, the ``pose_band`` group report) into ``OUT/<model>/eval``.
+
+``--finetuned PATH --name NAME`` skips step 1 and evaluates a checkpoint trained elsewhere (the
+whole network with ``qmag-ray train --init-checkpoint ... --dropout P``) under ``OUT/NAME``.
+The loop itself (decoding, the actor over the set, Spearman, the evaluation) is
+``serfiq_eval.py``'s, shared with ``serfiq_sweep.py`` and ``bench_serfiq.py``.
 """
 
 from __future__ import annotations
@@ -27,17 +32,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from scipy.stats import spearmanr
+from serfiq_eval import decode_set, degradation_spearman, embed_set, evaluate_qualities
 
 from qmag_ray.embedding.actor import EmbedActor
-from qmag_ray.embedding.inputs import read_and_decode
-from qmag_ray.embedding.output import embedding_batch
 from qmag_ray.embeddings import load_embeddings
 from qmag_ray.model import save_checkpoint
-from qmag_ray.pairs.generate import generate_pairs
 from qmag_ray.training.config import TrainConfig
 from qmag_ray.training.data import FaceDataset, collate, list_labelled_images
 from qmag_ray.training.loop import build_net, lr_factor, make_optimizer, train_step
@@ -49,21 +50,21 @@ def finetune(args: argparse.Namespace, target: Path) -> None:
     cfg = TrainConfig(
         data=args.train,
         output=str(target.parent),
-        init_checkpoint=DEMO,
+        init_checkpoint=args.init,
         lr=args.lr,
         dropout=args.dropout,
-        seed=0,
+        seed=args.seed,
         batch_size=64,
     )
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     images = list_labelled_images(cfg.data)
     loader = torch.utils.data.DataLoader(
-        FaceDataset(images, seed=0),
+        FaceDataset(images, flip=args.flip, seed=args.seed),
         batch_size=64,
         shuffle=True,
         drop_last=True,
         collate_fn=collate,
-        generator=torch.Generator().manual_seed(0),
+        generator=torch.Generator().manual_seed(args.seed),
     )
     net = build_net(cfg, images.num_classes)
     opt = make_optimizer(cfg, net.parameters())
@@ -140,37 +141,19 @@ def finetune_head(args: argparse.Namespace, target: Path) -> None:
 
 
 def embed(model: str, args: argparse.Namespace, out: Path) -> None:
-    manifest = pd.read_parquet(f"{args.eval}/manifest.parquet")
+    manifest, batch = decode_set(args.eval)
     actor = EmbedActor(
         model,
         "iresnet-demo",
         threads=args.threads,
-        serfiq={"passes": args.passes, "dropout": args.serfiq_dropout, "seed": 0},
+        serfiq={
+            "passes": args.passes,
+            "dropout": args.serfiq_dropout,
+            "seed": 0,
+            "dropout_type": args.serfiq_dropout_type,
+        },
     )
-    batches = []
-    for start in range(0, len(manifest), 64):
-        part = manifest.iloc[start : start + 64]
-        batch = read_and_decode(
-            {
-                "shard": np.zeros(len(part), np.int64),
-                "pos": np.arange(start, start + len(part)),
-                "path": part["path"].to_numpy(object),
-                "identity": part["identity"].to_numpy(object),
-            },
-            root=args.eval,
-            resize=False,
-        )
-        r = actor(batch)
-        batches.append(
-            embedding_batch(
-                part["path"].to_numpy(object),
-                part["identity"].to_numpy(object),
-                r["embedding"],
-                {"serfiq": r["serfiq"]},
-            )
-        )
-    (out / "embeddings").mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_batches(batches), out / "embeddings" / "part-00000.parquet")
+    embed_set(actor, manifest, batch, out)
 
 
 def main() -> None:
@@ -190,15 +173,24 @@ def main() -> None:
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--head-only", action="store_true", help="fine-tune only the head")
     p.add_argument("--only-finetuned", action="store_true", help="skip the bundled model")
+    p.add_argument(
+        "--finetuned",
+        help="evaluate this checkpoint (e.g. from qmag-ray train --dropout) instead of training",
+    )
+    p.add_argument("--init", default=DEMO, help="checkpoint the whole-network fine-tune begins at")
+    p.add_argument("--flip", action="store_true", help="random horizontal flips in the fine-tune")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fine-tune's shuffling")
+    p.add_argument("--name", default="finetuned", help="folder of the fine-tuned model in OUT")
+    p.add_argument("--serfiq-dropout-type", default="element", choices=["element", "channel"])
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    tuned = out / "finetuned" / "magface_dropout.pth"
-    if not args.skip_train:
+    tuned = Path(args.finetuned) if args.finetuned else out / args.name / "magface_dropout.pth"
+    if not (args.skip_train or args.finetuned):
         tuned.parent.mkdir(parents=True, exist_ok=True)
         (finetune_head if args.head_only else finetune)(args, tuned)
     manifest = pd.read_parquet(f"{args.eval}/manifest.parquet").set_index("path")
-    models = [("bundled", DEMO), ("finetuned", str(tuned))]
+    models = [("bundled", DEMO), (args.name, str(tuned))]
     for name, model in models[1:] if args.only_finetuned else models:
         folder = out / name
         t = time.perf_counter()
@@ -206,43 +198,19 @@ def main() -> None:
             embed(model, args, folder)
         table = load_embeddings(str(folder))
         serfiq = pq.read_table(folder / "embeddings" / "part-00000.parquet").column("serfiq")
-        d = manifest.loc[list(table.path), "degradation"].to_numpy()
+        rho = degradation_spearman(
+            manifest.loc[list(table.path), "degradation"].to_numpy(),
+            norm=np.asarray(table.quality),
+            serfiq=serfiq.to_numpy(),
+        )
         print(
             f"{name}: embedded {len(table)} in {time.perf_counter() - t:.0f} s; "
-            f"Spearman(norm, degradation) {spearmanr(table.quality, d).correlation:.3f}, "
-            f"Spearman(serfiq, degradation) "
-            f"{spearmanr(serfiq.to_numpy(), d).correlation:.3f}",
+            f"Spearman(norm, degradation) {rho['norm']:.3f}, "
+            f"Spearman(serfiq, degradation) {rho['serfiq']:.3f}",
             flush=True,
         )
-        resolved = generate_pairs(table, 10, 5, 0)
-        pairs = pd.DataFrame(
-            {
-                "a": table.path[resolved.idx_a],
-                "b": table.path[resolved.idx_b],
-                "label": resolved.label,
-            }
-        )
-        pairs.to_csv(folder / "pairs.csv", index=False)
-        from qmag_ray.config import load_config
-        from qmag_ray.workflows.config import EvaluateConfig
-        from qmag_ray.workflows.evaluate import run_evaluation
-
-        cfg = load_config(
-            EvaluateConfig,
-            None,
-            {
-                "embeddings": str(folder),
-                "pairs": str(folder / "pairs.csv"),
-                "output": str(folder / "eval"),
-                "alpha": args.alpha,
-                "beta": args.beta,
-                "quality.compare": ["quality", "serfiq"],
-                "report.groups": ["pose_band"],
-                "report.group_file": f"{args.eval}/manifest.parquet",
-                "on_duplicate": "skip",
-            },
-        )
-        print(run_evaluation(cfg, use_ray=False).summary(), flush=True)
+        result = evaluate_qualities(folder, args.eval, args.alpha, args.beta, ["quality", "serfiq"])
+        print(result.summary(), flush=True)
 
 
 if __name__ == "__main__":

@@ -13,14 +13,14 @@ from __future__ import annotations
 import json
 import sys
 import time
+from functools import partial
 
 import numpy as np
-import pandas as pd
 import torch
 from scipy.stats import spearmanr
+from serfiq_eval import decode_set, degradation_spearman, in_batches
 
 from qmag_ray.embedding.actor import to_input
-from qmag_ray.embedding.inputs import read_and_decode
 from qmag_ray.model.checkpoint import load_backbone
 from qmag_ray.quality.serfiq import SerfiqSettings, image_key, serfiq_qualities
 
@@ -38,43 +38,26 @@ def main() -> None:
     root = sys.argv[1]
     model = sys.argv[2] if len(sys.argv) > 2 else "qmag_ray/assets/demo_iresnet.pth"
     n_settings = int(sys.argv[3]) if len(sys.argv) > 3 else len(SETTINGS)
-    man = pd.read_parquet(f"{root}/manifest.parquet")
-    batch = read_and_decode(
-        {
-            "shard": np.zeros(len(man), np.int64),
-            "pos": np.arange(len(man)),
-            "path": man["path"].to_numpy(object),
-            "identity": man["identity"].to_numpy(object),
-        },
-        root=root,
-        resize=False,
-    )
-    if any(e != "" for e in batch["error"]):
-        raise SystemExit("some images failed to decode")
+    man, batch = decode_set(root)
     net = load_backbone(model, "iresnet-demo", device="cpu").eval()
     x = torch.from_numpy(to_input(np.asarray(batch["image"])))
     with torch.inference_mode():
-        trunk = torch.cat([net.trunk(x[i : i + 64]) for i in range(0, len(x), 64)])
-        norm = net.head(trunk).norm(dim=1).numpy()
+        trunk = in_batches(net.trunk, x)
+        norm = in_batches(net.head, trunk).norm(dim=1).numpy()
     d = man["degradation"].to_numpy()
-    print(f"Spearman(norm, degradation) {spearmanr(norm, d).correlation:.3f}", flush=True)
+    print(f"Spearman(norm, degradation) {degradation_spearman(d, norm=norm)['norm']:.3f}")
     keys = [image_key(0, str(p)) for p in man["path"]]
     for p, kind, m in SETTINGS[:n_settings]:
         began = time.process_time()
         settings = SerfiqSettings(m, p, 0, kind)
         with torch.inference_mode():
-            q = torch.cat(
-                [
-                    serfiq_qualities(net, trunk[i : i + 64], keys[i : i + 64], settings)
-                    for i in range(0, len(keys), 64)
-                ]
-            ).numpy()
+            q = in_batches(partial(serfiq_qualities, net, settings=settings), trunk, keys).numpy()
         row = {
             "p": p,
             "type": kind,
             "passes": m,
-            "spearman_degradation": round(spearmanr(q, d).correlation, 3),
-            "spearman_norm": round(spearmanr(q, norm).correlation, 3),
+            "spearman_degradation": degradation_spearman(d, serfiq=q)["serfiq"],
+            "spearman_norm": round(float(spearmanr(q, norm).correlation), 3),
             "serfiq_mean": round(float(q.mean()), 4),
             "serfiq_std": round(float(q.std()), 5),
             "cpu_s": round(time.process_time() - began, 1),
