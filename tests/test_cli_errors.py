@@ -245,6 +245,24 @@ def test_safe_stream_redacts_split_writes_drops_ray_noise_and_masks_env_secrets(
     assert "Token authentication" in loud_sink.getvalue()
 
 
+def test_ray_trains_result_and_cleaner_lines_are_dropped_but_the_workers_own_lines_kept() -> None:
+    relayed = (
+        "(RayTrainWorker pid=4711) Reporting training result 3: TrainingReport(checkpoint=None, "
+        "metrics={'loss': 61.2}, validation_spec=None)\n"
+        "\x1b[36m(PlacementGroupCleaner pid=4700)\x1b[0m Failed to query Ray Train Controller actor"
+        " state. State API may be temporarily unavailable. Continuing to monitor.\n"
+        "(RayTrainWorker pid=4711) saved /tmp/out/train/magface_epoch_00001.pth\n"
+    )
+    quiet_sink, loud_sink = io.StringIO(), io.StringIO()
+    SafeStream(quiet_sink, quiet=True).write(relayed)
+    SafeStream(loud_sink, quiet=False).write(relayed)
+    assert (
+        quiet_sink.getvalue()
+        == "(RayTrainWorker pid=4711) saved /tmp/out/train/magface_epoch_00001.pth\n"
+    )
+    assert loud_sink.getvalue() == relayed
+
+
 NATIVE_SCRIPT = """
 import os, sys
 from qmag_ray.cli.errors import native_stderr

@@ -56,6 +56,14 @@ QUIET_PATTERNS = (
     re.compile(r"^Successfully registered model '"),
     re.compile(r"^Created version '\d+' of model '"),
     re.compile(r"^Registered model '.+' already exists\. Creating a new version of this model"),
+    # Ray Train's line per reported result (ray/train/v2/_internal/execution/context.py), relayed
+    # from its worker actors: Ray 2.60 logs it under a logger its log level does not reach;
+    # `train` prints its own progress line every --log-every steps.
+    re.compile(r"Reporting training result \d+: "),
+    # Ray Train's PlacementGroupCleaner actor, every second or so while a training runs on a
+    # machine with several Ray clusters (it looks the cluster up without an address); the
+    # training is not affected (README, Training).
+    re.compile(r"Failed to query Ray Train Controller actor state\. State API may be temporarily"),
 )
 
 
