@@ -111,6 +111,9 @@ def _run_inner(tmp_path: Path, marker: str) -> tuple[subprocess.Popen, int]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,  # its own process group, as a terminal's foreground job
+        # and, as there, Ctrl-C's default action: a suite started in the background by a
+        # non-interactive shell inherits SIGINT ignored, which would make the Ctrl-C case hang
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     ready = tmp_path / "ready.json"
     assert _wait_until(ready.exists, 120), "the inner test never started its server"
