@@ -89,23 +89,28 @@ def _inner_env(tmp_path: Path, marker: str) -> dict[str, str]:
     return env
 
 
+def _inner_pytest(test_file: str) -> list[str]:
+    """An inner pytest run of ``test_file`` with this suite's conftest (its process guard)."""
+    return [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-p",
+        "conftest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        test_file,
+    ]
+
+
 def _run_inner(tmp_path: Path, marker: str) -> tuple[subprocess.Popen, int]:
     """Start the inner run; return it and its fake server's pid once the server runs."""
     inner = tmp_path / "inner"
     inner.mkdir()
     (inner / "test_inner.py").write_text(INNER)
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-p",
-            "conftest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            str(inner / "test_inner.py"),
-        ],
+        _inner_pytest(str(inner / "test_inner.py")),
         cwd=inner,
         env=_inner_env(tmp_path, marker),
         stdout=subprocess.DEVNULL,
@@ -181,17 +186,7 @@ def test_the_next_run_reaps_leftovers_it_can_prove_are_its_own(tmp_path: Path, b
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "test_nothing.py").write_text("def test_nothing():\n    pass\n")
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-p",
-            "conftest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "test_nothing.py",
-        ],
+        _inner_pytest("test_nothing.py"),
         cwd=tmp_path / "empty",
         env=env,
         capture_output=True,
