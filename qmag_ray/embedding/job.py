@@ -20,6 +20,7 @@ from importlib import metadata
 from typing import Any
 
 from qmag_ray import lease, storage
+from qmag_ray._text import counted
 from qmag_ray.alignment import ALIGNMENT
 from qmag_ray.embedding import tasks
 from qmag_ray.embedding.config import EmbedConfig, EmbedError
@@ -37,11 +38,6 @@ from qmag_ray.embedding.writer import PartSpec
 from qmag_ray.images import PREPROCESSING
 
 logger = logging.getLogger(__name__)
-
-
-def _count(n: int, noun: str) -> str:
-    """``1 shard``, ``3 shards``."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def check_checkpoint(model: str, arch: str) -> tuple[int, str, str]:
@@ -136,12 +132,12 @@ def run_embed(config: EmbedConfig, *, connect: Callable[[], Any] | None = None) 
         logger.info(
             "embedding %s (%s in %s, %d already embedded, %s%s) from %s with %s (%d-d) on "
             "%d actor(s)",
-            _count(todo, "image"),
-            _count(total, "input"),
-            _count(shards, "shard"),
+            counted(todo, "image"),
+            counted(total, "input"),
+            counted(shards, "shard"),
             done_embedded,
-            _count(sum(p["done_failed"] for p in plans), "kept failure"),
-            f", {_count(retried, 'transient failure')} retried" if retried else "",
+            counted(sum(p["done_failed"] for p in plans), "kept failure"),
+            f", {counted(retried, 'transient failure')} retried" if retried else "",
             storage.redact(source.root),
             config.arch,
             dim,

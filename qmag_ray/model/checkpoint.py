@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from qmag_ray import storage
+from qmag_ray._text import counted
 from qmag_ray.model.registry import backbone_names, canonical_name, create_backbone
 
 logger = logging.getLogger(__name__)
@@ -52,8 +53,7 @@ def _preview(items: Sequence[str], limit: int = 10) -> str:
 
 def _left_out(dropped: Sequence[str]) -> str:
     """``left out 1 non-backbone key: fc.weight`` (the log line of the keys a load drops)."""
-    noun = "key" if len(dropped) == 1 else "keys"
-    return f"left out {len(dropped)} non-backbone {noun}: {_preview(dropped)}"
+    return f"left out {counted(len(dropped), 'non-backbone key')}: {_preview(dropped)}"
 
 
 def _plain(value: object) -> object:
