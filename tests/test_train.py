@@ -20,7 +20,13 @@ from qmag_ray.training.data import (
     collate,
     list_labelled_images,
 )
-from qmag_ray.training.loop import build_net, lr_factor, make_optimizer, train_step
+from qmag_ray.training.loop import (
+    build_net,
+    lr_factor,
+    make_optimizer,
+    progress_line,
+    train_step,
+)
 
 
 def _toy_tree(root, identities: int = 4, images: int = 6, seed: int = 0) -> None:
@@ -78,6 +84,15 @@ def test_lr_schedule_warms_up_then_decays_to_zero() -> None:
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(values[9:], values[10:], strict=False))
     assert values[110] == pytest.approx(0.0)
+
+
+def test_progress_line_names_the_step_of_the_total_and_the_window_means() -> None:
+    metrics = {"step": 50.0, "epoch": 2.0, "loss": 21.3847, "acc": 0.7291, "norm": 16.44}
+    metrics["images_per_s"] = 61.6
+    line = progress_line(metrics, 1500)
+    assert line == (
+        "step 50/1500 (epoch 2): loss 21.385, accuracy 0.729, mean norm 16.4, 62 images/s"
+    )
 
 
 def test_loss_decreases_on_a_separable_toy_set(tmp_path) -> None:

@@ -116,6 +116,15 @@ def _all_mean(values: dict[str, float], count: float) -> dict[str, float]:
     return {k: float(v) / n for k, v in zip(keys, t[:-1].tolist(), strict=True)}
 
 
+def progress_line(metrics: dict[str, float], total: int) -> str:
+    """The worker's line every ``log_every`` steps (Ray Train's own report line is filtered)."""
+    return (
+        f"step {int(metrics['step'])}/{total} (epoch {int(metrics['epoch'])}): "
+        f"loss {metrics['loss']:.3f}, accuracy {metrics['acc']:.3f}, "
+        f"mean norm {metrics['norm']:.1f}, {metrics['images_per_s']:.0f} images/s"
+    )
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry: train one worker's share; ``config`` is ``TrainConfig.to_dict()``."""
     import ray.train
@@ -196,6 +205,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 )
                 history.append(metrics)
                 ray.train.report(metrics)
+                if rank == 0:
+                    logger.info("%s", progress_line(metrics, total))
                 window = dict.fromkeys(window, 0.0)
                 seen = 0
             if last:
