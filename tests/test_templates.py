@@ -149,6 +149,27 @@ def test_pairs_naming_unknown_templates_fail_or_are_counted(hand, tmp_path: Path
         read_template_pairs(write(tmp_path / "z_template_pair_label.txt", "7 8 2\n"))
 
 
+def test_pair_rows_follow_the_file_with_repeated_names_a_bom_and_a_csv(
+    hand, tmp_path: Path
+) -> None:
+    """Rows by hand: the pooled table lists templates 7, 8 (rows 0, 1)."""
+    emb, tid = hand
+    pooled, _ = pool_templates(emb, read_template_table(tid))
+    assert list(pooled.path) == ["7", "8"]
+    text = "8 7 0\n7 8 1\n8 7 0\n8 8 1\n"
+    bom = tmp_path / "b_template_pair_label.txt"
+    bom.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    csv = write(tmp_path / "pairs.csv", "a,b,label\n" + text.replace(" ", ","))
+    for uri in (str(bom), csv):
+        resolved = resolve_template_pairs(read_template_pairs(uri), pooled, on_self="skip")
+        assert list(resolved.idx_a) == [1, 0, 1] and list(resolved.idx_b) == [0, 1, 0]
+        assert list(resolved.position) == [0, 1, 2] and resolved.report.self_pairs == 1
+    latin1 = tmp_path / "l_template_pair_label.txt"
+    latin1.write_bytes("7 caf\xe9 1\n".encode("latin-1"))
+    with pytest.raises(TemplateError, match=r"l_template_pair_label\.txt is not UTF-8 text"):
+        read_template_pairs(str(latin1))
+
+
 def iso_reference(scores: np.ndarray, labels: np.ndarray, far: float) -> float:
     """Highest TAR over thresholds t (every score, +inf) with FAR(t) = P(imp >= t) <= far."""
     gen, imp = scores[labels == 1], scores[labels == 0]
