@@ -159,8 +159,9 @@ def test_pair_rows_follow_the_file_with_repeated_names_a_bom_and_a_csv(
     text = "8 7 0\n7 8 1\n8 7 0\n8 8 1\n"
     bom = tmp_path / "b_template_pair_label.txt"
     bom.write_bytes(b"\xef\xbb\xbf" + text.encode())
-    csv = write(tmp_path / "pairs.csv", "a,b,label\n" + text.replace(" ", ","))
-    for uri in (str(bom), csv):
+    csv = tmp_path / "pairs.csv"  # a header after a BOM still names column "a"
+    csv.write_bytes(b"\xef\xbb\xbf" + ("a,b,label\n" + text.replace(" ", ",")).encode())
+    for uri in (str(bom), str(csv)):
         resolved = resolve_template_pairs(read_template_pairs(uri), pooled, on_self="skip")
         assert list(resolved.idx_a) == [1, 0, 1] and list(resolved.idx_b) == [0, 1, 0]
         assert list(resolved.position) == [0, 1, 2] and resolved.report.self_pairs == 1
@@ -168,6 +169,10 @@ def test_pair_rows_follow_the_file_with_repeated_names_a_bom_and_a_csv(
     latin1.write_bytes("7 caf\xe9 1\n".encode("latin-1"))
     with pytest.raises(TemplateError, match=r"l_template_pair_label\.txt is not UTF-8 text"):
         read_template_pairs(str(latin1))
+    latin1_csv = tmp_path / "l.csv"
+    latin1_csv.write_bytes("a,b,label\n7,caf\xe9,1\n".encode("latin-1"))
+    with pytest.raises(TemplateError, match=r"l\.csv is not UTF-8 text"):
+        read_template_pairs(str(latin1_csv))
 
 
 def iso_reference(scores: np.ndarray, labels: np.ndarray, far: float) -> float:
